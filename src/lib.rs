@@ -3,8 +3,22 @@
 //! # Layout
 //! - [`name`]: host-name normalisation shared by the list, SNI and Host.
 //! - [`allowlist`]: Squid `dstdomain` list parser and suffix-trie matcher.
-//! - [`detect`]: pure parsers: TLS ClientHello → SNI, HTTP request head → Host.
+//! - [`detect`]: pure parsers: TLS ClientHello → SNI, HTTP heads and framing.
+//! - [`config`]: run-time settings and their textual forms.
+//! - [`verdict`]: what happened to a connection, as values.
+//! - [`net`]: original destination, listeners, splice forwarding.
+//! - [`proxy`]: one connection: detect → decide → refuse or forward.
+//! - [`server`]: accept loops, the connection limit, shutdown.
+//! - [`drain`]: signals and how to stop.
+//! - [`admin`]: the health endpoint, on its own thread.
 
+pub mod admin;
 pub mod allowlist;
+pub mod config;
 pub mod detect;
+pub mod drain;
 pub mod name;
+pub mod net;
+pub mod proxy;
+pub mod server;
+pub mod verdict;

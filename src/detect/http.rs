@@ -194,8 +194,7 @@ fn body_framing(headers: &[httparse::Header<'_>], version: u8) -> Result<BodyLen
             .filter(|h| h.name.eq_ignore_ascii_case("transfer-encoding"))
             .flat_map(|h| h.value.split(|&b| b == b','))
             .map(trim_ows)
-            .filter(|c| !c.is_empty())
-            .last();
+            .rfind(|c| !c.is_empty());
         return match last_coding {
             Some(c) if c.eq_ignore_ascii_case(b"chunked") => Ok(BodyLength::Chunked),
             _ => Ok(BodyLength::UntilClose),

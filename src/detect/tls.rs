@@ -147,7 +147,7 @@ fn read_client_hello(message: &[u8]) -> Detect<ClientHello, TlsError> {
     let extensions = match hello.ext {
         None => Vec::new(),
         Some(raw) => match tls_parser::parse_tls_extensions(raw) {
-            Ok((rest, exts)) if rest.is_empty() => exts,
+            Ok((&[], exts)) => exts,
             _ => return Detect::Invalid(TlsError::Malformed),
         },
     };
@@ -210,8 +210,6 @@ pub enum AlertDescription {
     AccessDenied = 49,
     DecodeError = 50,
     ProtocolVersion = 70,
-    InternalError = 80,
-    UnrecognizedName = 112,
 }
 
 #[cfg(test)]

@@ -1,0 +1,92 @@
+//! The admin endpoint (`--metrics-listen`): health now; metrics and
+//! readiness come with the observability work. It runs on its own thread
+//! and runtime so a saturated data path cannot starve it.
+
+use crate::detect::Detect;
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const MAX_REQUEST: usize = 8 * 1024;
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Binds now (so a busy port fails start-up) and serves on a new thread.
+pub fn spawn(addr: SocketAddr) -> io::Result<SocketAddr> {
+    let std_listener = std::net::TcpListener::bind(addr)?;
+    std_listener.set_nonblocking(true)?;
+    let local = std_listener.local_addr()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name("admin".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                let listener = match TcpListener::from_std(std_listener) {
+                    Ok(l) => l,
+                    Err(e) => return tracing::error!(error = %e, "admin listener failed"),
+                };
+                loop {
+                    match listener.accept().await {
+                        Ok((stream, _)) => {
+                            tokio::spawn(async move {
+                                let _ = tokio::time::timeout(REQUEST_TIMEOUT, answer(stream)).await;
+                            });
+                        }
+                        Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                    }
+                }
+            })
+        })?;
+    Ok(local)
+}
+
+async fn answer(mut stream: TcpStream) -> io::Result<()> {
+    let mut buf = Vec::with_capacity(1024);
+    let path = loop {
+        let mut chunk = [0u8; 1024];
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        match request_path(&buf) {
+            Detect::Done(path) => break path,
+            Detect::Invalid(()) => return respond(&mut stream, 400, "bad request\n").await,
+            Detect::Incomplete if buf.len() >= MAX_REQUEST => {
+                return respond(&mut stream, 431, "too large\n").await;
+            }
+            Detect::Incomplete => {}
+        }
+    };
+    match path.as_str() {
+        "/healthz" => respond(&mut stream, 200, "ok\n").await,
+        _ => respond(&mut stream, 404, "not found\n").await,
+    }
+}
+
+fn request_path(buf: &[u8]) -> Detect<String, ()> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(buf) {
+        Ok(httparse::Status::Complete(_)) => match req.path {
+            Some(path) => Detect::Done(path.split('?').next().unwrap_or(path).to_string()),
+            None => Detect::Invalid(()),
+        },
+        Ok(httparse::Status::Partial) => Detect::Incomplete,
+        Err(_) => Detect::Invalid(()),
+    }
+}
+
+async fn respond(stream: &mut TcpStream, status: u16, body: &str) -> io::Result<()> {
+    let head = format!(
+        "HTTP/1.1 {status} {}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        if status == 200 { "OK" } else { "Error" },
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await?;
+    stream.shutdown().await
+}

@@ -1,0 +1,288 @@
+//! Moving bytes between two sockets.
+//!
+//! The fast path is splice(2): socket → pipe → socket, so payload never
+//! enters user space. tokio tells us when a socket is ready; splice runs
+//! non-blocking. The pipe is always drained completely before the next read,
+//! so an EAGAIN from the read side can only mean the socket has nothing for
+//! us, never that the pipe is full. Where splice is unavailable (EINVAL on
+//! some socket types and kernels) a plain copy takes over.
+
+use nix::fcntl::{FcntlArg, OFlag, SpliceFFlags, fcntl, splice};
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+/// Requested pipe capacity: large enough that one splice moves a burst.
+const PIPE_SIZE: usize = 1 << 20;
+/// Buffer for the copy fallback.
+const COPY_BUF: usize = 64 * 1024;
+
+/// When either direction of a connection last moved a byte.
+#[derive(Debug)]
+pub struct Activity {
+    start: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Activity {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Activity {
+    pub fn touch(&self) {
+        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn last(&self) -> Instant {
+        self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+
+    /// Resolves once nothing has moved for `idle`.
+    pub async fn idle_for(&self, idle: Duration) {
+        loop {
+            let deadline = self.last() + idle;
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    }
+}
+
+/// Bytes moved each way by [`forward_both`].
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Transferred {
+    /// Client → upstream.
+    pub up: u64,
+    /// Upstream → client.
+    pub down: u64,
+}
+
+/// Forwards both directions until both have ended, propagating each
+/// half-close, or until nothing moves for `idle`.
+pub async fn forward_both(
+    client: &TcpStream,
+    upstream: &TcpStream,
+    idle: Duration,
+) -> (Transferred, io::Result<()>) {
+    let activity = Activity::default();
+    let up = AtomicU64::new(0);
+    let down = AtomicU64::new(0);
+    let both = async {
+        let (a, b) = tokio::join!(
+            forward(client, upstream, &activity, &up),
+            forward(upstream, client, &activity, &down)
+        );
+        a.and(b)
+    };
+    let result = tokio::select! {
+        r = both => r,
+        () = activity.idle_for(idle) => Err(io::Error::new(io::ErrorKind::TimedOut, "idle timeout")),
+    };
+    let moved = Transferred {
+        up: up.load(Ordering::Relaxed),
+        down: down.load(Ordering::Relaxed),
+    };
+    (moved, result)
+}
+
+/// Forwards `src` → `dst` until `src` reaches end of stream, then shuts
+/// down `dst`'s write side so the peer sees the half-close. Adds the bytes
+/// moved to `count` as they move.
+pub async fn forward(
+    src: &TcpStream,
+    dst: &TcpStream,
+    activity: &Activity,
+    count: &AtomicU64,
+) -> io::Result<()> {
+    let result = match Pipe::new() {
+        Ok(pipe) => splice_loop(src, dst, &pipe, activity, count).await,
+        // Out of descriptors for a pipe: still serve the connection.
+        Err(_) => copy_loop(src, dst, activity, count).await,
+    };
+    let result = match result {
+        Err(e) if is_splice_unsupported(&e) && count.load(Ordering::Relaxed) == 0 => {
+            copy_loop(src, dst, activity, count).await
+        }
+        other => other,
+    };
+    result?;
+    shutdown_write(dst)
+}
+
+fn is_splice_unsupported(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP)
+    )
+}
+
+/// Signals end of stream to the peer while keeping the read side open.
+pub fn shutdown_write(stream: &TcpStream) -> io::Result<()> {
+    match socket2::SockRef::from(stream).shutdown(std::net::Shutdown::Write) {
+        // The peer may already be gone; there is nothing left to tell it.
+        Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
+        other => other,
+    }
+}
+
+struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+}
+
+impl Pipe {
+    fn new() -> io::Result<Pipe> {
+        let (read, write) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
+        // Best effort: the default 64 KiB works too, just with more calls.
+        let _ = fcntl(&write, FcntlArg::F_SETPIPE_SZ(PIPE_SIZE as libc::c_int));
+        Ok(Pipe { read, write })
+    }
+}
+
+async fn splice_loop(
+    src: &TcpStream,
+    dst: &TcpStream,
+    pipe: &Pipe,
+    activity: &Activity,
+    count: &AtomicU64,
+) -> io::Result<()> {
+    let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
+    loop {
+        let filled = src
+            .async_io(Interest::READABLE, || {
+                splice(
+                    src.as_fd(),
+                    None,
+                    pipe.write.as_fd(),
+                    None,
+                    PIPE_SIZE,
+                    flags,
+                )
+                .map_err(io::Error::from)
+            })
+            .await?;
+        if filled == 0 {
+            return Ok(());
+        }
+        let mut left = filled;
+        while left > 0 {
+            let sent = dst
+                .async_io(Interest::WRITABLE, || {
+                    splice(pipe.read.as_fd(), None, dst.as_fd(), None, left, flags)
+                        .map_err(io::Error::from)
+                })
+                .await?;
+            left -= sent;
+            count.fetch_add(sent as u64, Ordering::Relaxed);
+            activity.touch();
+        }
+    }
+}
+
+async fn copy_loop(
+    src: &TcpStream,
+    dst: &TcpStream,
+    activity: &Activity,
+    count: &AtomicU64,
+) -> io::Result<()> {
+    let mut buf = vec![0u8; COPY_BUF];
+    loop {
+        let n = read_some(src, &mut buf).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        write_all(dst, &buf[..n]).await?;
+        count.fetch_add(n as u64, Ordering::Relaxed);
+        activity.touch();
+    }
+}
+
+/// Reads at least one byte (0 at end of stream) through a shared reference,
+/// so both directions can use one socket at once.
+pub async fn read_some(src: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        src.readable().await?;
+        match src.try_read(buf) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            other => return other,
+        }
+    }
+}
+
+/// Writes all of `buf` through a shared reference.
+pub async fn write_all(dst: &TcpStream, mut buf: &[u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        dst.writable().await?;
+        match dst.try_write(buf) {
+            Ok(n) => buf = &buf[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (b, _) = l.accept().await.unwrap();
+        (a, b)
+    }
+
+    #[tokio::test]
+    async fn forwards_both_ways_and_propagates_half_close() {
+        // client <-> (c_far, c_near) proxy (u_near, u_far) <-> server
+        let (mut client, proxy_client) = pair().await;
+        let (proxy_upstream, mut server) = pair().await;
+        let proxy = tokio::spawn(async move {
+            forward_both(&proxy_client, &proxy_upstream, Duration::from_secs(10)).await
+        });
+        let payload: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        client.write_all(&payload).await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, payload, "upstream sees every byte, then end of stream");
+        // The other direction still works after the client's half-close.
+        server.write_all(b"reply after half-close").await.unwrap();
+        server.shutdown().await.unwrap();
+        let mut reply = Vec::new();
+        client.read_to_end(&mut reply).await.unwrap();
+        assert_eq!(reply, b"reply after half-close");
+        let (moved, result) = proxy.await.unwrap();
+        result.unwrap();
+        assert_eq!(
+            moved,
+            Transferred {
+                up: payload.len() as u64,
+                down: 22
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn closes_an_idle_flow() {
+        let (_client, proxy_client) = pair().await;
+        let (proxy_upstream, _server) = pair().await;
+        let (_, result) =
+            forward_both(&proxy_client, &proxy_upstream, Duration::from_millis(100)).await;
+        assert_eq!(result.unwrap_err().kind(), io::ErrorKind::TimedOut);
+    }
+}

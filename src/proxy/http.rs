@@ -1,0 +1,427 @@
+//! The HTTP port: every request on the connection is checked, not only
+//! the first, so a kept-alive connection to an allowed host cannot carry a
+//! request for a denied one (shared CDN addresses serve many hosts).
+//!
+//! Two loops run per connection. The request loop parses each request head,
+//! decides, and forwards the head and its body. The response loop frames
+//! each response so it knows when all answers are out (a refusal is only
+//! written then, never into the middle of a response) and whether an
+//! upgrade really happened: only a `101` to an upgrade request switches the
+//! connection to plain forwarding.
+
+use super::inbound::{Inbound, ReadError};
+use super::{Context, Record, connect, refuse_with};
+use crate::config::Limits;
+use crate::detect::http::{
+    BodyLength, HttpError, RequestHead, parse_request_head, parse_response_head,
+};
+use crate::name::{HostName, NameError};
+use crate::net::forward::{Activity, Transferred, shutdown_write};
+use crate::net::orig_dst::OrigDst;
+use crate::verdict::{ErrorKind, Reason, Verdict};
+use std::sync::atomic::{AtomicU64, Ordering};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+
+/// Requests forwarded and not yet answered, at most.
+const PIPELINE_DEPTH: usize = 32;
+/// Cap on a response head (servers send larger heads than clients).
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+
+/// A refusal: why, and the status the client gets.
+struct Refusal {
+    reason: Reason,
+    status: u16,
+}
+
+pub(super) async fn serve(
+    client: &TcpStream,
+    dst: OrigDst,
+    ctx: &Context,
+    rec: &mut Record,
+) -> Verdict {
+    let limits = ctx.limits;
+    let mut from_client = Inbound::new(client);
+    let deadline = Instant::now() + limits.hello_timeout;
+    let first = match read_request(&mut from_client, limits, deadline).await {
+        Ok(Some(head)) => head,
+        Ok(None) => return Verdict::Error(ErrorKind::ClientClosed),
+        Err(Err(kind)) => return Verdict::Error(kind),
+        Err(Ok(refusal)) => return deny(client, refusal, None).await,
+    };
+    if let Err(refusal) = admit(ctx, &first, rec) {
+        return deny(client, refusal, Some(&first.host)).await;
+    }
+    let upstream = match connect(dst, limits.connect_timeout).await {
+        Ok(upstream) => upstream,
+        Err(kind) => {
+            let status = if kind == ErrorKind::ConnectTimeout {
+                504
+            } else {
+                502
+            };
+            refuse_with(
+                client,
+                &error_response(status, Some(&first.host), "the server could not be reached"),
+            )
+            .await;
+            return Verdict::Error(kind);
+        }
+    };
+
+    let activity = Activity::default();
+    let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
+    let (pending_tx, pending_rx) = mpsc::channel(PIPELINE_DEPTH);
+    let (answered_tx, answered_rx) = watch::channel(0u64);
+    let conn = Connection {
+        client,
+        upstream: &upstream,
+        activity: &activity,
+    };
+    let work = async {
+        tokio::join!(
+            conn.requests(from_client, first, ctx, rec, pending_tx, answered_rx, &up),
+            conn.responses(pending_rx, answered_tx, &down),
+        )
+    };
+    let verdict = tokio::select! {
+        (verdict, responses) = work => match (verdict, responses) {
+            (Verdict::Allow, Err(kind)) => Verdict::Error(kind),
+            (verdict, _) => verdict,
+        },
+        () = activity.idle_for(limits.idle_timeout) => Verdict::Error(ErrorKind::Idle),
+    };
+    rec.moved = Transferred {
+        up: up.load(Ordering::Relaxed),
+        down: down.load(Ordering::Relaxed),
+    };
+    verdict
+}
+
+/// A request forwarded upstream whose response has not been framed yet.
+struct Pending {
+    is_head: bool,
+    /// For an upgrade request: told whether the server switched protocols.
+    upgrade: Option<oneshot::Sender<bool>>,
+}
+
+struct Connection<'a> {
+    client: &'a TcpStream,
+    upstream: &'a TcpStream,
+    activity: &'a Activity,
+}
+
+impl Connection<'_> {
+    #[allow(clippy::too_many_arguments)]
+    async fn requests(
+        &self,
+        mut from_client: Inbound<'_>,
+        mut head: RequestHead,
+        ctx: &Context,
+        rec: &mut Record,
+        pending: mpsc::Sender<Pending>,
+        mut answered: watch::Receiver<u64>,
+        up: &AtomicU64,
+    ) -> Verdict {
+        let limits = ctx.limits;
+        let mut sent = 0u64;
+        loop {
+            let (switched_tx, switched_rx) = match head.upgrade {
+                true => Some(oneshot::channel()).unzip(),
+                false => (None, None),
+            };
+            let note = Pending {
+                is_head: head.is_head,
+                upgrade: switched_tx,
+            };
+            if pending.send(note).await.is_err() {
+                // The response side is gone: upstream closed.
+                return Verdict::Allow;
+            }
+            sent += 1;
+            if self
+                .forward_request(&mut from_client, &head, up)
+                .await
+                .is_err()
+            {
+                return Verdict::Error(ErrorKind::Io);
+            }
+            if let Some(switched) = switched_rx {
+                if switched.await == Ok(true) {
+                    return match from_client
+                        .forward_rest(self.upstream, self.activity, up)
+                        .await
+                    {
+                        Ok(()) => Verdict::Allow,
+                        Err(_) => Verdict::Error(ErrorKind::Io),
+                    };
+                }
+            }
+            let next = match from_client.wait_for_data().await {
+                Ok(false) => {
+                    let _ = shutdown_write(self.upstream);
+                    return Verdict::Allow;
+                }
+                Ok(true) => {
+                    read_request(
+                        &mut from_client,
+                        limits,
+                        Instant::now() + limits.hello_timeout,
+                    )
+                    .await
+                }
+                Err(_) => return Verdict::Error(ErrorKind::Io),
+            };
+            let refusal = match next {
+                Ok(Some(next)) => match admit(ctx, &next, rec) {
+                    Ok(()) => {
+                        head = next;
+                        continue;
+                    }
+                    Err(refusal) => (refusal, Some(next.host)),
+                },
+                Ok(None) => return Verdict::Error(ErrorKind::ClientClosed),
+                Err(Err(kind)) => return Verdict::Error(kind),
+                Err(Ok(refusal)) => (refusal, None),
+            };
+            // Let every earlier response reach the client first.
+            let _ = answered.wait_for(|n| *n >= sent).await;
+            let verdict = deny(self.client, refusal.0, refusal.1.as_ref()).await;
+            let _ = socket2::SockRef::from(self.upstream).shutdown(std::net::Shutdown::Both);
+            return verdict;
+        }
+    }
+
+    async fn forward_request(
+        &self,
+        from_client: &mut Inbound<'_>,
+        head: &RequestHead,
+        up: &AtomicU64,
+    ) -> std::io::Result<()> {
+        from_client
+            .forward_buffered(head.len, self.upstream, up)
+            .await?;
+        self.activity.touch();
+        match head.body {
+            BodyLength::Exact(n) => {
+                from_client
+                    .forward_exact(n, self.upstream, self.activity, up)
+                    .await
+            }
+            BodyLength::Chunked => {
+                from_client
+                    .forward_chunked(self.upstream, self.activity, up)
+                    .await
+            }
+            BodyLength::UntilClose => unreachable!("requests are never delimited by close"),
+        }
+    }
+
+    async fn responses(
+        &self,
+        mut pending: mpsc::Receiver<Pending>,
+        answered: watch::Sender<u64>,
+        down: &AtomicU64,
+    ) -> Result<(), ErrorKind> {
+        let mut from_upstream = Inbound::new(self.upstream);
+        let mut current: Option<Pending> = None;
+        let mut count = 0u64;
+        loop {
+            match from_upstream.wait_for_data().await {
+                Ok(true) => {}
+                Ok(false) => {
+                    let _ = shutdown_write(self.client);
+                    return Ok(());
+                }
+                Err(_) => return Err(ErrorKind::Io),
+            }
+            if current.is_none() {
+                // The request loop notes a request before forwarding it, so
+                // a response with nothing noted is unsolicited (e.g. a 408).
+                current = pending.try_recv().ok();
+            }
+            let is_head = current.as_ref().is_some_and(|p| p.is_head);
+            let parse = |buf: &[u8]| parse_response_head(buf, MAX_RESPONSE_HEAD, is_head);
+            let far = Instant::now() + std::time::Duration::from_secs(24 * 3600);
+            let head = match from_upstream
+                .read_message(MAX_RESPONSE_HEAD, far, parse, HttpError::TooLarge)
+                .await
+            {
+                Ok(head) => head,
+                Err(ReadError::Io) => return Err(ErrorKind::Io),
+                Err(_) => return Err(ErrorKind::UpstreamProtocol),
+            };
+            let io = |_| ErrorKind::Io;
+            from_upstream
+                .forward_buffered(head.len, self.client, down)
+                .await
+                .map_err(io)?;
+            self.activity.touch();
+            if head.is_interim() {
+                continue;
+            }
+            let request = current.take();
+            let upgrade = request.and_then(|p| p.upgrade);
+            if head.status == 101 {
+                let Some(upgrade) = upgrade else {
+                    return Err(ErrorKind::UpstreamProtocol);
+                };
+                let _ = upgrade.send(true);
+                return from_upstream
+                    .forward_rest(self.client, self.activity, down)
+                    .await
+                    .map_err(io);
+            }
+            if let Some(upgrade) = upgrade {
+                let _ = upgrade.send(false);
+            }
+            match head.body {
+                BodyLength::Exact(n) => {
+                    from_upstream
+                        .forward_exact(n, self.client, self.activity, down)
+                        .await
+                }
+                BodyLength::Chunked => {
+                    from_upstream
+                        .forward_chunked(self.client, self.activity, down)
+                        .await
+                }
+                BodyLength::UntilClose => {
+                    return from_upstream
+                        .forward_rest(self.client, self.activity, down)
+                        .await
+                        .map_err(io);
+                }
+            }
+            .map_err(io)?;
+            count += 1;
+            answered.send_replace(count);
+        }
+    }
+}
+
+/// Reads one request head. `Ok(None)`: the client closed cleanly before
+/// sending a byte. `Err(Ok(_))`: refuse; `Err(Err(_))`: give up.
+async fn read_request(
+    from_client: &mut Inbound<'_>,
+    limits: Limits,
+    deadline: Instant,
+) -> Result<Option<RequestHead>, Result<Refusal, ErrorKind>> {
+    let cap = limits.max_hello_bytes;
+    let parse = |buf: &[u8]| parse_request_head(buf, cap);
+    match from_client
+        .read_message(cap, deadline, parse, HttpError::TooLarge)
+        .await
+    {
+        Ok(head) => Ok(Some(head)),
+        Err(ReadError::Invalid(e)) => Err(Ok(refusal_for(e))),
+        Err(ReadError::Timeout) => Err(Ok(Refusal {
+            reason: Reason::Timeout,
+            status: 408,
+        })),
+        Err(ReadError::Closed { partial: 0 }) => Ok(None),
+        Err(ReadError::Closed { .. }) => Err(Err(ErrorKind::ClientClosed)),
+        Err(ReadError::Io) => Err(Err(ErrorKind::Io)),
+    }
+}
+
+fn refusal_for(e: HttpError) -> Refusal {
+    let (reason, status) = match e {
+        HttpError::Malformed | HttpError::SeveralHosts | HttpError::BadFraming => {
+            (Reason::Malformed, 400)
+        }
+        HttpError::BadHost(NameError::IpLiteral) => (Reason::IpLiteral, 403),
+        HttpError::BadHost(_) => (Reason::Malformed, 400),
+        HttpError::TooLarge => (Reason::TooLarge, 431),
+        HttpError::NoHost => (Reason::NoName, 400),
+        HttpError::HostMismatch => (Reason::HostMismatch, 400),
+        HttpError::Connect => (Reason::Method, 403),
+    };
+    Refusal { reason, status }
+}
+
+/// Checks a request's Host against the list and notes the outcome.
+fn admit(ctx: &Context, head: &RequestHead, rec: &mut Record) -> Result<(), Refusal> {
+    rec.name = Some(head.host.clone());
+    rec.rule = None;
+    let rule = ctx.check(&head.host).map_err(|reason| Refusal {
+        reason,
+        status: 403,
+    })?;
+    rec.rule = Some(rule);
+    Ok(())
+}
+
+async fn deny(client: &TcpStream, refusal: Refusal, host: Option<&HostName>) -> Verdict {
+    let reason = refusal.reason;
+    refuse_with(
+        client,
+        &error_response(refusal.status, host, explain(reason)),
+    )
+    .await;
+    Verdict::Deny(reason)
+}
+
+/// Refuses a connection before any request was read (e.g. a loop).
+pub(super) async fn refuse(client: &TcpStream, reason: Reason, host: Option<&HostName>) {
+    refuse_with(client, &error_response(403, host, explain(reason))).await;
+}
+
+fn explain(reason: Reason) -> &'static str {
+    match reason {
+        Reason::NotListed => "the host is not on this gateway's allowlist",
+        Reason::NoName => "the request has no Host header",
+        Reason::IpLiteral => "requests must name a host, not an IP address",
+        Reason::Malformed => "the request could not be parsed",
+        Reason::NotTls => "TLS was expected",
+        Reason::TooLarge => "the request head is too large",
+        Reason::Timeout => "the request head did not arrive in time",
+        Reason::Loop => "the connection was addressed to the gateway itself",
+        Reason::HostMismatch => "the request target and the Host header disagree",
+        Reason::Method => "CONNECT is not allowed through this gateway",
+    }
+}
+
+/// A complete response that closes the connection. The host named is a
+/// validated name, so it cannot inject anything into the response.
+fn error_response(status: u16, host: Option<&HostName>, why: &str) -> Vec<u8> {
+    let phrase = match status {
+        400 => "Bad Request",
+        403 => "Forbidden",
+        408 => "Request Timeout",
+        431 => "Request Header Fields Too Large",
+        502 => "Bad Gateway",
+        504 => "Gateway Timeout",
+        _ => "Error",
+    };
+    let body = match host {
+        Some(host) => format!("portcullis: {host}: {why}\n"),
+        None => format!("portcullis: {why}\n"),
+    };
+    format!(
+        "HTTP/1.1 {status} {phrase}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusal_names_host_and_reason_and_closes() {
+        let host = HostName::from_wire(b"denied.example").unwrap();
+        let text = String::from_utf8(error_response(403, Some(&host), explain(Reason::NotListed)))
+            .unwrap();
+        assert!(text.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{text}");
+        assert!(text.contains("Connection: close\r\n"));
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.contains(&format!("Content-Length: {}", body.len())));
+        assert_eq!(
+            body,
+            "portcullis: denied.example: the host is not on this gateway's allowlist\n"
+        );
+    }
+}

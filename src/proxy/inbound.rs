@@ -1,0 +1,167 @@
+//! A socket's read side with the bytes read but not yet forwarded: the
+//! detectors look at them, then they are replayed upstream byte for byte.
+
+use crate::detect::Detect;
+use crate::net::forward::{Activity, forward, write_all};
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+/// Read size for bodies forwarded in user space.
+const BODY_CHUNK: usize = 64 * 1024;
+
+/// Why a read for a hello or head did not produce one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadError<E> {
+    /// The parser refused the bytes.
+    Invalid(E),
+    /// The deadline passed first.
+    Timeout,
+    /// End of stream with this many bytes of an unfinished message.
+    Closed {
+        partial: usize,
+    },
+    Io,
+}
+
+pub struct Inbound<'a> {
+    stream: &'a TcpStream,
+    buf: Vec<u8>,
+}
+
+impl<'a> Inbound<'a> {
+    pub fn new(stream: &'a TcpStream) -> Inbound<'a> {
+        Inbound {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    /// Bytes read and not yet consumed.
+    pub fn buffered(&self) -> &[u8] {
+        &self.buf
+    }
+
+    /// Reads until `parse` accepts or refuses the buffered bytes, never
+    /// holding more than `cap` bytes and never waiting past `deadline`.
+    /// Waiting is on socket readiness: no polling.
+    pub async fn read_message<T, E>(
+        &mut self,
+        cap: usize,
+        deadline: Instant,
+        parse: impl Fn(&[u8]) -> Detect<T, E>,
+        too_large: E,
+    ) -> Result<T, ReadError<E>> {
+        loop {
+            match parse(&self.buf) {
+                Detect::Done(message) => return Ok(message),
+                Detect::Invalid(e) => return Err(ReadError::Invalid(e)),
+                Detect::Incomplete if self.buf.len() >= cap => {
+                    return Err(ReadError::Invalid(too_large));
+                }
+                Detect::Incomplete => {}
+            }
+            match tokio::time::timeout_at(deadline, self.read_more(cap)).await {
+                Err(_) => return Err(ReadError::Timeout),
+                Ok(Err(_)) => return Err(ReadError::Io),
+                Ok(Ok(0)) => {
+                    return Err(ReadError::Closed {
+                        partial: self.buf.len(),
+                    });
+                }
+                Ok(Ok(_)) => {}
+            }
+        }
+    }
+
+    /// Waits until at least one byte is buffered; false at end of stream.
+    pub async fn wait_for_data(&mut self) -> io::Result<bool> {
+        if !self.buf.is_empty() {
+            return Ok(true);
+        }
+        Ok(self.read_more(BODY_CHUNK).await? > 0)
+    }
+
+    /// One read of at most `cap - buffered` bytes. 0 at end of stream.
+    async fn read_more(&mut self, cap: usize) -> io::Result<usize> {
+        let len = self.buf.len();
+        let room = cap.saturating_sub(len);
+        if room == 0 {
+            return Err(io::Error::other("buffer full"));
+        }
+        self.buf.resize(len + room, 0);
+        let result = crate::net::forward::read_some(self.stream, &mut self.buf[len..]).await;
+        self.buf.truncate(len + *result.as_ref().unwrap_or(&0));
+        result
+    }
+
+    /// Forwards the first `n` buffered bytes to `dst`.
+    pub async fn forward_buffered(
+        &mut self,
+        n: usize,
+        dst: &TcpStream,
+        count: &AtomicU64,
+    ) -> io::Result<()> {
+        write_all(dst, &self.buf[..n]).await?;
+        self.buf.drain(..n);
+        count.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Forwards exactly `n` more bytes of the stream (buffered ones first).
+    pub async fn forward_exact(
+        &mut self,
+        mut n: u64,
+        dst: &TcpStream,
+        activity: &Activity,
+        count: &AtomicU64,
+    ) -> io::Result<()> {
+        while n > 0 {
+            if self.buf.is_empty() && self.read_more(BODY_CHUNK).await? == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            let take = usize::try_from(n).unwrap_or(usize::MAX).min(self.buf.len());
+            self.forward_buffered(take, dst, count).await?;
+            activity.touch();
+            n -= take as u64;
+        }
+        Ok(())
+    }
+
+    /// Forwards a chunked body up to and including its last CRLF.
+    pub async fn forward_chunked(
+        &mut self,
+        dst: &TcpStream,
+        activity: &Activity,
+        count: &AtomicU64,
+    ) -> io::Result<()> {
+        let mut decoder = crate::detect::http::ChunkedDecoder::default();
+        loop {
+            let take = decoder
+                .advance(&self.buf)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            self.forward_buffered(take, dst, count).await?;
+            activity.touch();
+            if decoder.is_done() {
+                return Ok(());
+            }
+            if self.read_more(BODY_CHUNK).await? == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+    }
+
+    /// Forwards everything until end of stream (buffered bytes first, then
+    /// zero-copy), then half-closes `dst`.
+    pub async fn forward_rest(
+        mut self,
+        dst: &TcpStream,
+        activity: &Activity,
+        count: &AtomicU64,
+    ) -> io::Result<()> {
+        let n = self.buf.len();
+        self.forward_buffered(n, dst, count).await?;
+        forward(self.stream, dst, activity, count).await
+    }
+}

@@ -1,0 +1,93 @@
+//! The TLS port: read the ClientHello, decide on its SNI, then forward
+//! the hello and everything after it untouched. No TLS is terminated.
+
+use super::inbound::{Inbound, ReadError};
+use super::{Context, Record, connect, refuse_with, reset};
+use crate::detect::tls::{AlertDescription, ServerName, TlsError, fatal_alert, parse_client_hello};
+use crate::name::NameError;
+use crate::net::forward::{forward_both, write_all};
+use crate::net::orig_dst::OrigDst;
+use crate::verdict::{ErrorKind, Reason, Verdict};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+pub(super) async fn serve(
+    client: &TcpStream,
+    dst: OrigDst,
+    ctx: &Context,
+    rec: &mut Record,
+) -> Verdict {
+    let limits = ctx.limits;
+    let deadline = Instant::now() + limits.hello_timeout;
+    let cap = limits.max_hello_bytes;
+    let mut inbound = Inbound::new(client);
+    let parse = |buf: &[u8]| parse_client_hello(buf, cap);
+    let hello = match inbound
+        .read_message(cap, deadline, parse, TlsError::TooLarge)
+        .await
+    {
+        Ok(hello) => hello,
+        Err(ReadError::Invalid(e)) => return deny(client, reason_for(e)).await,
+        Err(ReadError::Timeout) => return deny(client, Reason::Timeout).await,
+        Err(ReadError::Closed { .. }) => return Verdict::Error(ErrorKind::ClientClosed),
+        Err(ReadError::Io) => return Verdict::Error(ErrorKind::Io),
+    };
+    rec.ech = hello.ech;
+    let name = match hello.server_name {
+        ServerName::Name(name) => name,
+        ServerName::Absent => return deny(client, Reason::NoName).await,
+        ServerName::Invalid(NameError::IpLiteral) => return deny(client, Reason::IpLiteral).await,
+        ServerName::Invalid(_) => return deny(client, Reason::Malformed).await,
+    };
+    let checked = ctx.check(&name);
+    rec.name = Some(name);
+    match checked {
+        Ok(rule) => rec.rule = Some(rule),
+        Err(reason) => return deny(client, reason).await,
+    }
+    let upstream = match connect(dst, limits.connect_timeout).await {
+        Ok(upstream) => upstream,
+        Err(kind) => {
+            reset(client);
+            return Verdict::Error(kind);
+        }
+    };
+    if write_all(&upstream, inbound.buffered()).await.is_err() {
+        return Verdict::Error(ErrorKind::Io);
+    }
+    let (moved, result) = forward_both(client, &upstream, limits.idle_timeout).await;
+    rec.moved = moved;
+    rec.moved.up += inbound.buffered().len() as u64;
+    match result {
+        Ok(()) => Verdict::Allow,
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => Verdict::Error(ErrorKind::Idle),
+        Err(_) => Verdict::Error(ErrorKind::Io),
+    }
+}
+
+fn reason_for(e: TlsError) -> Reason {
+    match e {
+        TlsError::NotTls => Reason::NotTls,
+        TlsError::Malformed => Reason::Malformed,
+        TlsError::TooLarge => Reason::TooLarge,
+    }
+}
+
+async fn deny(client: &TcpStream, reason: Reason) -> Verdict {
+    refuse(client, reason).await;
+    Verdict::Deny(reason)
+}
+
+/// Answers with a fatal alert that says why, as far as TLS can say it.
+pub(super) async fn refuse(client: &TcpStream, reason: Reason) {
+    let description = match reason {
+        Reason::NotListed | Reason::NoName | Reason::IpLiteral | Reason::Loop | Reason::Method => {
+            AlertDescription::AccessDenied
+        }
+        Reason::Malformed | Reason::NotTls | Reason::TooLarge | Reason::HostMismatch => {
+            AlertDescription::DecodeError
+        }
+        Reason::Timeout => AlertDescription::HandshakeFailure,
+    };
+    refuse_with(client, &fatal_alert(description)).await;
+}

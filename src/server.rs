@@ -1,0 +1,154 @@
+//! The gateway process: listeners, accept loops, the connection limit and
+//! shutdown.
+
+use crate::allowlist::Allowlist;
+use crate::config::Config;
+use crate::drain::{Signals, Stop};
+use crate::net::listener;
+use crate::proxy::{self, Context};
+use crate::verdict::Proto;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+use tokio::time::Instant;
+
+/// Pause after an accept error such as EMFILE, so a descriptor shortage
+/// does not spin the accept loop.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// At most one warning per this interval for repeated refusals.
+const WARN_EVERY: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: io::Error },
+    #[error("cannot serve the admin endpoint on {addr}: {source}")]
+    Admin { addr: SocketAddr, source: io::Error },
+    #[error("cannot install signal handlers: {0}")]
+    Signals(io::Error),
+    #[error("no listener could be bound")]
+    NoListener,
+}
+
+/// Runs the gateway until SIGTERM (drain) or SIGINT (now).
+pub async fn run(config: Config, allowlist: Allowlist) -> Result<(), ServerError> {
+    let mut signals = Signals::install().map_err(ServerError::Signals)?;
+    let listeners = bind_all(&config)?;
+    let admin = config.metrics_listen;
+    crate::admin::spawn(admin).map_err(|source| ServerError::Admin {
+        addr: admin,
+        source,
+    })?;
+
+    let ctx = Arc::new(Context::new(allowlist, config.limits));
+    let limit = Arc::new(Semaphore::new(config.max_connections));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    for (listener, proto) in listeners {
+        let (ctx, limit, stop) = (ctx.clone(), limit.clone(), stop_rx.clone());
+        tokio::spawn(accept_loop(listener, proto, ctx, limit, stop));
+    }
+    tracing::info!(entries = ctx.allowlist.load().len(), "portcullis ready");
+
+    if signals.next().await == Stop::Now {
+        tracing::info!("SIGINT: stopping now");
+        return Ok(());
+    }
+    let _ = stop_tx.send(true);
+    let live = config.max_connections - limit.available_permits();
+    tracing::info!(live, timeout = ?config.drain_timeout, "SIGTERM: draining");
+    let all = u32::try_from(config.max_connections).unwrap_or(u32::MAX);
+    tokio::select! {
+        _ = tokio::time::timeout(config.drain_timeout, limit.acquire_many(all)) => {}
+        _ = signals.next() => tracing::info!("second signal: stopping now"),
+    }
+    Ok(())
+}
+
+fn bind_all(config: &Config) -> Result<Vec<(TcpListener, Proto)>, ServerError> {
+    let mut bound = Vec::new();
+    let addrs = config.tls_listen.iter().map(|a| (*a, Proto::Tls));
+    for (addr, proto) in addrs.chain(config.http_listen.iter().map(|a| (*a, Proto::Http))) {
+        match listener::bind(addr) {
+            Ok(Some(l)) => {
+                tracing::info!(%addr, proto = proto.as_str(), "listening");
+                bound.push((l, proto));
+            }
+            Ok(None) => tracing::warn!(%addr, "this host has no IPv6; not listening there"),
+            Err(source) => return Err(ServerError::Bind { addr, source }),
+        }
+    }
+    if bound.is_empty() {
+        return Err(ServerError::NoListener);
+    }
+    Ok(bound)
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    proto: Proto,
+    ctx: Arc<Context>,
+    limit: Arc<Semaphore>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut refused = Throttled::default();
+    let mut accept_errors = Throttled::default();
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = stop.changed() => return,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let Ok(permit) = limit.clone().try_acquire_owned() else {
+                    // At the limit: refuse this one at once rather than
+                    // leave it queued; live connections are unaffected.
+                    let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+                    refused.warn("connection limit reached; refusing new connections");
+                    continue;
+                };
+                let ctx = ctx.clone();
+                tokio::spawn(async move {
+                    let _ = stream.set_nodelay(true);
+                    proxy::serve(stream, peer, proto, &ctx).await;
+                    drop(permit);
+                });
+            }
+            Err(e) => {
+                accept_errors.warn(&format!("accept failed: {e}"));
+                if is_resource_shortage(&e) {
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                }
+            }
+        }
+    }
+}
+
+fn is_resource_shortage(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}
+
+/// Logs a repeated event at most once per [`WARN_EVERY`], with a count.
+#[derive(Default)]
+struct Throttled {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl Throttled {
+    fn warn(&mut self, what: &str) {
+        let now = Instant::now();
+        if self.last.is_some_and(|t| now - t < WARN_EVERY) {
+            self.suppressed += 1;
+            return;
+        }
+        tracing::warn!(suppressed = self.suppressed, "{what}");
+        self.last = Some(now);
+        self.suppressed = 0;
+    }
+}

@@ -1,0 +1,115 @@
+//! What happened to a connection, as values: logged and counted in one
+//! place (`proxy::finish`), never as scattered strings.
+
+/// Why a connection was refused. A closed set: safe as a metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// The name is valid but no entry allows it.
+    NotListed,
+    /// No SNI / no Host.
+    NoName,
+    /// The name is an IP address.
+    IpLiteral,
+    /// A ClientHello or request head that cannot be parsed, or an invalid name.
+    Malformed,
+    /// The first bytes on the TLS port are not a TLS handshake.
+    NotTls,
+    /// The hello or request head is larger than the cap.
+    TooLarge,
+    /// The hello or request head did not arrive in time.
+    Timeout,
+    /// The connection was not redirected, or targets the gateway itself.
+    Loop,
+    /// An absolute-form request target disagrees with the Host header.
+    HostMismatch,
+    /// A method a transparent gateway does not forward (CONNECT).
+    Method,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::NotListed => "not_listed",
+            Reason::NoName => "no_name",
+            Reason::IpLiteral => "ip_literal",
+            Reason::Malformed => "malformed",
+            Reason::NotTls => "not_tls",
+            Reason::TooLarge => "too_large",
+            Reason::Timeout => "timeout",
+            Reason::Loop => "loop",
+            Reason::HostMismatch => "host_mismatch",
+            Reason::Method => "method",
+        }
+    }
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Which listener a connection came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Proto {
+    Tls,
+    Http,
+}
+
+impl Proto {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Proto::Tls => "tls",
+            Proto::Http => "http",
+        }
+    }
+}
+
+/// Why an allowed connection failed on the way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The client went away before sending a complete hello or head.
+    ClientClosed,
+    ConnectRefused,
+    ConnectTimeout,
+    /// Another error connecting upstream (unreachable, no descriptors, …).
+    Connect,
+    /// The flow was idle longer than `--idle-timeout`.
+    Idle,
+    /// A socket error while forwarding.
+    Io,
+    /// The upstream's response could not be framed.
+    UpstreamProtocol,
+}
+
+impl ErrorKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::ClientClosed => "client_closed",
+            ErrorKind::ConnectRefused => "connect_refused",
+            ErrorKind::ConnectTimeout => "connect_timeout",
+            ErrorKind::Connect => "connect",
+            ErrorKind::Idle => "idle",
+            ErrorKind::Io => "io",
+            ErrorKind::UpstreamProtocol => "upstream_protocol",
+        }
+    }
+}
+
+/// The end state of one connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Allow,
+    Deny(Reason),
+    Error(ErrorKind),
+}
+
+impl Verdict {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Verdict::Allow => "allow",
+            Verdict::Deny(_) => "deny",
+            Verdict::Error(_) => "error",
+        }
+    }
+}

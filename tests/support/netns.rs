@@ -1,0 +1,290 @@
+//! A client / gateway / upstream topology in network namespaces of our
+//! own, torn down when dropped (also when a test panics).
+//!
+//! ```text
+//!  client ns            gateway ns (portcullis, iptables)        upstream ns
+//!  192.0.2.2     ---  192.0.2.1 | 198.51.100.1  ---  198.51.100.2
+//!  2001:db8:1::2 ---  2001:db8:1::1 | 2001:db8:2::1 --- 2001:db8:2::2
+//!                                                     servers on 203.0.113.10/.20,
+//!                                                     2001:db8:3::10/::20
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+pub const CLIENT_V4: &str = "192.0.2.2";
+/// The "internet" hosts the client talks to, served in the upstream ns.
+pub const RAW_V4: &str = "203.0.113.10";
+pub const RAW_V6: &str = "2001:db8:3::10";
+pub const WEB_V4: &str = "203.0.113.20";
+pub const WEB_V6: &str = "2001:db8:3::20";
+pub const ADMIN: &str = "127.0.0.1:9090";
+
+static NEXT: AtomicUsize = AtomicUsize::new(0);
+
+/// Fails the test when not root under CI; elsewhere says why it skips.
+pub fn require_root() -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    if std::env::var_os("CI").is_some_and(|v| v == "true") {
+        panic!("namespaced tests need root, and CI=true: refusing to skip");
+    }
+    eprintln!("skipping: namespaced tests need root");
+    false
+}
+
+pub fn sh(args: &[&str]) {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .expect("spawn");
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// One network namespace.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    fn new(name: String) -> Netns {
+        sh(&["ip", "netns", "add", &name]);
+        let ns = Netns { name };
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    pub fn ip(&self, args: &[&str]) {
+        let mut all = vec!["ip", "-n", &self.name];
+        all.extend_from_slice(args);
+        sh(&all);
+    }
+
+    /// A command inside the namespace.
+    pub fn command(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, program]);
+        c
+    }
+
+    pub fn exec(&self, args: &[&str]) {
+        let mut all = vec!["ip", "netns", "exec", &self.name];
+        all.extend_from_slice(args);
+        sh(&all);
+    }
+
+    /// Runs `f` on a thread that has entered this namespace; sockets it
+    /// creates stay in the namespace wherever they are used afterwards.
+    pub fn enter<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/var/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            let file = std::fs::File::open(&path).expect("open netns");
+            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+            f()
+        })
+        .join()
+        .expect("thread in netns")
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// The three hosts, wired and routed, with portcullis optionally running.
+pub struct Topology {
+    pub client: Netns,
+    pub gateway: Netns,
+    pub upstream: Netns,
+    pub dir: PathBuf,
+    portcullis: Option<Child>,
+}
+
+impl Topology {
+    pub fn new() -> Topology {
+        let id = format!(
+            "pc{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let dir = std::env::temp_dir().join(format!("portcullis-test-{id}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let t = Topology {
+            client: Netns::new(format!("{id}-c")),
+            gateway: Netns::new(format!("{id}-g")),
+            upstream: Netns::new(format!("{id}-u")),
+            dir,
+            portcullis: None,
+        };
+        t.wire();
+        t
+    }
+
+    fn wire(&self) {
+        let (c, g, u) = (&self.client, &self.gateway, &self.upstream);
+        c.ip(&[
+            "link", "add", "eth0", "type", "veth", "peer", "name", "cli", "netns", &g.name,
+        ]);
+        u.ip(&[
+            "link", "add", "eth0", "type", "veth", "peer", "name", "net", "netns", &g.name,
+        ]);
+        for (ns, dev, v4, v6) in [
+            (c, "eth0", "192.0.2.2/24", "2001:db8:1::2/64"),
+            (g, "cli", "192.0.2.1/24", "2001:db8:1::1/64"),
+            (g, "net", "198.51.100.1/24", "2001:db8:2::1/64"),
+            (u, "eth0", "198.51.100.2/24", "2001:db8:2::2/64"),
+        ] {
+            ns.ip(&["addr", "add", v4, "dev", dev]);
+            ns.ip(&["-6", "addr", "add", v6, "dev", dev, "nodad"]);
+            ns.ip(&["link", "set", dev, "up"]);
+        }
+        for addr in ["203.0.113.10/32", "203.0.113.20/32"] {
+            u.ip(&["addr", "add", addr, "dev", "lo"]);
+        }
+        for addr in ["2001:db8:3::10/128", "2001:db8:3::20/128"] {
+            u.ip(&["-6", "addr", "add", addr, "dev", "lo", "nodad"]);
+        }
+        c.ip(&["route", "add", "default", "via", "192.0.2.1"]);
+        c.ip(&["-6", "route", "add", "default", "via", "2001:db8:1::1"]);
+        u.ip(&["route", "add", "default", "via", "198.51.100.1"]);
+        u.ip(&["-6", "route", "add", "default", "via", "2001:db8:2::1"]);
+        g.ip(&["route", "add", "203.0.113.0/24", "via", "198.51.100.2"]);
+        g.ip(&[
+            "-6",
+            "route",
+            "add",
+            "2001:db8:3::/64",
+            "via",
+            "2001:db8:2::2",
+        ]);
+        g.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        g.exec(&["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
+        // The shipped rules, as a gateway runs them.
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("iptables/portcullis-iptables.sh");
+        let status = g
+            .command(script.to_str().unwrap())
+            .arg("apply")
+            .env("PRIVATE_CIDRS", "192.0.2.0/24")
+            .env("PRIVATE_CIDRS6", "2001:db8:1::/64")
+            .status()
+            .unwrap();
+        assert!(status.success(), "iptables script failed");
+    }
+
+    /// Starts portcullis in the gateway ns on `allowlist` and waits until
+    /// its health endpoint answers.
+    pub fn start_portcullis(&mut self, allowlist: &str, extra: &[&str]) {
+        let list = self.dir.join("allowlist.txt");
+        std::fs::write(&list, allowlist).unwrap();
+        let log = std::fs::File::create(self.log_path()).unwrap();
+        let child = self
+            .gateway
+            .command(env!("CARGO_BIN_EXE_portcullis"))
+            .args([
+                "run",
+                "--allowlist",
+                list.to_str().unwrap(),
+                "--metrics-listen",
+                ADMIN,
+            ])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.portcullis = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if self
+                .admin_get("/healthz")
+                .is_some_and(|r| r.starts_with("HTTP/1.1 200"))
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("portcullis did not become healthy:\n{}", self.log());
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("portcullis.log")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// GET on the admin endpoint from inside the gateway ns.
+    pub fn admin_get(&self, path: &str) -> Option<String> {
+        let path = path.to_string();
+        self.gateway.enter(move || {
+            use std::io::{Read, Write};
+            let addr: SocketAddr = ADMIN.parse().unwrap();
+            let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
+            s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+            write!(s, "GET {path} HTTP/1.1\r\nHost: admin\r\n\r\n").ok()?;
+            let mut out = String::new();
+            s.read_to_string(&mut out).ok()?;
+            Some(out)
+        })
+    }
+
+    /// Sends `signal` to portcullis and waits for it to exit.
+    pub fn stop_portcullis(
+        &mut self,
+        signal: nix::sys::signal::Signal,
+        within: Duration,
+    ) -> std::process::ExitStatus {
+        let mut child = self.portcullis.take().expect("portcullis running");
+        // `ip netns exec` execs the program, so the pid is portcullis's own.
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        nix::sys::signal::kill(pid, signal).unwrap();
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "portcullis did not exit after {signal:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Connects from the client ns (through the gateway).
+    pub fn connect(&self, addr: SocketAddr) -> std::net::TcpStream {
+        self.client.enter(move || {
+            let s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+                .expect("connect");
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+            s
+        })
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.portcullis.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("--- portcullis log ---\n{}", self.log());
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

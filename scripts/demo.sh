@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# A complete portcullis gateway in three network namespaces (run as root):
+#
+#   client (192.0.2.2) -> gateway (portcullis + iptables) -> "internet" (203.0.113.20)
+#
+# The client has no proxy settings: its default route is the gateway, whose
+# iptables rules (iptables/portcullis-iptables.sh) redirect tcp/443 and
+# tcp/80 to portcullis. The "internet" host runs a real TLS server and an
+# HTTP server and answers for every name, so nothing leaves this machine.
+# The gateway enforces examples/allowlist.txt: pypi.org is allowed,
+# evil.example is not. Everything is torn down on exit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck source=scripts/setup.sh
+source scripts/setup.sh
+cargo build --locked --release --quiet
+bin=$PWD/target/release/portcullis
+iptables_script=$PWD/iptables/portcullis-iptables.sh
+
+C=pcdemo-client G=pcdemo-gateway U=pcdemo-internet
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  for ns in $C $G $U; do ip netns del "$ns" 2>/dev/null || true; done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+for ns in $C $G $U; do ip netns del "$ns" 2>/dev/null || true; done
+
+echo "== building the topology"
+for ns in $C $G $U; do ip netns add "$ns"; ip -n "$ns" link set lo up; done
+ip -n $C link add eth0 type veth peer name cli netns $G
+ip -n $U link add eth0 type veth peer name net netns $G
+ip -n $C addr add 192.0.2.2/24 dev eth0
+ip -n $G addr add 192.0.2.1/24 dev cli
+ip -n $G addr add 198.51.100.1/24 dev net
+ip -n $U addr add 198.51.100.2/24 dev eth0
+ip -n $U addr add 203.0.113.20/32 dev lo
+for dev in "$C eth0" "$G cli" "$G net" "$U eth0"; do
+  read -r ns ifname <<<"$dev"
+  ip -n "$ns" link set "$ifname" up
+done
+ip -n $C route add default via 192.0.2.1
+ip -n $U route add default via 198.51.100.1
+ip -n $G route add 203.0.113.0/24 via 198.51.100.2
+ip netns exec $G sysctl -qw net.ipv4.ip_forward=1
+
+echo "== applying the iptables rules in the gateway"
+ip netns exec $G env PRIVATE_CIDRS=192.0.2.0/24 PRIVATE_CIDRS6= "$iptables_script" apply
+ip netns exec $G iptables -t nat -S PORTCULLIS_PREROUTING | sed 's/^/   /'
+
+echo "== starting the internet host's servers (TLS on :443, HTTP on :80)"
+(
+  cd "$work"
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 -subj /CN=demo \
+    -addext "subjectAltName=DNS:pypi.org,DNS:evil.example" -keyout key.pem -out cert.pem 2>/dev/null
+  echo "hello from the internet host" > index.html
+)
+ip netns exec $U openssl s_server -quiet -www -accept 203.0.113.20:443 -cert "$work/cert.pem" -key "$work/key.pem" \
+  </dev/null >/dev/null 2>&1 &
+pids+=($!)
+ip netns exec $U python3 -m http.server --bind 203.0.113.20 --directory "$work" 80 >/dev/null 2>&1 &
+pids+=($!)
+
+echo "== starting portcullis in the gateway on examples/allowlist.txt"
+ip netns exec $G "$bin" run --allowlist examples/allowlist.txt --metrics-listen 127.0.0.1:9090 2>"$work/portcullis.log" &
+pids+=($!)
+for _ in $(seq 100); do
+  ip netns exec $G curl -sf -o /dev/null http://127.0.0.1:9090/healthz && ip netns exec $U curl -sf -o /dev/null http://203.0.113.20/ && break
+  sleep 0.1
+done
+
+try() {
+  echo
+  echo "\$ curl $*"
+  ip netns exec $C curl -sS --max-time 5 --cacert "$work/cert.pem" "$@" 2>&1 | sed 's/^/   /' || true
+}
+try --resolve pypi.org:443:203.0.113.20 https://pypi.org/ -o /dev/null -w 'HTTP %{http_code} over TLS: allowed\n'
+try --resolve evil.example:443:203.0.113.20 https://evil.example/
+try --resolve pypi.org:80:203.0.113.20 http://pypi.org/ -w 'HTTP %{http_code}\n'
+try --resolve evil.example:80:203.0.113.20 http://evil.example/ -w 'HTTP %{http_code}\n'
+
+echo
+echo "== what portcullis logged"
+sed 's/^/   /' "$work/portcullis.log"

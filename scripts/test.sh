@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it (root: the end-to-end tests build
+# network namespaces and iptables rules).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck source=scripts/setup.sh
+source scripts/setup.sh
+
+# Namespaces left by an earlier run that was killed before its clean-up.
+for ns in $(ip netns list | awk '/^pc[0-9]+-[0-9]+-[cgu]$/ {print $1}'); do ip netns del "$ns"; done
+
+step() { printf '\n== %s\n' "$*"; }
+step "cargo fmt --check";   cargo fmt --check
+step "shellcheck";          shellcheck scripts/*.sh iptables/*.sh .ci/run
+step "cargo clippy";        cargo clippy --locked --all-targets -- -D warnings
+step "release build";       cargo build --locked --release
+step "tests";               cargo test --locked --all-targets

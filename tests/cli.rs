@@ -1,0 +1,86 @@
+//! The command line, as an operator uses it. No privileges needed.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn portcullis(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_portcullis")).args(args).output().unwrap()
+}
+
+fn list_file(name: &str, text: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("portcullis-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn stderr_lines(out: &Output) -> Vec<String> {
+    String::from_utf8_lossy(&out.stderr).lines().map(str::to_string).collect()
+}
+
+#[test]
+fn check_accepts_the_shipped_example() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/allowlist.txt");
+    let out = portcullis(&["check", example]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn check_names_file_and_line_of_a_bad_entry() {
+    let path = list_file("bad-check.txt", "# ok\ngood.example.com\n\n.co.uk\n");
+    let out = portcullis(&["check", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let lines = stderr_lines(&out);
+    assert_eq!(lines.len(), 1, "one line: {lines:?}");
+    assert!(lines[0].contains("bad-check.txt") && lines[0].contains("line 4"), "{lines:?}");
+}
+
+#[test]
+fn check_reports_a_missing_file() {
+    let out = portcullis(&["check", "/nonexistent/list.txt"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr_lines(&out)[0].contains("/nonexistent/list.txt"));
+}
+
+#[test]
+fn match_prints_the_deciding_rule_and_fails_if_any_name_is_denied() {
+    let path = list_file("match.txt", ".example.com\napi.example.com\n*.cdn.example.net\n");
+    let path = path.to_str().unwrap();
+    let out = portcullis(&["match", path, "WWW.example.com", "api.example.com", "x.cdn.example.net"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "WWW.example.com allow .example.com\napi.example.com allow api.example.com\nx.cdn.example.net allow *.cdn.example.net\n"
+    );
+    let out = portcullis(&["match", path, "example.com", "cdn.example.net", "notexample.com"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "example.com allow .example.com\ncdn.example.net deny\nnotexample.com deny\n"
+    );
+}
+
+#[test]
+fn a_bad_flag_is_one_line_and_non_zero() {
+    for args in [
+        &["run", "--allowlist", "x", "--bogus"][..],
+        &["run", "--allowlist", "x", "--hello-timeout", "5"],
+        &["run", "--allowlist", "x", "--max-connections", "0"],
+        &["run", "--allowlist", "x", "--tls-listen", "not-an-address"],
+    ] {
+        let out = portcullis(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert_eq!(stderr_lines(&out).len(), 1, "{args:?}: {:?}", stderr_lines(&out));
+    }
+}
+
+#[test]
+fn run_refuses_to_start_on_a_bad_list() {
+    let path = list_file("bad-run.txt", "ok.example.com\n192.0.2.1\n");
+    let out = portcullis(&["run", "--allowlist", path.to_str().unwrap(), "--tls-listen", "127.0.0.1:0"]);
+    assert_eq!(out.status.code(), Some(1));
+    let lines = stderr_lines(&out);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].contains("bad-run.txt: line 2"), "{lines:?}");
+}

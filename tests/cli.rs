@@ -4,7 +4,10 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 
 fn portcullis(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_portcullis")).args(args).output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 fn list_file(name: &str, text: &str) -> PathBuf {
@@ -16,14 +19,22 @@ fn list_file(name: &str, text: &str) -> PathBuf {
 }
 
 fn stderr_lines(out: &Output) -> Vec<String> {
-    String::from_utf8_lossy(&out.stderr).lines().map(str::to_string).collect()
+    String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .map(str::to_string)
+        .collect()
 }
 
 #[test]
 fn check_accepts_the_shipped_example() {
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/allowlist.txt");
     let out = portcullis(&["check", example]);
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -33,7 +44,10 @@ fn check_names_file_and_line_of_a_bad_entry() {
     assert_eq!(out.status.code(), Some(1));
     let lines = stderr_lines(&out);
     assert_eq!(lines.len(), 1, "one line: {lines:?}");
-    assert!(lines[0].contains("bad-check.txt") && lines[0].contains("line 4"), "{lines:?}");
+    assert!(
+        lines[0].contains("bad-check.txt") && lines[0].contains("line 4"),
+        "{lines:?}"
+    );
 }
 
 #[test]
@@ -45,15 +59,30 @@ fn check_reports_a_missing_file() {
 
 #[test]
 fn match_prints_the_deciding_rule_and_fails_if_any_name_is_denied() {
-    let path = list_file("match.txt", ".example.com\napi.example.com\n*.cdn.example.net\n");
+    let path = list_file(
+        "match.txt",
+        ".example.com\napi.example.com\n*.cdn.example.net\n",
+    );
     let path = path.to_str().unwrap();
-    let out = portcullis(&["match", path, "WWW.example.com", "api.example.com", "x.cdn.example.net"]);
+    let out = portcullis(&[
+        "match",
+        path,
+        "WWW.example.com",
+        "api.example.com",
+        "x.cdn.example.net",
+    ]);
     assert_eq!(out.status.code(), Some(0));
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
         "WWW.example.com allow .example.com\napi.example.com allow api.example.com\nx.cdn.example.net allow *.cdn.example.net\n"
     );
-    let out = portcullis(&["match", path, "example.com", "cdn.example.net", "notexample.com"]);
+    let out = portcullis(&[
+        "match",
+        path,
+        "example.com",
+        "cdn.example.net",
+        "notexample.com",
+    ]);
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
@@ -71,14 +100,25 @@ fn a_bad_flag_is_one_line_and_non_zero() {
     ] {
         let out = portcullis(args);
         assert_eq!(out.status.code(), Some(2), "{args:?}");
-        assert_eq!(stderr_lines(&out).len(), 1, "{args:?}: {:?}", stderr_lines(&out));
+        assert_eq!(
+            stderr_lines(&out).len(),
+            1,
+            "{args:?}: {:?}",
+            stderr_lines(&out)
+        );
     }
 }
 
 #[test]
 fn run_refuses_to_start_on_a_bad_list() {
     let path = list_file("bad-run.txt", "ok.example.com\n192.0.2.1\n");
-    let out = portcullis(&["run", "--allowlist", path.to_str().unwrap(), "--tls-listen", "127.0.0.1:0"]);
+    let out = portcullis(&[
+        "run",
+        "--allowlist",
+        path.to_str().unwrap(),
+        "--tls-listen",
+        "127.0.0.1:0",
+    ]);
     assert_eq!(out.status.code(), Some(1));
     let lines = stderr_lines(&out);
     assert_eq!(lines.len(), 1, "{lines:?}");

@@ -630,6 +630,40 @@ fn refuses_connections_beyond_the_limit_and_recovers() {
 }
 
 #[test]
+fn running_out_of_file_descriptors_degrades_and_recovers() {
+    if !require_root() {
+        return;
+    }
+    const CONNECTIONS: usize = 120;
+    let mut t = Topology::new();
+    let (_server, log) = http_server(&t.upstream, &[addr(WEB_V4, 80)]);
+    // Room for the listeners, the runtime and a few dozen sockets.
+    t.start_portcullis_under(&["prlimit", "--nofile=64:64"], ALLOWLIST, &[]);
+    let hogs: Vec<TcpStream> = (0..CONNECTIONS)
+        .map(|_| t.connect(addr(WEB_V4, 80)))
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(t.portcullis_running(), "EMFILE must not crash the gateway");
+    drop(hogs);
+    wait_until("service to come back", Duration::from_secs(15), || {
+        text(&http(&t, "www.example.test", WEB_V4, "/recovered").stdout)
+            .ends_with("www.example.test/recovered\n")
+    });
+    assert!(t.portcullis_running());
+    assert!(
+        t.log().contains("accept failed"),
+        "the shortage was logged:\n{}",
+        t.log()
+    );
+    assert!(
+        log.lock()
+            .unwrap()
+            .iter()
+            .any(|l| l == "www.example.test /recovered")
+    );
+}
+
+#[test]
 fn sigterm_drains_live_connections_and_refuses_new_ones() {
     if !require_root() {
         return;

@@ -69,7 +69,7 @@ pub struct Transferred {
 }
 
 /// Forwards both directions until both have ended, propagating each
-/// half-close, or until nothing moves for `idle`.
+/// half-close, until either fails, or until nothing moves for `idle`.
 pub async fn forward_both(
     client: &TcpStream,
     upstream: &TcpStream,
@@ -78,12 +78,14 @@ pub async fn forward_both(
     let activity = Activity::default();
     let up = AtomicU64::new(0);
     let down = AtomicU64::new(0);
+    // A clean end of one direction leaves the other flowing (half-close);
+    // an error in either ends both, since the connection is broken.
     let both = async {
-        let (a, b) = tokio::join!(
+        tokio::try_join!(
             forward(client, upstream, &activity, &up),
             forward(upstream, client, &activity, &down)
-        );
-        a.and(b)
+        )
+        .map(|_| ())
     };
     let result = tokio::select! {
         r = both => r,

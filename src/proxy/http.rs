@@ -79,17 +79,25 @@ pub(super) async fn serve(
         upstream: &upstream,
         activity: &activity,
     };
+    let requests = conn.requests(from_client, first, ctx, rec, pending_tx, answered_rx, &up);
+    let responses = conn.responses(pending_rx, answered_tx, &down);
     let work = async {
-        tokio::join!(
-            conn.requests(from_client, first, ctx, rec, pending_tx, answered_rx, &up),
-            conn.responses(pending_rx, answered_tx, &down),
-        )
+        tokio::pin!(requests, responses);
+        tokio::select! {
+            verdict = &mut requests => match (verdict, responses.await) {
+                (Verdict::Allow, Err(kind)) => Verdict::Error(kind),
+                (verdict, _) => verdict,
+            },
+            // A broken upstream ends the connection; a clean close still
+            // lets the request loop finish what it is doing.
+            answered = &mut responses => match answered {
+                Err(kind) => Verdict::Error(kind),
+                Ok(()) => requests.await,
+            },
+        }
     };
     let verdict = tokio::select! {
-        (verdict, responses) = work => match (verdict, responses) {
-            (Verdict::Allow, Err(kind)) => Verdict::Error(kind),
-            (verdict, _) => verdict,
-        },
+        verdict = work => verdict,
         () = activity.idle_for(limits.idle_timeout) => Verdict::Error(ErrorKind::Idle),
     };
     rec.moved = Transferred {
@@ -364,8 +372,8 @@ async fn deny(client: &TcpStream, refusal: Refusal, host: Option<&HostName>) -> 
 }
 
 /// Refuses a connection before any request was read (e.g. a loop).
-pub(super) async fn refuse(client: &TcpStream, reason: Reason, host: Option<&HostName>) {
-    refuse_with(client, &error_response(403, host, explain(reason))).await;
+pub(super) async fn refuse(client: &TcpStream, reason: Reason) {
+    refuse_with(client, &error_response(403, None, explain(reason))).await;
 }
 
 fn explain(reason: Reason) -> &'static str {

@@ -74,20 +74,19 @@ pub async fn serve(client: TcpStream, src: SocketAddr, proto: Proto, ctx: &Conte
         moved: Transferred::default(),
         duration: Duration::ZERO,
     };
-    rec.verdict = match destination(&client) {
-        Ok(dst) => {
-            rec.dst = Some(dst);
+    let dst = destination(&client);
+    rec.dst = dst.as_ref().ok().copied();
+    rec.verdict = match dst {
+        Ok(dst) if !is_loop(dst, client.local_addr().unwrap_or(dst.0)) => match proto {
+            Proto::Tls => tls::serve(&client, dst, ctx, &mut rec).await,
+            Proto::Http => http::serve(&client, dst, ctx, &mut rec).await,
+        },
+        _ => {
             match proto {
-                Proto::Tls => tls::serve(&client, dst, ctx, &mut rec).await,
-                Proto::Http => http::serve(&client, dst, ctx, &mut rec).await,
+                Proto::Tls => tls::refuse(&client, Reason::Loop).await,
+                Proto::Http => http::refuse(&client, Reason::Loop).await,
             }
-        }
-        Err(reason) => {
-            match proto {
-                Proto::Tls => tls::refuse(&client, reason).await,
-                Proto::Http => http::refuse(&client, reason, None).await,
-            }
-            Verdict::Deny(reason)
+            Verdict::Deny(Reason::Loop)
         }
     };
     rec.duration = start.elapsed();
@@ -95,12 +94,10 @@ pub async fn serve(client: TcpStream, src: SocketAddr, proto: Proto, ctx: &Conte
     rec
 }
 
-fn destination(client: &TcpStream) -> Result<OrigDst, Reason> {
-    let local = client.local_addr().map_err(|_| Reason::Loop)?;
-    match original_dst(client, local) {
-        Ok(dst) if !is_loop(dst, local) => Ok(dst),
-        _ => Err(Reason::Loop),
-    }
+/// The original destination; an error means the connection was not
+/// redirected (no conntrack NAT entry), which is refused as a loop.
+fn destination(client: &TcpStream) -> io::Result<OrigDst> {
+    original_dst(client, client.local_addr()?)
 }
 
 /// One line per connection. The observability work turns this into the

@@ -186,12 +186,24 @@ impl Topology {
     /// Starts portcullis in the gateway ns on `allowlist` and waits until
     /// its health endpoint answers.
     pub fn start_portcullis(&mut self, allowlist: &str, extra: &[&str]) {
+        self.start_portcullis_under(&[], allowlist, extra);
+    }
+
+    /// Like [`Self::start_portcullis`], run through `wrapper` (e.g.
+    /// `prlimit --nofile=…`, which execs it, so signals still reach it).
+    pub fn start_portcullis_under(&mut self, wrapper: &[&str], allowlist: &str, extra: &[&str]) {
         let list = self.dir.join("allowlist.txt");
         std::fs::write(&list, allowlist).unwrap();
         let log = std::fs::File::create(self.log_path()).unwrap();
+        let binary = env!("CARGO_BIN_EXE_portcullis");
+        let (program, wrapper_args) = match wrapper.split_first() {
+            Some((program, rest)) => (*program, [rest, &[binary]].concat()),
+            None => (binary, Vec::new()),
+        };
         let child = self
             .gateway
-            .command(env!("CARGO_BIN_EXE_portcullis"))
+            .command(program)
+            .args(wrapper_args)
             .args([
                 "run",
                 "--allowlist",
@@ -239,6 +251,12 @@ impl Topology {
             s.read_to_string(&mut out).ok()?;
             Some(out)
         })
+    }
+
+    /// Whether portcullis is still running.
+    pub fn portcullis_running(&mut self) -> bool {
+        let child = self.portcullis.as_mut().expect("portcullis started");
+        child.try_wait().unwrap().is_none()
     }
 
     /// Sends `signal` to portcullis and waits for it to exit.

@@ -533,6 +533,12 @@ fn refuses_hellos_without_sni_and_bytes_that_are_not_tls() {
         ALERT_ACCESS_DENIED,
         "IP literal SNI"
     );
+    // Larger than the 16 KiB cap: refused as soon as the size is declared.
+    let huge = hello::with_filler_extension(&message, 20_000);
+    let huge = hello::into_records(&huge, &[8_000, 16_000]);
+    let mut too_large = t.connect(addr(RAW_V4, 443));
+    too_large.write_all(&huge[..8_005]).unwrap();
+    assert_eq!(read_all(&mut too_large), ALERT_DECODE_ERROR, "too large");
     assert_eq!(
         server.accepted(),
         0,
@@ -692,4 +698,23 @@ fn sigterm_drains_live_connections_and_refuses_new_ones() {
     assert!(upstream_saw[0].ends_with(b"still here"));
     let refused = https(&t, "www.example.test", RAW_V4);
     assert!(!refused.status.success(), "no new connections once stopped");
+}
+
+#[test]
+fn sigint_stops_at_once_despite_live_connections() {
+    if !require_root() {
+        return;
+    }
+    let mut t = Topology::new();
+    let (_server, _) = recorder(&t.upstream, &[addr(RAW_V4, 443)]);
+    t.start_portcullis(ALLOWLIST, &["--drain-timeout", "60s"]);
+    let mut live = t.connect(addr(RAW_V4, 443));
+    live.write_all(CURL_HELLO).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let started = Instant::now();
+    t.stop_portcullis(nix::sys::signal::Signal::SIGINT, Duration::from_secs(5));
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // The live connection is cut, not drained.
+    let mut buf = [0u8; 16];
+    assert!(matches!(live.read(&mut buf), Ok(0) | Err(_)));
 }

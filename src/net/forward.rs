@@ -280,6 +280,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn copy_fallback_moves_every_byte() {
+        let (mut client, proxy_client) = pair().await;
+        let (proxy_upstream, mut server) = pair().await;
+        let payload: Vec<u8> = (0..500_000u32).map(|i| (i % 253) as u8).collect();
+        let expected = payload.clone();
+        let writer = tokio::spawn(async move {
+            client.write_all(&payload).await.unwrap();
+            client.shutdown().await.unwrap();
+        });
+        let (activity, count) = (Activity::default(), AtomicU64::new(0));
+        let copy = copy_loop(&proxy_client, &proxy_upstream, &activity, &count);
+        let mut got = Vec::new();
+        let read = async {
+            let mut buf = vec![0u8; 65536];
+            while got.len() < expected.len() {
+                let n = server.read(&mut buf).await.unwrap();
+                got.extend_from_slice(&buf[..n]);
+            }
+        };
+        let (copied, ()) = tokio::join!(copy, read);
+        copied.unwrap();
+        writer.await.unwrap();
+        assert_eq!(got, expected);
+        assert_eq!(count.load(Ordering::Relaxed), expected.len() as u64);
+    }
+
+    #[tokio::test]
     async fn closes_an_idle_flow() {
         let (_client, proxy_client) = pair().await;
         let (proxy_upstream, _server) = pair().await;

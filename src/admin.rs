@@ -1,10 +1,12 @@
-//! The admin endpoint (`--metrics-listen`): health now; metrics and
-//! readiness come with the observability work. It runs on its own thread
-//! and runtime so a saturated data path cannot starve it.
+//! The admin endpoint (`--metrics-listen`): `/healthz` (the process runs)
+//! and `/readyz` (it can serve: a list is loaded and the listeners are
+//! bound). It runs on its own thread and runtime so a saturated data path
+//! cannot starve it.
 
 use crate::detect::Detect;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -12,8 +14,11 @@ use tokio::net::{TcpListener, TcpStream};
 const MAX_REQUEST: usize = 8 * 1024;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Answers whether the gateway is ready, or why not.
+pub type Readiness = Arc<dyn Fn() -> Result<(), &'static str> + Send + Sync>;
+
 /// Binds now (so a busy port fails start-up) and serves on a new thread.
-pub fn spawn(addr: SocketAddr) -> io::Result<SocketAddr> {
+pub fn spawn(addr: SocketAddr, ready: Readiness) -> io::Result<SocketAddr> {
     let std_listener = std::net::TcpListener::bind(addr)?;
     std_listener.set_nonblocking(true)?;
     let local = std_listener.local_addr()?;
@@ -31,8 +36,11 @@ pub fn spawn(addr: SocketAddr) -> io::Result<SocketAddr> {
                 loop {
                     match listener.accept().await {
                         Ok((stream, _)) => {
+                            let ready = ready.clone();
                             tokio::spawn(async move {
-                                let _ = tokio::time::timeout(REQUEST_TIMEOUT, answer(stream)).await;
+                                let _ =
+                                    tokio::time::timeout(REQUEST_TIMEOUT, answer(stream, &ready))
+                                        .await;
                             });
                         }
                         Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
@@ -43,7 +51,7 @@ pub fn spawn(addr: SocketAddr) -> io::Result<SocketAddr> {
     Ok(local)
 }
 
-async fn answer(mut stream: TcpStream) -> io::Result<()> {
+async fn answer(mut stream: TcpStream, ready: &Readiness) -> io::Result<()> {
     let mut buf = Vec::with_capacity(1024);
     let path = loop {
         let mut chunk = [0u8; 1024];
@@ -63,6 +71,10 @@ async fn answer(mut stream: TcpStream) -> io::Result<()> {
     };
     match path.as_str() {
         "/healthz" => respond(&mut stream, 200, "ok\n").await,
+        "/readyz" => match ready() {
+            Ok(()) => respond(&mut stream, 200, "ready\n").await,
+            Err(why) => respond(&mut stream, 503, &format!("not ready: {why}\n")).await,
+        },
         _ => respond(&mut stream, 404, "not found\n").await,
     }
 }
@@ -83,7 +95,12 @@ fn request_path(buf: &[u8]) -> Detect<String, ()> {
 async fn respond(stream: &mut TcpStream, status: u16, body: &str) -> io::Result<()> {
     let head = format!(
         "HTTP/1.1 {status} {}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        if status == 200 { "OK" } else { "Error" },
+        match status {
+            200 => "OK",
+            404 => "Not Found",
+            503 => "Service Unavailable",
+            _ => "Error",
+        },
         body.len()
     );
     stream.write_all(head.as_bytes()).await?;

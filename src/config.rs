@@ -1,13 +1,16 @@
-//! Run-time settings, validated, and the parsers for their textual forms.
+//! Run-time settings: the config file and the flags fill one `Settings`
+//! (flags laid over the file), which becomes a validated `Config`.
 
+use crate::allowlist::{ReloadSettings, Source};
+use serde::Deserialize;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Everything `portcullis run` needs.
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub allowlist: PathBuf,
+    pub reload: ReloadSettings,
     pub tls_listen: Vec<SocketAddr>,
     pub http_listen: Vec<SocketAddr>,
     pub metrics_listen: SocketAddr,
@@ -39,6 +42,191 @@ impl Default for Limits {
             max_hello_bytes: 16 * 1024,
         }
     }
+}
+
+pub const DEFAULT_TLS_LISTEN: [&str; 2] = ["0.0.0.0:15443", "[::]:15443"];
+pub const DEFAULT_HTTP_LISTEN: [&str; 2] = ["0.0.0.0:15080", "[::]:15080"];
+pub const DEFAULT_METRICS_LISTEN: &str = "0.0.0.0:9090";
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 10_000;
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_REFRESH: Duration = Duration::from_secs(60);
+pub const DEFAULT_CACHE_DIR: &str = "/var/lib/portcullis";
+const MAX_HELLO_BYTES_RANGE: std::ops::RangeInclusive<u32> = 512..=(1 << 20);
+
+/// Every run setting, each optional: read from the config file (keys are
+/// the flag names) or from the flags.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Settings {
+    pub allowlist: Option<String>,
+    pub tls_listen: Option<Vec<SocketAddr>>,
+    pub http_listen: Option<Vec<SocketAddr>>,
+    pub metrics_listen: Option<SocketAddr>,
+    #[serde(default, deserialize_with = "duration")]
+    pub hello_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "duration")]
+    pub connect_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "duration")]
+    pub idle_timeout: Option<Duration>,
+    pub max_connections: Option<u32>,
+    pub max_hello_bytes: Option<u32>,
+    #[serde(default, deserialize_with = "duration")]
+    pub drain_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "duration")]
+    pub refresh: Option<Duration>,
+    pub cache_dir: Option<PathBuf>,
+    pub allow_empty: Option<bool>,
+}
+
+fn duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_duration(&s)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
+}
+
+/// A configuration that cannot be used, in one line.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {error}")]
+    Read {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("{path}: line {line}: {message}")]
+    Syntax {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
+    #[error("no allowlist: give --allowlist or set `allowlist` in the config file")]
+    NoAllowlist,
+    #[error(transparent)]
+    Source(#[from] crate::allowlist::SourceError),
+    #[error("{name} must be {expected}, not {value}")]
+    OutOfRange {
+        name: &'static str,
+        expected: &'static str,
+        value: u64,
+    },
+    #[error("{0} lists no address")]
+    NoAddress(&'static str),
+}
+
+impl Settings {
+    /// Reads a TOML config file.
+    pub fn from_file(path: &Path) -> Result<Settings, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
+            path: path.to_path_buf(),
+            error,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Syntax {
+            path: path.to_path_buf(),
+            line: e.span().map_or(1, |span| line_of(&text, span.start)),
+            message: e.message().trim().replace('\n', " "),
+        })
+    }
+
+    /// `self` with every setting that `over` has replaced by `over`'s.
+    pub fn overlaid_with(self, over: Settings) -> Settings {
+        Settings {
+            allowlist: over.allowlist.or(self.allowlist),
+            tls_listen: over.tls_listen.or(self.tls_listen),
+            http_listen: over.http_listen.or(self.http_listen),
+            metrics_listen: over.metrics_listen.or(self.metrics_listen),
+            hello_timeout: over.hello_timeout.or(self.hello_timeout),
+            connect_timeout: over.connect_timeout.or(self.connect_timeout),
+            idle_timeout: over.idle_timeout.or(self.idle_timeout),
+            max_connections: over.max_connections.or(self.max_connections),
+            max_hello_bytes: over.max_hello_bytes.or(self.max_hello_bytes),
+            drain_timeout: over.drain_timeout.or(self.drain_timeout),
+            refresh: over.refresh.or(self.refresh),
+            cache_dir: over.cache_dir.or(self.cache_dir),
+            allow_empty: over.allow_empty.or(self.allow_empty),
+        }
+    }
+
+    /// The allowlist source, if one is set.
+    pub fn source(&self) -> Result<Source, ConfigError> {
+        let raw = self.allowlist.as_deref().ok_or(ConfigError::NoAllowlist)?;
+        Ok(raw.parse()?)
+    }
+
+    /// Applies defaults and validates.
+    pub fn into_config(self) -> Result<Config, ConfigError> {
+        let source = self.source()?;
+        let defaults = Limits::default();
+        let max_connections = self.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
+        if max_connections == 0 {
+            return Err(ConfigError::OutOfRange {
+                name: "max-connections",
+                expected: "at least 1",
+                value: 0,
+            });
+        }
+        let max_hello_bytes = self
+            .max_hello_bytes
+            .unwrap_or(defaults.max_hello_bytes as u32);
+        if !MAX_HELLO_BYTES_RANGE.contains(&max_hello_bytes) {
+            return Err(ConfigError::OutOfRange {
+                name: "max-hello-bytes",
+                expected: "between 512 and 1048576",
+                value: max_hello_bytes.into(),
+            });
+        }
+        let refresh = self.refresh.unwrap_or(DEFAULT_REFRESH);
+        if refresh < Duration::from_secs(1) {
+            return Err(ConfigError::OutOfRange {
+                name: "refresh",
+                expected: "at least 1s",
+                value: refresh.as_millis() as u64,
+            });
+        }
+        let listen = |given: Option<Vec<SocketAddr>>, defaults: [&str; 2], name| {
+            let addrs = given.unwrap_or_else(|| {
+                defaults
+                    .iter()
+                    .map(|a| a.parse().expect("valid default"))
+                    .collect()
+            });
+            if addrs.is_empty() {
+                Err(ConfigError::NoAddress(name))
+            } else {
+                Ok(addrs)
+            }
+        };
+        Ok(Config {
+            reload: ReloadSettings {
+                source,
+                refresh,
+                cache_dir: self
+                    .cache_dir
+                    .unwrap_or_else(|| PathBuf::from(DEFAULT_CACHE_DIR)),
+                allow_empty: self.allow_empty.unwrap_or(false),
+            },
+            tls_listen: listen(self.tls_listen, DEFAULT_TLS_LISTEN, "tls-listen")?,
+            http_listen: listen(self.http_listen, DEFAULT_HTTP_LISTEN, "http-listen")?,
+            metrics_listen: self
+                .metrics_listen
+                .unwrap_or_else(|| DEFAULT_METRICS_LISTEN.parse().expect("valid default")),
+            limits: Limits {
+                hello_timeout: self.hello_timeout.unwrap_or(defaults.hello_timeout),
+                connect_timeout: self.connect_timeout.unwrap_or(defaults.connect_timeout),
+                idle_timeout: self.idle_timeout.unwrap_or(defaults.idle_timeout),
+                max_hello_bytes: max_hello_bytes as usize,
+            },
+            max_connections: max_connections as usize,
+            drain_timeout: self.drain_timeout.unwrap_or(DEFAULT_DRAIN_TIMEOUT),
+        })
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text.as_bytes()[..offset.min(text.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -75,6 +263,75 @@ mod tests {
         assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
         assert_eq!(parse_duration("15m"), Ok(Duration::from_secs(900)));
         assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+    }
+
+    fn file(name: &str, text: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("portcullis-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn the_shipped_example_config_sets_every_option() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/portcullis.toml");
+        let s = Settings::from_file(&path).unwrap();
+        let debug = format!("{s:?}");
+        assert!(
+            !debug.contains("None"),
+            "every setting appears in the example: {debug}"
+        );
+        s.into_config().unwrap();
+    }
+
+    #[test]
+    fn flags_override_the_file_and_defaults_fill_the_rest() {
+        let path = file(
+            "over.toml",
+            "allowlist = \"s3://b/k\"\nhello-timeout = \"2s\"\nrefresh = \"10s\"\n",
+        );
+        let flags = Settings {
+            hello_timeout: Some(Duration::from_millis(700)),
+            ..Settings::default()
+        };
+        let c = Settings::from_file(&path)
+            .unwrap()
+            .overlaid_with(flags)
+            .into_config()
+            .unwrap();
+        assert_eq!(c.limits.hello_timeout, Duration::from_millis(700));
+        assert_eq!(c.reload.refresh, Duration::from_secs(10));
+        assert_eq!(c.reload.source, "s3://b/k".parse().unwrap());
+        assert_eq!(c.limits.idle_timeout, Duration::from_secs(900));
+        assert_eq!(c.tls_listen.len(), 2);
+        assert_eq!(c.reload.cache_dir, PathBuf::from(DEFAULT_CACHE_DIR));
+    }
+
+    #[test]
+    fn config_errors_are_one_line_naming_file_and_line() {
+        let path = file("bad.toml", "allowlist = \"x\"\n\nhello-timeout = \"5\"\n");
+        let e = Settings::from_file(&path).unwrap_err().to_string();
+        assert!(e.contains("bad.toml: line 3: ") && !e.contains('\n'), "{e}");
+        let path = file("unknown.toml", "allowlist = \"x\"\nbogus = 1\n");
+        let e = Settings::from_file(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("unknown.toml: line 2: ") && e.contains("bogus"),
+            "{e}"
+        );
+        assert!(matches!(
+            Settings::default().into_config(),
+            Err(ConfigError::NoAllowlist)
+        ));
+        let zero = Settings {
+            allowlist: Some("x".into()),
+            max_connections: Some(0),
+            ..Settings::default()
+        };
+        assert!(matches!(
+            zero.into_config(),
+            Err(ConfigError::OutOfRange { .. })
+        ));
     }
 
     #[test]

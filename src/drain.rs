@@ -1,5 +1,7 @@
 //! Shutdown: SIGTERM drains (stop accepting, let live connections finish
 //! up to the drain timeout); SIGINT, or a second SIGTERM, stops at once.
+//! SIGHUP (reload the allowlist) is installed here too, before anything
+//! else, so an early one cannot kill the process by its default action.
 
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -15,6 +17,8 @@ pub enum Stop {
 pub struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
+    /// SIGHUP, for the allowlist reloader to take.
+    pub hangup: Option<tokio::signal::unix::Signal>,
 }
 
 impl Signals {
@@ -22,6 +26,7 @@ impl Signals {
         Ok(Signals {
             term: signal(SignalKind::terminate())?,
             int: signal(SignalKind::interrupt())?,
+            hangup: Some(signal(SignalKind::hangup())?),
         })
     }
 

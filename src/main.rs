@@ -1,12 +1,11 @@
 //! Command line: parse flags, set up logging, map results to exit codes.
 
-use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
-use portcullis::allowlist::{self, Allowlist};
-use portcullis::config::{Config, Limits, parse_duration};
+use portcullis::allowlist::{Allowlist, Source, load_once};
+use portcullis::config::{Settings, parse_duration};
 use portcullis::name::HostName;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -23,54 +22,91 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the gateway.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Validate an allowlist: exit 0 if valid, 1 if not (naming the line).
     Check {
-        /// The allowlist file.
-        path: PathBuf,
+        /// The allowlist: a file or s3://bucket/key [default: the config file's]
+        source: Option<String>,
+        /// Take the allowlist from this config file.
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
     /// Show how an allowlist decides names: exit 0 if all are allowed, 1 if any is denied.
     Match {
-        /// The allowlist file.
-        path: PathBuf,
+        /// The allowlist: a file or s3://bucket/key.
+        source: String,
         /// Names to decide.
         #[arg(required = true)]
         names: Vec<String>,
     },
 }
 
+/// Flags of `run`. Each overrides the config file; defaults are in brackets.
 #[derive(Args)]
 struct RunArgs {
-    /// Allowlist file (Squid dstdomain syntax).
+    /// TOML file with any of these settings (keys are the flag names).
     #[arg(long)]
-    allowlist: PathBuf,
-    /// Address for redirected TLS (repeatable).
-    #[arg(long = "tls-listen", default_values = ["0.0.0.0:15443", "[::]:15443"])]
+    config: Option<PathBuf>,
+    /// Allowlist: a file or s3://bucket/key (Squid dstdomain syntax).
+    #[arg(long)]
+    allowlist: Option<String>,
+    /// Address for redirected TLS; repeatable [0.0.0.0:15443, [::]:15443]
+    #[arg(long = "tls-listen")]
     tls_listen: Vec<SocketAddr>,
-    /// Address for redirected plain HTTP (repeatable).
-    #[arg(long = "http-listen", default_values = ["0.0.0.0:15080", "[::]:15080"])]
+    /// Address for redirected plain HTTP; repeatable [0.0.0.0:15080, [::]:15080]
+    #[arg(long = "http-listen")]
     http_listen: Vec<SocketAddr>,
-    /// Address of the admin endpoint (/healthz).
-    #[arg(long, default_value = "0.0.0.0:9090")]
-    metrics_listen: SocketAddr,
-    /// Time allowed from accept until the ClientHello or request head is complete.
-    #[arg(long, default_value = "5s", value_parser = parse_duration)]
-    hello_timeout: Duration,
-    /// Time allowed to connect to the original destination.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
-    connect_timeout: Duration,
-    /// Close a flow after this long with no byte in either direction.
-    #[arg(long, default_value = "15m", value_parser = parse_duration)]
-    idle_timeout: Duration,
-    /// Most connections served at once; more are refused.
-    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
-    max_connections: u32,
-    /// Largest ClientHello or HTTP request head accepted, in bytes.
-    #[arg(long, default_value_t = 16 * 1024, value_parser = clap::value_parser!(u32).range(512..=1 << 20))]
-    max_hello_bytes: u32,
-    /// On SIGTERM, how long live connections may take to finish.
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
-    drain_timeout: Duration,
+    /// Admin endpoint: /healthz, /readyz [0.0.0.0:9090]
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
+    /// Time from accept until the ClientHello or request head is complete [5s]
+    #[arg(long, value_parser = parse_duration)]
+    hello_timeout: Option<Duration>,
+    /// Time to connect to the original destination [10s]
+    #[arg(long, value_parser = parse_duration)]
+    connect_timeout: Option<Duration>,
+    /// Close a flow after this long with no byte in either direction [15m]
+    #[arg(long, value_parser = parse_duration)]
+    idle_timeout: Option<Duration>,
+    /// Most connections served at once; more are refused [10000]
+    #[arg(long)]
+    max_connections: Option<u32>,
+    /// Largest ClientHello or HTTP request head accepted, in bytes [16384]
+    #[arg(long)]
+    max_hello_bytes: Option<u32>,
+    /// On SIGTERM, how long live connections may take to finish [30s]
+    #[arg(long, value_parser = parse_duration)]
+    drain_timeout: Option<Duration>,
+    /// How often the allowlist source is checked, ±10% jitter [60s]
+    #[arg(long, value_parser = parse_duration)]
+    refresh: Option<Duration>,
+    /// Where the last good copy of a remote allowlist is kept [/var/lib/portcullis]
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+    /// Accept an empty list replacing a non-empty one [refused]
+    #[arg(long)]
+    allow_empty: bool,
+}
+
+impl RunArgs {
+    fn settings(self) -> Settings {
+        let some = |v: Vec<SocketAddr>| (!v.is_empty()).then_some(v);
+        Settings {
+            allowlist: self.allowlist,
+            tls_listen: some(self.tls_listen),
+            http_listen: some(self.http_listen),
+            metrics_listen: self.metrics_listen,
+            hello_timeout: self.hello_timeout,
+            connect_timeout: self.connect_timeout,
+            idle_timeout: self.idle_timeout,
+            max_connections: self.max_connections,
+            max_hello_bytes: self.max_hello_bytes,
+            drain_timeout: self.drain_timeout,
+            refresh: self.refresh,
+            cache_dir: self.cache_dir,
+            allow_empty: self.allow_empty.then_some(true),
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -88,14 +124,18 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match cli.command {
-        Command::Run(args) => run(args),
-        Command::Check { path } => check(&path),
-        Command::Match { path, names } => match_names(&path, &names),
-    }
+    let result = match cli.command {
+        Command::Run(args) => run(*args),
+        Command::Check { source, config } => check(source, config),
+        Command::Match { source, names } => match_names(&source, &names),
+    };
+    result.unwrap_or_else(|e| {
+        eprintln!("portcullis: {e:#}");
+        ExitCode::FAILURE
+    })
 }
 
-fn run(args: RunArgs) -> ExitCode {
+fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -103,66 +143,53 @@ fn run(args: RunArgs) -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    match serve(args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("portcullis: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-fn serve(args: RunArgs) -> anyhow::Result<()> {
-    let allowlist = load(&args.allowlist)?;
-    let config = Config {
-        allowlist: args.allowlist,
-        tls_listen: args.tls_listen,
-        http_listen: args.http_listen,
-        metrics_listen: args.metrics_listen,
-        limits: Limits {
-            hello_timeout: args.hello_timeout,
-            connect_timeout: args.connect_timeout,
-            idle_timeout: args.idle_timeout,
-            max_hello_bytes: args.max_hello_bytes as usize,
-        },
-        max_connections: args.max_connections as usize,
-        drain_timeout: args.drain_timeout,
+    let file = match &args.config {
+        Some(path) => Settings::from_file(path)?,
+        None => Settings::default(),
     };
+    let config = file.overlaid_with(args.settings()).into_config()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .build()
-        .context("cannot start the runtime")?;
-    runtime.block_on(portcullis::server::run(config, allowlist))?;
+        .build()?;
+    runtime.block_on(portcullis::server::run(config))?;
     // Connections still open after a drain timeout or SIGINT end here.
     runtime.shutdown_timeout(Duration::from_millis(100));
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
 
-/// Reads and parses a list; the error names the file and the line.
-fn load(path: &Path) -> anyhow::Result<Allowlist> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
-    allowlist::parse(&text).with_context(|| format!("{}", path.display()))
+/// Fetches and validates a list once (file or S3).
+fn load(source: &Source) -> anyhow::Result<Allowlist> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    Ok(runtime.block_on(load_once(source))?)
 }
 
-fn check(path: &Path) -> ExitCode {
-    match load(path) {
-        Ok(list) => {
-            println!("{}: ok, {} entries", path.display(), list.len());
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("portcullis: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+fn check(source: Option<String>, config: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    let file = match &config {
+        Some(path) => Settings::from_file(path)?,
+        None => Settings::default(),
+    };
+    let settings = file.overlaid_with(Settings {
+        allowlist: source,
+        ..Settings::default()
+    });
+    let source = settings.source()?;
+    let list = load(&source)?;
+    println!("{source}: ok, {} entries", list.len());
+    Ok(ExitCode::SUCCESS)
 }
 
-fn match_names(path: &Path, names: &[String]) -> ExitCode {
-    let list = match load(path) {
+fn match_names(source: &str, names: &[String]) -> anyhow::Result<ExitCode> {
+    let list = match source
+        .parse()
+        .map_err(anyhow::Error::from)
+        .and_then(|s| load(&s))
+    {
         Ok(list) => list,
         Err(e) => {
             eprintln!("portcullis: {e:#}");
-            return ExitCode::from(2);
+            return Ok(ExitCode::from(2));
         }
     };
     let mut all_allowed = true;
@@ -181,9 +208,9 @@ fn match_names(path: &Path, names: &[String]) -> ExitCode {
             }
         }
     }
-    if all_allowed {
+    Ok(if all_allowed {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
-    }
+    })
 }

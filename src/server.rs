@@ -1,7 +1,7 @@
 //! The gateway process: listeners, accept loops, the connection limit and
 //! shutdown.
 
-use crate::allowlist::Allowlist;
+use crate::allowlist::{Live, LoadError, Reloader};
 use crate::config::Config;
 use crate::drain::{Signals, Stop};
 use crate::net::listener;
@@ -10,6 +10,7 @@ use crate::verdict::Proto;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
@@ -31,34 +32,61 @@ pub enum ServerError {
     Signals(io::Error),
     #[error("no listener could be bound")]
     NoListener,
+    #[error("{0}")]
+    List(#[from] LoadError),
 }
 
 /// Runs the gateway until SIGTERM (drain) or SIGINT (now).
-pub async fn run(config: Config, allowlist: Allowlist) -> Result<(), ServerError> {
+pub async fn run(config: Config) -> Result<(), ServerError> {
     let mut signals = Signals::install().map_err(ServerError::Signals)?;
+    let live = Arc::new(Live::empty());
+    let reloader = Reloader::start(config.reload.clone(), live.clone()).await?;
     let listeners = bind_all(&config)?;
+    let serving = Arc::new(AtomicBool::new(false));
+    let ready = {
+        let (live, serving) = (live.clone(), serving.clone());
+        Arc::new(
+            move || match (live.is_loaded(), serving.load(Ordering::Acquire)) {
+                (false, _) => Err("no allowlist loaded"),
+                (_, false) => Err("listeners not serving"),
+                (true, true) => Ok(()),
+            },
+        )
+    };
     let admin = config.metrics_listen;
-    crate::admin::spawn(admin).map_err(|source| ServerError::Admin {
+    crate::admin::spawn(admin, ready).map_err(|source| ServerError::Admin {
         addr: admin,
         source,
     })?;
 
-    let ctx = Arc::new(Context::new(allowlist, config.limits));
+    let ctx = Arc::new(Context {
+        list: live.clone(),
+        limits: config.limits,
+    });
     let limit = Arc::new(Semaphore::new(config.max_connections));
     let (stop_tx, stop_rx) = watch::channel(false);
     for (listener, proto) in listeners {
         let (ctx, limit, stop) = (ctx.clone(), limit.clone(), stop_rx.clone());
         tokio::spawn(accept_loop(listener, proto, ctx, limit, stop));
     }
-    tracing::info!(entries = ctx.allowlist.load().len(), "portcullis ready");
+    serving.store(true, Ordering::Release);
+    if let Some(hangup) = signals.hangup.take() {
+        tokio::spawn(reloader.run(hangup));
+    }
+    tracing::info!(
+        loaded = live.is_loaded(),
+        entries = live.current().len(),
+        "portcullis serving"
+    );
 
     if signals.next().await == Stop::Now {
         tracing::info!("SIGINT: stopping now");
         return Ok(());
     }
+    serving.store(false, Ordering::Release);
     let _ = stop_tx.send(true);
-    let live = config.max_connections - limit.available_permits();
-    tracing::info!(live, timeout = ?config.drain_timeout, "SIGTERM: draining");
+    let live_connections = config.max_connections - limit.available_permits();
+    tracing::info!(live = live_connections, timeout = ?config.drain_timeout, "SIGTERM: draining");
     let all = u32::try_from(config.max_connections).unwrap_or(u32::MAX);
     tokio::select! {
         _ = tokio::time::timeout(config.drain_timeout, limit.acquire_many(all)) => {}

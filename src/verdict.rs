@@ -6,6 +6,8 @@
 pub enum Reason {
     /// The name is valid but no entry allows it.
     NotListed,
+    /// No list has loaded yet (first start, source unreachable, no cache).
+    NoList,
     /// No SNI / no Host.
     NoName,
     /// The name is an IP address.
@@ -30,6 +32,7 @@ impl Reason {
     pub fn as_str(self) -> &'static str {
         match self {
             Reason::NotListed => "not_listed",
+            Reason::NoList => "no_list",
             Reason::NoName => "no_name",
             Reason::IpLiteral => "ip_literal",
             Reason::Malformed => "malformed",

@@ -1,10 +1,21 @@
-//! The allowlist: Squid `dstdomain` syntax parsed into a suffix trie.
+//! The allowlist: Squid `dstdomain` syntax parsed into a suffix trie, and
+//! the machinery that keeps the list in force current.
 //!
 //! `parse` is pure and rejects the whole list on the first bad line, naming
-//! it; `Allowlist::lookup` answers without allocating.
+//! it; `Allowlist::lookup` answers without allocating. `source` fetches a
+//! list only when it changed, `live` holds the list in force, `reload`
+//! swaps in new lists and `cache` keeps the last good one on disk.
 
+mod cache;
+mod live;
 mod parse;
+mod reload;
+mod source;
 mod trie;
 
+pub use cache::{Cache, Cached};
+pub use live::{Live, ReloadStats};
 pub use parse::{Entry, EntryKind, ParseError, ParseErrorKind, parse};
+pub use reload::{LoadError, Outcome, ReloadSettings, Reloader, load_once};
+pub use source::{FetchError, Fetched, Fetcher, MAX_LIST_BYTES, Source, SourceError};
 pub use trie::Allowlist;

@@ -124,10 +124,10 @@ fn read_request(
         return Err(HttpError::SeveralHosts);
     }
     let host = host_name(host_value)?;
-    if let Some(authority) = absolute_form_authority(target)? {
-        if host_name(authority.as_bytes())? != host {
-            return Err(HttpError::HostMismatch);
-        }
+    if let Some(authority) = absolute_form_authority(target)?
+        && host_name(authority.as_bytes())? != host
+    {
+        return Err(HttpError::HostMismatch);
     }
     // A request cannot be delimited by close (RFC 9112 §6.3): no length
     // means no body, and a coding other than chunked last is an error.

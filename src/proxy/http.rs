@@ -155,16 +155,16 @@ impl Connection<'_> {
             {
                 return Verdict::Error(ErrorKind::Io);
             }
-            if let Some(switched) = switched_rx {
-                if switched.await == Ok(true) {
-                    return match from_client
-                        .forward_rest(self.upstream, self.activity, up)
-                        .await
-                    {
-                        Ok(()) => Verdict::Allow,
-                        Err(_) => Verdict::Error(ErrorKind::Io),
-                    };
-                }
+            if let Some(switched) = switched_rx
+                && switched.await == Ok(true)
+            {
+                return match from_client
+                    .forward_rest(self.upstream, self.activity, up)
+                    .await
+                {
+                    Ok(()) => Verdict::Allow,
+                    Err(_) => Verdict::Error(ErrorKind::Io),
+                };
             }
             let next = match from_client.wait_for_data().await {
                 Ok(false) => {
@@ -379,6 +379,7 @@ pub(super) async fn refuse(client: &TcpStream, reason: Reason) {
 fn explain(reason: Reason) -> &'static str {
     match reason {
         Reason::NotListed => "the host is not on this gateway's allowlist",
+        Reason::NoList => "this gateway has no allowlist loaded yet",
         Reason::NoName => "the request has no Host header",
         Reason::IpLiteral => "requests must name a host, not an IP address",
         Reason::Malformed => "the request could not be parsed",
@@ -400,6 +401,7 @@ fn error_response(status: u16, host: Option<&HostName>, why: &str) -> Vec<u8> {
         408 => "Request Timeout",
         431 => "Request Header Fields Too Large",
         502 => "Bad Gateway",
+        503 => "Service Unavailable",
         504 => "Gateway Timeout",
         _ => "Error",
     };

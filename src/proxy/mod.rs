@@ -5,15 +5,15 @@ mod http;
 mod inbound;
 mod tls;
 
-use crate::allowlist::Allowlist;
+use crate::allowlist::Live;
 use crate::config::Limits;
 use crate::name::HostName;
 use crate::net::forward::{Transferred, read_some, shutdown_write, write_all};
 use crate::net::orig_dst::{OrigDst, is_loop, original_dst};
 use crate::verdict::{ErrorKind, Proto, Reason, Verdict};
-use arc_swap::ArcSwap;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -25,21 +25,17 @@ const LINGER_BYTES: usize = 64 * 1024;
 
 /// What every connection shares.
 pub struct Context {
-    pub allowlist: ArcSwap<Allowlist>,
+    pub list: Arc<Live>,
     pub limits: Limits,
 }
 
 impl Context {
-    pub fn new(allowlist: Allowlist, limits: Limits) -> Context {
-        Context {
-            allowlist: ArcSwap::from_pointee(allowlist),
-            limits,
-        }
-    }
-
     /// The entry that allows `name`, as written in the list.
     fn check(&self, name: &HostName) -> Result<String, Reason> {
-        let list = self.allowlist.load();
+        if !self.list.is_loaded() {
+            return Err(Reason::NoList);
+        }
+        let list = self.list.current();
         list.lookup(name.as_str())
             .map(|e| e.to_string())
             .ok_or(Reason::NotListed)

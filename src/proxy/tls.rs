@@ -81,9 +81,12 @@ async fn deny(client: &TcpStream, reason: Reason) -> Verdict {
 /// Answers with a fatal alert that says why, as far as TLS can say it.
 pub(super) async fn refuse(client: &TcpStream, reason: Reason) {
     let description = match reason {
-        Reason::NotListed | Reason::NoName | Reason::IpLiteral | Reason::Loop | Reason::Method => {
-            AlertDescription::AccessDenied
-        }
+        Reason::NotListed
+        | Reason::NoList
+        | Reason::NoName
+        | Reason::IpLiteral
+        | Reason::Loop
+        | Reason::Method => AlertDescription::AccessDenied,
         Reason::Malformed | Reason::NotTls | Reason::TooLarge | Reason::HostMismatch => {
             AlertDescription::DecodeError
         }

@@ -3,7 +3,7 @@
 # Idempotent; run as root. Sourced or run by the other scripts.
 set -euo pipefail
 
-packages=(ca-certificates curl openssl iproute2 iptables procps python3 shellcheck gcc libc6-dev)
+packages=(ca-certificates curl openssl iproute2 iptables procps util-linux python3 python3-venv shellcheck gcc libc6-dev)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
@@ -24,3 +24,13 @@ if ! command -v cargo >/dev/null 2>&1; then
   curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal -c rustfmt,clippy
   export PATH="$HOME/.cargo/bin:$PATH"
 fi
+
+# moto_server, a local S3 API for the allowlist-source tests, in a venv of
+# its own (Debian's Python refuses system-wide pip installs).
+PORTCULLIS_VENV=${PORTCULLIS_VENV:-/opt/portcullis-test-venv}
+if [ ! -x "$PORTCULLIS_VENV/bin/moto_server" ]; then
+  echo "setup: installing moto[server] into $PORTCULLIS_VENV"
+  python3 -m venv "$PORTCULLIS_VENV"
+  "$PORTCULLIS_VENV/bin/pip" install -q 'moto[server]>=5,<6'
+fi
+export MOTO_SERVER="$PORTCULLIS_VENV/bin/moto_server"

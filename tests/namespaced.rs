@@ -7,12 +7,12 @@ mod support;
 
 use sha2::{Digest, Sha256};
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::process::Output;
+use std::net::{Shutdown, TcpStream};
 use std::time::{Duration, Instant};
-use support::hello;
+use support::client::{http, https, text};
 use support::netns::{RAW_V4, RAW_V6, Topology, WEB_V4, WEB_V6, require_root};
 use support::servers::{TlsServer, find, http_server, make_certs, recorder};
+use support::{addr, hello, wait_until};
 
 const CURL_HELLO: &[u8] = include_bytes!("../testdata/clienthellos/curl-7.88-openssl-3.0.bin");
 const CHROMIUM_HELLO: &[u8] =
@@ -21,68 +21,11 @@ const ALLOWLIST: &str = "# test list\n.example.test\nexact.allowed.test\n";
 const ALERT_ACCESS_DENIED: [u8; 7] = [21, 3, 3, 0, 2, 2, 49];
 const ALERT_DECODE_ERROR: [u8; 7] = [21, 3, 3, 0, 2, 2, 50];
 
-fn addr(ip: &str, port: u16) -> SocketAddr {
-    SocketAddr::new(ip.parse().unwrap(), port)
-}
-
-fn bracketed(ip: &str) -> String {
-    if ip.contains(':') {
-        format!("[{ip}]")
-    } else {
-        ip.to_string()
-    }
-}
-
-/// Runs curl in the client namespace.
-fn curl(t: &Topology, args: &[&str]) -> Output {
-    t.client
-        .command("curl")
-        .args(["-sS", "--max-time", "10", "--noproxy", "*"])
-        .args(args)
-        .current_dir(&t.dir)
-        .output()
-        .unwrap()
-}
-
-fn https(t: &Topology, name: &str, ip: &str) -> Output {
-    let resolve = format!("{name}:443:{}", bracketed(ip));
-    curl(
-        t,
-        &[
-            "--cacert",
-            "ca.pem",
-            "--resolve",
-            &resolve,
-            &format!("https://{name}/"),
-        ],
-    )
-}
-
-fn http(t: &Topology, name: &str, ip: &str, path: &str) -> Output {
-    let resolve = format!("{name}:80:{}", bracketed(ip));
-    curl(
-        t,
-        &["-i", "--resolve", &resolve, &format!("http://{name}{path}")],
-    )
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
 /// Reads until EOF (or error), with a deadline.
 fn read_all(s: &mut TcpStream) -> Vec<u8> {
     let mut out = Vec::new();
     let _ = s.read_to_end(&mut out);
     out
-}
-
-fn wait_until(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn tls_allows_listed_and_refuses_unlisted(v6: bool) {

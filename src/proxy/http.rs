@@ -355,7 +355,8 @@ fn admit(ctx: &Context, head: &RequestHead, rec: &mut Record) -> Result<(), Refu
     rec.rule = None;
     let rule = ctx.check(&head.host).map_err(|reason| Refusal {
         reason,
-        status: 403,
+        // Temporary: the client may retry once the gateway has a list.
+        status: if reason == Reason::NoList { 503 } else { 403 },
     })?;
     rec.rule = Some(rule);
     Ok(())

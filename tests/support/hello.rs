@@ -53,3 +53,36 @@ pub fn large_hello_in_three_records(curl_hello: &[u8]) -> Vec<u8> {
     let third = message.len() / 3;
     into_records(&message, &[third, 2 * third])
 }
+
+/// A copy of a captured hello (one record) asking for `name` instead.
+pub fn with_server_name(records: &[u8], name: &str) -> Vec<u8> {
+    let m = handshake_message(records);
+    let mut at = 4 + 2 + 32;
+    at += 1 + usize::from(m[at]);
+    at += 2 + usize::from(u16::from_be_bytes([m[at], m[at + 1]]));
+    at += 1 + usize::from(m[at]);
+    let ext_block = at;
+    let mut out = m[..ext_block + 2].to_vec();
+    let mut rest = &m[ext_block + 2..];
+    while rest.len() >= 4 {
+        let kind = u16::from_be_bytes([rest[0], rest[1]]);
+        let len = usize::from(u16::from_be_bytes([rest[2], rest[3]]));
+        if kind == 0 {
+            let n = u16::try_from(name.len()).unwrap();
+            out.extend_from_slice(&[0, 0]);
+            out.extend_from_slice(&(n + 5).to_be_bytes());
+            out.extend_from_slice(&(n + 3).to_be_bytes());
+            out.push(0);
+            out.extend_from_slice(&n.to_be_bytes());
+            out.extend_from_slice(name.as_bytes());
+        } else {
+            out.extend_from_slice(&rest[..4 + len]);
+        }
+        rest = &rest[4 + len..];
+    }
+    let ext_len = u16::try_from(out.len() - ext_block - 2).unwrap().to_be_bytes();
+    out[ext_block..ext_block + 2].copy_from_slice(&ext_len);
+    let body = u32::try_from(out.len() - 4).unwrap().to_be_bytes();
+    out[1..4].copy_from_slice(&body[1..]);
+    into_records(&out, &[])
+}

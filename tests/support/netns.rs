@@ -192,9 +192,29 @@ impl Topology {
     /// Like [`Self::start_portcullis`], run through `wrapper` (e.g.
     /// `prlimit --nofile=…`, which execs it, so signals still reach it).
     pub fn start_portcullis_under(&mut self, wrapper: &[&str], allowlist: &str, extra: &[&str]) {
+        let list = self.write_list(allowlist);
+        let mut args = vec!["--allowlist", list.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        self.launch(wrapper, &args, &[]);
+    }
+
+    /// Writes (or rewrites) the allowlist file portcullis is started on.
+    pub fn write_list(&self, text: &str) -> PathBuf {
         let list = self.dir.join("allowlist.txt");
-        std::fs::write(&list, allowlist).unwrap();
-        let log = std::fs::File::create(self.log_path()).unwrap();
+        let tmp = self.dir.join("allowlist.txt.tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &list).unwrap();
+        list
+    }
+
+    /// Starts `portcullis run ARGS` in the gateway ns with `env` added and
+    /// waits until its health endpoint answers (ready or not).
+    pub fn launch(&mut self, wrapper: &[&str], args: &[&str], env: &[(&str, &str)]) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .unwrap();
         let binary = env!("CARGO_BIN_EXE_portcullis");
         let (program, wrapper_args) = match wrapper.split_first() {
             Some((program, rest)) => (*program, [rest, &[binary]].concat()),
@@ -204,14 +224,9 @@ impl Topology {
             .gateway
             .command(program)
             .args(wrapper_args)
-            .args([
-                "run",
-                "--allowlist",
-                list.to_str().unwrap(),
-                "--metrics-listen",
-                ADMIN,
-            ])
-            .args(extra)
+            .args(["run", "--metrics-listen", ADMIN])
+            .args(args)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -219,15 +234,29 @@ impl Topology {
         self.portcullis = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
-            if self
-                .admin_get("/healthz")
-                .is_some_and(|r| r.starts_with("HTTP/1.1 200"))
-            {
+            if self.admin_status("/healthz") == Some(200) {
                 return;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
         panic!("portcullis did not become healthy:\n{}", self.log());
+    }
+
+    /// The status code of an admin endpoint, if it answered.
+    pub fn admin_status(&self, path: &str) -> Option<u16> {
+        let response = self.admin_get(path)?;
+        response.get(9..12)?.parse().ok()
+    }
+
+    /// Sends a signal without waiting.
+    pub fn signal_portcullis(&self, signal: nix::sys::signal::Signal) {
+        let child = self.portcullis.as_ref().expect("portcullis running");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal).unwrap();
+    }
+
+    /// How many log lines contain `needle`.
+    pub fn log_count(&self, needle: &str) -> usize {
+        self.log().lines().filter(|l| l.contains(needle)).count()
     }
 
     pub fn log_path(&self) -> PathBuf {

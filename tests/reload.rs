@@ -1,0 +1,399 @@
+//! Allowlist sources and hot reload, end to end in the namespace topology:
+//! a file edited under a running gateway, and a real S3 API (moto_server)
+//! updated, broken, stopped and restarted. Needs root (and moto_server for
+//! the S3 tests); under CI=true a missing one fails instead of skipping.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use support::client::http_status;
+use support::netns::{RAW_V4, Topology, WEB_V4, require_root};
+use support::s3::{self, Moto, put_list, require_moto};
+use support::servers::{Server, http_server};
+use support::{addr, hello, wait_until};
+
+use nix::sys::signal::Signal;
+
+const CURL_HELLO: &[u8] = include_bytes!("../testdata/clienthellos/curl-7.88-openssl-3.0.bin");
+const LIST_A: &str = ".stable.test\na.flip.test\n";
+const LIST_B: &str = ".stable.test\nb.flip.test\n";
+
+/// Asserts which of the two flipping names the gateway lets through.
+fn assert_enforcing(t: &Topology, list: &str) {
+    let (allowed, denied) = if list == LIST_A {
+        ("a.flip.test", "b.flip.test")
+    } else {
+        ("b.flip.test", "a.flip.test")
+    };
+    assert_eq!(
+        http_status(t, allowed, WEB_V4),
+        200,
+        "{allowed} allowed\n{}",
+        t.log()
+    );
+    assert_eq!(http_status(t, denied, WEB_V4), 403, "{denied} denied");
+}
+
+fn enforces(t: &Topology, list: &str) -> bool {
+    let (allowed, denied) = if list == LIST_A {
+        ("a.flip.test", "b.flip.test")
+    } else {
+        ("b.flip.test", "a.flip.test")
+    };
+    http_status(t, allowed, WEB_V4) == 200 && http_status(t, denied, WEB_V4) == 403
+}
+
+#[test]
+fn file_edit_and_sighup_is_enforced_at_once() {
+    if !require_root() {
+        return;
+    }
+    let mut t = Topology::new();
+    let (_web, _) = http_server(&t.upstream, &[addr(WEB_V4, 80)]);
+    t.start_portcullis(LIST_A, &["--refresh", "1h"]);
+    assert_enforcing(&t, LIST_A);
+    t.write_list(LIST_B);
+    t.signal_portcullis(Signal::SIGHUP);
+    wait_until("the SIGHUP reload", Duration::from_secs(5), || {
+        t.log_count("allowlist updated") == 1
+    });
+    assert_enforcing(&t, LIST_B);
+    // A broken edit is refused, naming the line, and the list stays.
+    t.write_list(".stable.test\n\nnot a name\n");
+    t.signal_portcullis(Signal::SIGHUP);
+    wait_until("the refusal", Duration::from_secs(5), || {
+        t.log_count("reload failed") == 1
+    });
+    assert!(t.log().contains("invalid list: line 3"), "{}", t.log());
+    assert_enforcing(&t, LIST_B);
+}
+
+#[test]
+fn file_edit_is_enforced_on_the_next_poll() {
+    if !require_root() {
+        return;
+    }
+    let mut t = Topology::new();
+    let (_web, _) = http_server(&t.upstream, &[addr(WEB_V4, 80)]);
+    t.start_portcullis(LIST_A, &["--refresh", "1s"]);
+    assert_enforcing(&t, LIST_A);
+    let edited = Instant::now();
+    t.write_list(LIST_B);
+    wait_until("the poll to see the edit", Duration::from_secs(5), || {
+        enforces(&t, LIST_B)
+    });
+    // One refresh (1s ± 10%) plus the time to notice.
+    assert!(
+        edited.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        edited.elapsed()
+    );
+}
+
+/// Streams a pattern through an echoing upstream until told to stop,
+/// checking every byte that comes back.
+fn stream(
+    t: &Topology,
+    stop: Arc<AtomicBool>,
+    moved: Arc<AtomicU64>,
+) -> std::thread::JoinHandle<Result<(), String>> {
+    let mut s = t.connect(addr(RAW_V4, 443));
+    std::thread::spawn(move || {
+        let hello = hello::with_server_name(CURL_HELLO, "www.stable.test");
+        s.write_all(&hello).map_err(|e| e.to_string())?;
+        let mut echoed = vec![0u8; hello.len()];
+        s.read_exact(&mut echoed)
+            .map_err(|e| format!("hello echo: {e}"))?;
+        let mut round = 0u8;
+        let mut chunk = vec![0u8; 16 * 1024];
+        let mut back = vec![0u8; chunk.len()];
+        while !stop.load(Ordering::Relaxed) {
+            chunk.fill(round);
+            s.write_all(&chunk).map_err(|e| format!("write: {e}"))?;
+            s.read_exact(&mut back).map_err(|e| format!("read: {e}"))?;
+            if back != chunk {
+                return Err("corrupted echo".into());
+            }
+            moved.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            round = round.wrapping_add(1);
+        }
+        Ok(())
+    })
+}
+
+/// A new TLS connection for `name`: true if it reached the upstream.
+fn tls_allowed(t: &Topology, name: &str) -> bool {
+    let mut s = t.connect(addr(RAW_V4, 443));
+    let hello = hello::with_server_name(CURL_HELLO, name);
+    s.write_all(&hello).unwrap();
+    let mut first = [0u8; 1];
+    s.read_exact(&mut first).unwrap();
+    // The echo upstream returns the hello (a handshake record); a refusal
+    // is an alert record.
+    match first[0] {
+        22 => true,
+        21 => false,
+        other => panic!("unexpected first byte {other}"),
+    }
+}
+
+#[test]
+fn reloading_a_hundred_times_drops_no_connection_and_admits_nothing_unlisted() {
+    if !require_root() {
+        return;
+    }
+    const RELOADS: usize = 100;
+    const STREAMS: usize = 8;
+    let mut t = Topology::new();
+    let _echo = Server::start(&t.upstream, &[addr(RAW_V4, 443)], |mut s| {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    if s.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    t.start_portcullis(LIST_A, &["--refresh", "1h"]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let moved = Arc::new(AtomicU64::new(0));
+    let streams: Vec<_> = (0..STREAMS)
+        .map(|_| stream(&t, stop.clone(), moved.clone()))
+        .collect();
+
+    let t = Arc::new(t);
+    let churn = {
+        let (t, stop) = (t.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut opened = 0;
+            while !stop.load(Ordering::Relaxed) {
+                assert!(
+                    tls_allowed(&t, "new.stable.test"),
+                    "a listed name was refused mid-reload"
+                );
+                opened += 1;
+            }
+            opened
+        })
+    };
+    for i in 1..=RELOADS {
+        let list = if i % 2 == 0 { LIST_A } else { LIST_B };
+        t.write_list(list);
+        t.signal_portcullis(Signal::SIGHUP);
+        wait_until("the reload", Duration::from_secs(5), || {
+            t.log_count("allowlist updated") == i
+        });
+        let (allowed, denied) = if list == LIST_A {
+            ("a.flip.test", "b.flip.test")
+        } else {
+            ("b.flip.test", "a.flip.test")
+        };
+        assert!(tls_allowed(&t, allowed), "reload {i}: {allowed} must pass");
+        assert!(
+            !tls_allowed(&t, denied),
+            "reload {i}: {denied} must be refused"
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    for s in streams {
+        s.join()
+            .unwrap()
+            .expect("a long-lived connection failed during reloads");
+    }
+    let opened = churn.join().unwrap();
+    assert!(opened > 0);
+    assert!(moved.load(Ordering::Relaxed) > 0);
+    assert_eq!(t.log_count("allowlist updated"), RELOADS);
+}
+
+fn start_on_s3(t: &mut Topology, refresh: &str) {
+    let cache = t.dir.join("cache");
+    let cache = cache.to_str().unwrap();
+    t.launch(
+        &[],
+        &[
+            "--allowlist",
+            s3::URL,
+            "--refresh",
+            refresh,
+            "--cache-dir",
+            cache,
+        ],
+        &s3::ENV,
+    );
+}
+
+#[test]
+fn s3_update_is_enforced_within_one_refresh_and_unchanged_polls_cost_a_304() {
+    if !require_root() || !require_moto() {
+        return;
+    }
+    let mut t = Topology::new();
+    let (_web, _) = http_server(&t.upstream, &[addr(WEB_V4, 80)]);
+    let moto = Moto::start(&t);
+    put_list(&t.gateway, LIST_A);
+    start_on_s3(&mut t, "2s");
+    wait_until("ready", Duration::from_secs(10), || {
+        t.admin_status("/readyz") == Some(200)
+    });
+    assert_enforcing(&t, LIST_A);
+    wait_until("an unchanged poll", Duration::from_secs(10), || {
+        moto.gets_with_status(304) >= 1
+    });
+    let updated = Instant::now();
+    put_list(&t.gateway, LIST_B);
+    wait_until("the new list", Duration::from_secs(10), || {
+        enforces(&t, LIST_B)
+    });
+    assert!(
+        updated.elapsed() < Duration::from_secs(4),
+        "within one refresh: {:?}",
+        updated.elapsed()
+    );
+}
+
+#[test]
+fn s3_sighup_fetches_at_once() {
+    if !require_root() || !require_moto() {
+        return;
+    }
+    let mut t = Topology::new();
+    let (_web, _) = http_server(&t.upstream, &[addr(WEB_V4, 80)]);
+    let _moto = Moto::start(&t);
+    put_list(&t.gateway, LIST_A);
+    start_on_s3(&mut t, "1h");
+    wait_until("ready", Duration::from_secs(10), || {
+        t.admin_status("/readyz") == Some(200)
+    });
+    put_list(&t.gateway, LIST_B);
+    t.signal_portcullis(Signal::SIGHUP);
+    wait_until("the SIGHUP fetch", Duration::from_secs(3), || {
+        enforces(&t, LIST_B)
+    });
+}
+
+#[test]
+fn s3_outage_keeps_the_last_good_list_and_updates_resume_after() {
+    if !require_root() || !require_moto() {
+        return;
+    }
+    let mut t = Topology::new();
+    let (_web, _) = http_server(&t.upstream, &[addr(WEB_V4, 80)]);
+    let mut moto = Moto::start(&t);
+    put_list(&t.gateway, LIST_A);
+    start_on_s3(&mut t, "1s");
+    wait_until("ready", Duration::from_secs(10), || {
+        t.admin_status("/readyz") == Some(200)
+    });
+    moto.stop();
+    wait_until("failed polls", Duration::from_secs(10), || {
+        t.log_count("reload failed") >= 2
+    });
+    assert!(t.log().contains("keeping the list in force"));
+    assert_enforcing(&t, LIST_A);
+    assert_eq!(
+        t.admin_status("/readyz"),
+        Some(200),
+        "still ready on the last good list"
+    );
+    moto.resume(&t.gateway);
+    put_list(&t.gateway, LIST_B);
+    wait_until("updates to resume", Duration::from_secs(10), || {
+        enforces(&t, LIST_B)
+    });
+}
+
+#[test]
+fn s3_malformed_and_empty_objects_are_refused_and_the_list_stays() {
+    if !require_root() || !require_moto() {
+        return;
+    }
+    let mut t = Topology::new();
+    let (_web, _) = http_server(&t.upstream, &[addr(WEB_V4, 80)]);
+    let _moto = Moto::start(&t);
+    put_list(&t.gateway, LIST_A);
+    start_on_s3(&mut t, "1h");
+    wait_until("ready", Duration::from_secs(10), || {
+        t.admin_status("/readyz") == Some(200)
+    });
+
+    put_list(&t.gateway, ".stable.test\n.co.uk\n");
+    t.signal_portcullis(Signal::SIGHUP);
+    wait_until("the refusal", Duration::from_secs(5), || {
+        t.log_count("reload failed") == 1
+    });
+    assert!(t.log().contains("invalid list: line 2"), "{}", t.log());
+    assert_enforcing(&t, LIST_A);
+
+    put_list(&t.gateway, "");
+    t.signal_portcullis(Signal::SIGHUP);
+    wait_until("the refusal", Duration::from_secs(5), || {
+        t.log_count("reload failed") == 2
+    });
+    assert!(t.log().contains("the new list is empty"), "{}", t.log());
+    assert_enforcing(&t, LIST_A);
+}
+
+#[test]
+fn restart_during_an_s3_outage_starts_from_the_cache() {
+    if !require_root() || !require_moto() {
+        return;
+    }
+    let mut t = Topology::new();
+    let (_web, _) = http_server(&t.upstream, &[addr(WEB_V4, 80)]);
+    let mut moto = Moto::start(&t);
+    put_list(&t.gateway, LIST_B);
+    start_on_s3(&mut t, "1h");
+    wait_until("ready", Duration::from_secs(10), || {
+        t.admin_status("/readyz") == Some(200)
+    });
+    t.stop_portcullis(Signal::SIGTERM, Duration::from_secs(10));
+    moto.stop();
+
+    start_on_s3(&mut t, "1h");
+    assert!(
+        t.log().contains("starting from the cached allowlist"),
+        "{}",
+        t.log()
+    );
+    assert_eq!(t.admin_status("/readyz"), Some(200));
+    assert_enforcing(&t, LIST_B);
+}
+
+#[test]
+fn without_cache_or_s3_everything_is_denied_until_s3_returns() {
+    if !require_root() || !require_moto() {
+        return;
+    }
+    let mut t = Topology::new();
+    let (web, log) = http_server(&t.upstream, &[addr(WEB_V4, 80)]);
+    start_on_s3(&mut t, "2s");
+    assert_eq!(t.admin_status("/readyz"), Some(503));
+    assert_eq!(http_status(&t, "a.flip.test", WEB_V4), 503, "fail closed");
+    assert_eq!(
+        http_status(&t, "www.stable.test", WEB_V4),
+        503,
+        "fail closed"
+    );
+    let moto = Moto::start(&t);
+    put_list(&t.gateway, LIST_A);
+    wait_until("the list to load", Duration::from_secs(15), || {
+        t.admin_status("/readyz") == Some(200)
+    });
+    assert_enforcing(&t, LIST_A);
+    drop(moto);
+    assert!(
+        log.lock()
+            .unwrap()
+            .iter()
+            .all(|l| !l.starts_with("b.flip.test"))
+    );
+    assert!(web.accepted() >= 1);
+}

@@ -128,3 +128,29 @@ fn run_refuses_to_start_on_a_bad_list() {
     assert_eq!(lines.len(), 1, "{lines:?}");
     assert!(lines[0].contains("bad-run.txt: line 2"), "{lines:?}");
 }
+
+#[test]
+fn check_takes_the_allowlist_from_a_config_file() {
+    let list = list_file("from-config.txt", "a.example.com\n.b.example.com\n");
+    let config = list_file(
+        "config.toml",
+        &format!(
+            "allowlist = {:?}\nrefresh = \"30s\"\n",
+            list.to_str().unwrap()
+        ),
+    );
+    let out = portcullis(&["check", "--config", config.to_str().unwrap()]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ok, 2 entries"));
+    let bad = list_file("bad-config.toml", "allowlist = 42\n");
+    let out = portcullis(&["check", "--config", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let lines = stderr_lines(&out);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].contains("bad-config.toml: line 1"), "{lines:?}");
+}

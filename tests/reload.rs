@@ -230,19 +230,28 @@ fn start_on_s3(t: &mut Topology, refresh: &str) {
     );
 }
 
-#[test]
-fn s3_update_is_enforced_within_one_refresh_and_unchanged_polls_cost_a_304() {
+/// A topology with an HTTP upstream, moto holding `list`, and portcullis
+/// serving it from S3 and ready. None when the test cannot run here.
+fn s3_gateway(list: &str, refresh: &str) -> Option<(Topology, Moto, Server)> {
     if !require_root() || !require_moto() {
-        return;
+        return None;
     }
     let mut t = Topology::new();
-    let (_web, _) = http_server(&t.upstream, &[addr(WEB_V4, 80)]);
+    let (web, _) = http_server(&t.upstream, &[addr(WEB_V4, 80)]);
     let moto = Moto::start(&t);
-    put_list(&t.gateway, LIST_A);
-    start_on_s3(&mut t, "2s");
+    put_list(&t.gateway, list);
+    start_on_s3(&mut t, refresh);
     wait_until("ready", Duration::from_secs(10), || {
         t.admin_status("/readyz") == Some(200)
     });
+    Some((t, moto, web))
+}
+
+#[test]
+fn s3_update_is_enforced_within_one_refresh_and_unchanged_polls_cost_a_304() {
+    let Some((t, moto, _web)) = s3_gateway(LIST_A, "2s") else {
+        return;
+    };
     assert_enforcing(&t, LIST_A);
     wait_until("an unchanged poll", Duration::from_secs(10), || {
         moto.gets_with_status(304) >= 1
@@ -261,17 +270,9 @@ fn s3_update_is_enforced_within_one_refresh_and_unchanged_polls_cost_a_304() {
 
 #[test]
 fn s3_sighup_fetches_at_once() {
-    if !require_root() || !require_moto() {
+    let Some((t, _moto, _web)) = s3_gateway(LIST_A, "1h") else {
         return;
-    }
-    let mut t = Topology::new();
-    let (_web, _) = http_server(&t.upstream, &[addr(WEB_V4, 80)]);
-    let _moto = Moto::start(&t);
-    put_list(&t.gateway, LIST_A);
-    start_on_s3(&mut t, "1h");
-    wait_until("ready", Duration::from_secs(10), || {
-        t.admin_status("/readyz") == Some(200)
-    });
+    };
     put_list(&t.gateway, LIST_B);
     t.signal_portcullis(Signal::SIGHUP);
     wait_until("the SIGHUP fetch", Duration::from_secs(3), || {
@@ -281,17 +282,9 @@ fn s3_sighup_fetches_at_once() {
 
 #[test]
 fn s3_outage_keeps_the_last_good_list_and_updates_resume_after() {
-    if !require_root() || !require_moto() {
+    let Some((t, mut moto, _web)) = s3_gateway(LIST_A, "1s") else {
         return;
-    }
-    let mut t = Topology::new();
-    let (_web, _) = http_server(&t.upstream, &[addr(WEB_V4, 80)]);
-    let mut moto = Moto::start(&t);
-    put_list(&t.gateway, LIST_A);
-    start_on_s3(&mut t, "1s");
-    wait_until("ready", Duration::from_secs(10), || {
-        t.admin_status("/readyz") == Some(200)
-    });
+    };
     moto.stop();
     wait_until("failed polls", Duration::from_secs(10), || {
         t.log_count("reload failed") >= 2
@@ -312,17 +305,9 @@ fn s3_outage_keeps_the_last_good_list_and_updates_resume_after() {
 
 #[test]
 fn s3_malformed_and_empty_objects_are_refused_and_the_list_stays() {
-    if !require_root() || !require_moto() {
+    let Some((t, _moto, _web)) = s3_gateway(LIST_A, "1h") else {
         return;
-    }
-    let mut t = Topology::new();
-    let (_web, _) = http_server(&t.upstream, &[addr(WEB_V4, 80)]);
-    let _moto = Moto::start(&t);
-    put_list(&t.gateway, LIST_A);
-    start_on_s3(&mut t, "1h");
-    wait_until("ready", Duration::from_secs(10), || {
-        t.admin_status("/readyz") == Some(200)
-    });
+    };
 
     put_list(&t.gateway, ".stable.test\n.co.uk\n");
     t.signal_portcullis(Signal::SIGHUP);
@@ -343,17 +328,9 @@ fn s3_malformed_and_empty_objects_are_refused_and_the_list_stays() {
 
 #[test]
 fn restart_during_an_s3_outage_starts_from_the_cache() {
-    if !require_root() || !require_moto() {
+    let Some((mut t, mut moto, _web)) = s3_gateway(LIST_B, "1h") else {
         return;
-    }
-    let mut t = Topology::new();
-    let (_web, _) = http_server(&t.upstream, &[addr(WEB_V4, 80)]);
-    let mut moto = Moto::start(&t);
-    put_list(&t.gateway, LIST_B);
-    start_on_s3(&mut t, "1h");
-    wait_until("ready", Duration::from_secs(10), || {
-        t.admin_status("/readyz") == Some(200)
-    });
+    };
     t.stop_portcullis(Signal::SIGTERM, Duration::from_secs(10));
     moto.stop();
 

@@ -82,15 +82,9 @@ impl ResponseHead {
 pub fn parse_request_head(buf: &[u8], max_len: usize) -> Detect<RequestHead, HttpError> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
-    let len = match req.parse(buf) {
-        Ok(httparse::Status::Complete(len)) if len <= max_len => len,
-        Ok(httparse::Status::Complete(_)) => return Detect::Invalid(HttpError::TooLarge),
-        Ok(httparse::Status::Partial) if buf.len() >= max_len => {
-            return Detect::Invalid(HttpError::TooLarge);
-        }
-        Ok(httparse::Status::Partial) => return Detect::Incomplete,
-        Err(httparse::Error::TooManyHeaders) => return Detect::Invalid(HttpError::TooLarge),
-        Err(_) => return Detect::Invalid(HttpError::Malformed),
+    let len = match head_len(req.parse(buf), buf.len(), max_len) {
+        Ok(len) => len,
+        Err(outcome) => return outcome,
     };
     let (Some(method), Some(target), Some(version)) = (req.method, req.path, req.version) else {
         return Detect::Invalid(HttpError::Malformed);
@@ -220,15 +214,9 @@ pub fn parse_response_head(
 ) -> Detect<ResponseHead, HttpError> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut res = httparse::Response::new(&mut headers);
-    let len = match res.parse(buf) {
-        Ok(httparse::Status::Complete(len)) if len <= max_len => len,
-        Ok(httparse::Status::Complete(_)) => return Detect::Invalid(HttpError::TooLarge),
-        Ok(httparse::Status::Partial) if buf.len() >= max_len => {
-            return Detect::Invalid(HttpError::TooLarge);
-        }
-        Ok(httparse::Status::Partial) => return Detect::Incomplete,
-        Err(httparse::Error::TooManyHeaders) => return Detect::Invalid(HttpError::TooLarge),
-        Err(_) => return Detect::Invalid(HttpError::Malformed),
+    let len = match head_len(res.parse(buf), buf.len(), max_len) {
+        Ok(len) => len,
+        Err(outcome) => return outcome,
     };
     let (Some(status), Some(version)) = (res.code, res.version) else {
         return Detect::Invalid(HttpError::Malformed);
@@ -243,6 +231,21 @@ pub fn parse_response_head(
         }
     };
     Detect::Done(ResponseHead { len, status, body })
+}
+
+/// The length of a complete head within the cap, or what to report: more
+/// bytes needed, too large, or not HTTP.
+fn head_len<T>(
+    parsed: httparse::Result<usize>,
+    buffered: usize,
+    max_len: usize,
+) -> Result<usize, Detect<T, HttpError>> {
+    match parsed {
+        Ok(httparse::Status::Complete(len)) if len <= max_len => Ok(len),
+        Ok(httparse::Status::Partial) if buffered < max_len => Err(Detect::Incomplete),
+        Ok(_) | Err(httparse::Error::TooManyHeaders) => Err(Detect::Invalid(HttpError::TooLarge)),
+        Err(_) => Err(Detect::Invalid(HttpError::Malformed)),
+    }
 }
 
 fn has_header(headers: &[httparse::Header<'_>], name: &str) -> bool {

@@ -316,6 +316,19 @@ fn s3_malformed_and_empty_objects_are_refused_and_the_list_stays() {
     });
     assert!(t.log().contains("invalid list: line 2"), "{}", t.log());
     assert_enforcing(&t, LIST_A);
+    // `portcullis check` reads S3 the same way and names the line.
+    let check = |t: &Topology| {
+        t.gateway
+            .command(env!("CARGO_BIN_EXE_portcullis"))
+            .args(["check", s3::URL])
+            .envs(s3::ENV)
+            .output()
+            .unwrap()
+    };
+    let out = check(&t);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("{}: line 2", s3::URL)), "{err}");
 
     put_list(&t.gateway, "");
     t.signal_portcullis(Signal::SIGHUP);
@@ -324,6 +337,8 @@ fn s3_malformed_and_empty_objects_are_refused_and_the_list_stays() {
     });
     assert!(t.log().contains("the new list is empty"), "{}", t.log());
     assert_enforcing(&t, LIST_A);
+    put_list(&t.gateway, LIST_B);
+    assert_eq!(check(&t).status.code(), Some(0));
 }
 
 #[test]

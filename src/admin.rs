@@ -1,9 +1,10 @@
-//! The admin endpoint (`--metrics-listen`): `/healthz` (the process runs)
-//! and `/readyz` (it can serve: a list is loaded and the listeners are
-//! bound). It runs on its own thread and runtime so a saturated data path
-//! cannot starve it.
+//! The admin endpoint (`--metrics-listen`): `/metrics` (Prometheus text
+//! format), `/healthz` (the process runs) and `/readyz` (it can serve: a
+//! list is loaded and the listeners are bound). It runs on its own thread
+//! and runtime so a saturated data path cannot starve it.
 
 use crate::detect::Detect;
+use crate::telemetry::Exporter;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,12 +14,14 @@ use tokio::net::{TcpListener, TcpStream};
 
 const MAX_REQUEST: usize = 8 * 1024;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often histogram samples are folded into their buckets.
+const UPKEEP_EVERY: Duration = Duration::from_secs(5);
 
 /// Answers whether the gateway is ready, or why not.
 pub type Readiness = Arc<dyn Fn() -> Result<(), &'static str> + Send + Sync>;
 
 /// Binds now (so a busy port fails start-up) and serves on a new thread.
-pub fn spawn(addr: SocketAddr, ready: Readiness) -> io::Result<SocketAddr> {
+pub fn spawn(addr: SocketAddr, ready: Readiness, exporter: Exporter) -> io::Result<SocketAddr> {
     let std_listener = std::net::TcpListener::bind(addr)?;
     std_listener.set_nonblocking(true)?;
     let local = std_listener.local_addr()?;
@@ -33,14 +36,21 @@ pub fn spawn(addr: SocketAddr, ready: Readiness) -> io::Result<SocketAddr> {
                     Ok(l) => l,
                     Err(e) => return tracing::error!(error = %e, "admin listener failed"),
                 };
+                let upkeep = exporter.clone();
+                tokio::spawn(async move {
+                    let mut every = tokio::time::interval(UPKEEP_EVERY);
+                    loop {
+                        every.tick().await;
+                        upkeep.upkeep();
+                    }
+                });
                 loop {
                     match listener.accept().await {
                         Ok((stream, _)) => {
-                            let ready = ready.clone();
+                            let (ready, exporter) = (ready.clone(), exporter.clone());
                             tokio::spawn(async move {
-                                let _ =
-                                    tokio::time::timeout(REQUEST_TIMEOUT, answer(stream, &ready))
-                                        .await;
+                                let answer = answer(stream, &ready, &exporter);
+                                let _ = tokio::time::timeout(REQUEST_TIMEOUT, answer).await;
                             });
                         }
                         Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
@@ -51,7 +61,7 @@ pub fn spawn(addr: SocketAddr, ready: Readiness) -> io::Result<SocketAddr> {
     Ok(local)
 }
 
-async fn answer(mut stream: TcpStream, ready: &Readiness) -> io::Result<()> {
+async fn answer(mut stream: TcpStream, ready: &Readiness, exporter: &Exporter) -> io::Result<()> {
     let mut buf = Vec::with_capacity(1024);
     let path = loop {
         let mut chunk = [0u8; 1024];
@@ -70,6 +80,11 @@ async fn answer(mut stream: TcpStream, ready: &Readiness) -> io::Result<()> {
         }
     };
     match path.as_str() {
+        "/metrics" => {
+            exporter.upkeep();
+            let text = exporter.render();
+            respond_with(&mut stream, 200, METRICS_TYPE, &text).await
+        }
         "/healthz" => respond(&mut stream, 200, "ok\n").await,
         "/readyz" => match ready() {
             Ok(()) => respond(&mut stream, 200, "ready\n").await,
@@ -92,9 +107,21 @@ fn request_path(buf: &[u8]) -> Detect<String, ()> {
     }
 }
 
+/// The content type of the Prometheus text format.
+const METRICS_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
 async fn respond(stream: &mut TcpStream, status: u16, body: &str) -> io::Result<()> {
+    respond_with(stream, status, "text/plain", body).await
+}
+
+async fn respond_with(
+    stream: &mut TcpStream,
+    status: u16,
+    content_type: &str,
+    body: &str,
+) -> io::Result<()> {
     let head = format!(
-        "HTTP/1.1 {status} {}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         match status {
             200 => "OK",
             404 => "Not Found",

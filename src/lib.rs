@@ -10,10 +10,13 @@
 //! - [`proxy`]: one connection: detect → decide → refuse or forward.
 //! - [`server`]: accept loops, the connection limit, shutdown.
 //! - [`drain`]: signals and how to stop.
-//! - [`admin`]: the health endpoint, on its own thread.
+//! - [`telemetry`]: metric names, the Prometheus recorder, list families.
+//! - [`audit`]: the JSON audit log on stdout, behind a bounded queue.
+//! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, on their own thread.
 
 pub mod admin;
 pub mod allowlist;
+pub mod audit;
 pub mod config;
 pub mod detect;
 pub mod drain;
@@ -21,4 +24,5 @@ pub mod name;
 pub mod net;
 pub mod proxy;
 pub mod server;
+pub mod telemetry;
 pub mod verdict;

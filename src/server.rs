@@ -2,10 +2,12 @@
 //! shutdown.
 
 use crate::allowlist::{Live, LoadError, Reloader};
+use crate::audit::{self, AuditLog};
 use crate::config::Config;
 use crate::drain::{Signals, Stop};
 use crate::net::listener;
 use crate::proxy::{self, Context};
+use crate::telemetry::{self, Exporter};
 use crate::verdict::Proto;
 use std::io;
 use std::net::SocketAddr;
@@ -21,6 +23,9 @@ use tokio::time::Instant;
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// At most one warning per this interval for repeated refusals.
 const WARN_EVERY: Duration = Duration::from_secs(5);
+/// How long the audit records of finished connections may take to reach
+/// stdout at exit.
+const AUDIT_FLUSH: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -30,6 +35,8 @@ pub enum ServerError {
     Admin { addr: SocketAddr, source: io::Error },
     #[error("cannot install signal handlers: {0}")]
     Signals(io::Error),
+    #[error("cannot start the audit log writer: {0}")]
+    Audit(io::Error),
     #[error("no listener could be bound")]
     NoListener,
     #[error("{0}")]
@@ -40,6 +47,8 @@ pub enum ServerError {
 pub async fn run(config: Config) -> Result<(), ServerError> {
     let mut signals = Signals::install().map_err(ServerError::Signals)?;
     let live = Arc::new(Live::empty());
+    let exporter = Exporter::install(live.clone(), config.reload.source.to_string());
+    let audit = AuditLog::spawn(io::stdout(), audit::QUEUE_RECORDS).map_err(ServerError::Audit)?;
     let reloader = Reloader::start(config.reload.clone(), live.clone()).await?;
     let listeners = bind_all(&config)?;
     let serving = Arc::new(AtomicBool::new(false));
@@ -54,7 +63,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         )
     };
     let admin = config.metrics_listen;
-    crate::admin::spawn(admin, ready).map_err(|source| ServerError::Admin {
+    crate::admin::spawn(admin, ready, exporter).map_err(|source| ServerError::Admin {
         addr: admin,
         source,
     })?;
@@ -62,6 +71,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     let ctx = Arc::new(Context {
         list: live.clone(),
         limits: config.limits,
+        audit: audit.clone(),
     });
     let limit = Arc::new(Semaphore::new(config.max_connections));
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -75,12 +85,13 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     }
     tracing::info!(
         loaded = live.is_loaded(),
-        entries = live.current().len(),
+        entries = live.current().list.len(),
         "portcullis serving"
     );
 
     if signals.next().await == Stop::Now {
         tracing::info!("SIGINT: stopping now");
+        flush(audit).await;
         return Ok(());
     }
     serving.store(false, Ordering::Release);
@@ -92,7 +103,16 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         _ = tokio::time::timeout(config.drain_timeout, limit.acquire_many(all)) => {}
         _ = signals.next() => tracing::info!("second signal: stopping now"),
     }
+    flush(audit).await;
     Ok(())
+}
+
+/// Writes out the audit records of the connections that have ended.
+async fn flush(audit: AuditLog) {
+    let flushed = tokio::task::spawn_blocking(move || audit.flush(AUDIT_FLUSH)).await;
+    if !matches!(flushed, Ok(true)) {
+        tracing::warn!("audit log not flushed within {AUDIT_FLUSH:?}");
+    }
 }
 
 fn bind_all(config: &Config) -> Result<Vec<(TcpListener, Proto)>, ServerError> {
@@ -134,6 +154,7 @@ async fn accept_loop(
                     // At the limit: refuse this one at once rather than
                     // leave it queued; live connections are unaffected.
                     let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+                    telemetry::limit_rejection();
                     refused.warn("connection limit reached; refusing new connections");
                     continue;
                 };
@@ -145,6 +166,7 @@ async fn accept_loop(
                 });
             }
             Err(e) => {
+                telemetry::accept_error();
                 accept_errors.warn(&format!("accept failed: {e}"));
                 if is_resource_shortage(&e) {
                     tokio::time::sleep(ACCEPT_BACKOFF).await;

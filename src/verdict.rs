@@ -1,5 +1,5 @@
-//! What happened to a connection, as values: logged and counted in one
-//! place (`proxy::finish`), never as scattered strings.
+//! What happened to a connection, as values: audited and counted in one
+//! place (`proxy::report`), never as scattered strings.
 
 /// Why a connection was refused. A closed set: safe as a metric label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,6 +96,17 @@ impl ErrorKind {
             ErrorKind::Io => "io",
             ErrorKind::UpstreamProtocol => "upstream_protocol",
         }
+    }
+
+    /// Whether the upstream, not the client or the flow, failed.
+    pub fn is_upstream(self) -> bool {
+        matches!(
+            self,
+            ErrorKind::ConnectRefused
+                | ErrorKind::ConnectTimeout
+                | ErrorKind::Connect
+                | ErrorKind::UpstreamProtocol
+        )
     }
 }
 

@@ -14,7 +14,7 @@ mod source;
 mod trie;
 
 pub use cache::{Cache, Cached};
-pub use live::{Live, ReloadStats};
+pub use live::{InForce, Live, ReloadStats, Rule};
 pub use parse::{Entry, EntryKind, ParseError, ParseErrorKind, parse};
 pub use reload::{LoadError, Outcome, ReloadSettings, Reloader, load_once};
 pub use source::{FetchError, Fetched, Fetcher, MAX_LIST_BYTES, Source, SourceError};

@@ -138,7 +138,7 @@ impl Reloader {
     }
 
     fn install(&mut self, list: Allowlist, version: Option<String>) {
-        self.live.install(list);
+        self.live.install(list, version.clone());
         self.in_force = version;
         self.mark_success();
     }
@@ -232,7 +232,7 @@ impl Reloader {
             Ok(Err(e)) => return self.reject(format!("invalid list: {e}")),
             Err(e) => return self.reject(format!("validation failed: {e}")),
         };
-        let previous = self.live.current().len();
+        let previous = self.live.current().list.len();
         if list.is_empty() && previous > 0 && !self.settings.allow_empty {
             return self.reject(format!(
                 "the new list is empty and the one in force has {previous} entries (truncated upload?); --allow-empty permits this"
@@ -306,14 +306,14 @@ mod tests {
             .await
             .unwrap();
         assert!(live.is_loaded());
-        assert!(live.current().lookup("a.example.com").is_some());
+        assert!(live.current().list.lookup("a.example.com").is_some());
 
         std::fs::write(&path, "b.example.com\n.com\n").unwrap();
         assert!(
             matches!(r.reload(true).await, Outcome::Failed(reason) if reason.contains("line 2"))
         );
         assert!(
-            live.current().lookup("a.example.com").is_some(),
+            live.current().list.lookup("a.example.com").is_some(),
             "old list stays"
         );
         // Still refused on the next poll, not mistaken for "unchanged".
@@ -323,11 +323,11 @@ mod tests {
         assert!(
             matches!(r.reload(true).await, Outcome::Failed(reason) if reason.contains("empty"))
         );
-        assert!(live.current().lookup("a.example.com").is_some());
+        assert!(live.current().list.lookup("a.example.com").is_some());
 
         std::fs::write(&path, "b.example.com\n").unwrap();
         assert_eq!(r.reload(true).await, Outcome::Updated { entries: 1 });
-        assert!(live.current().lookup("a.example.com").is_none());
+        assert!(live.current().list.lookup("a.example.com").is_none());
         assert_eq!(live.stats.failed.load(Ordering::Relaxed), 3);
 
         let mut permissive = settings(path.clone());

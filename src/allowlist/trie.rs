@@ -76,6 +76,11 @@ impl Allowlist {
     /// The most specific entry that allows `name`, which must already be
     /// normalised (see [`crate::name::HostName`]).
     pub fn lookup(&self, name: &str) -> Option<&Entry> {
+        self.lookup_index(name).map(|i| &self.entries[i])
+    }
+
+    /// Like [`Self::lookup`], as an index into [`Self::entries`].
+    pub fn lookup_index(&self, name: &str) -> Option<usize> {
         let mut best = None;
         let mut node = &self.nodes[0];
         let mut labels = name.rsplit('.').peekable();
@@ -92,7 +97,7 @@ impl Allowlist {
             };
             best = here.or(best);
         }
-        best.map(|id| &self.entries[id as usize])
+        best.map(|id| id as usize)
     }
 
     /// Entries in file order.

@@ -48,12 +48,13 @@ pub(super) async fn serve(
         Ok(Some(head)) => head,
         Ok(None) => return Verdict::Error(ErrorKind::ClientClosed),
         Err(Err(kind)) => return Verdict::Error(kind),
-        Err(Ok(refusal)) => return deny(client, refusal, None).await,
+        Err(Ok(refusal)) => return deny(client, rec, refusal, None).await,
     };
+    rec.hello = Some(rec.accepted.elapsed());
     if let Err(refusal) = admit(ctx, &first, rec) {
-        return deny(client, refusal, Some(&first.host)).await;
+        return deny(client, rec, refusal, Some(&first.host)).await;
     }
-    let upstream = match connect(dst, limits.connect_timeout).await {
+    let upstream = match connect(dst, limits.connect_timeout, rec).await {
         Ok(upstream) => upstream,
         Err(kind) => {
             let status = if kind == ErrorKind::ConnectTimeout {
@@ -61,7 +62,7 @@ pub(super) async fn serve(
             } else {
                 502
             };
-            refuse_with(
+            rec.refused = refuse_with(
                 client,
                 &error_response(status, Some(&first.host), "the server could not be reached"),
             )
@@ -195,7 +196,7 @@ impl Connection<'_> {
             };
             // Let every earlier response reach the client first.
             let _ = answered.wait_for(|n| *n >= sent).await;
-            let verdict = deny(self.client, refusal.0, refusal.1.as_ref()).await;
+            let verdict = deny(self.client, rec, refusal.0, refusal.1.as_ref()).await;
             let _ = socket2::SockRef::from(self.upstream).shutdown(std::net::Shutdown::Both);
             return verdict;
         }
@@ -362,9 +363,14 @@ fn admit(ctx: &Context, head: &RequestHead, rec: &mut Record) -> Result<(), Refu
     Ok(())
 }
 
-async fn deny(client: &TcpStream, refusal: Refusal, host: Option<&HostName>) -> Verdict {
+async fn deny(
+    client: &TcpStream,
+    rec: &mut Record,
+    refusal: Refusal,
+    host: Option<&HostName>,
+) -> Verdict {
     let reason = refusal.reason;
-    refuse_with(
+    rec.refused = refuse_with(
         client,
         &error_response(refusal.status, host, explain(reason)),
     )
@@ -372,9 +378,10 @@ async fn deny(client: &TcpStream, refusal: Refusal, host: Option<&HostName>) -> 
     Verdict::Deny(reason)
 }
 
-/// Refuses a connection before any request was read (e.g. a loop).
-pub(super) async fn refuse(client: &TcpStream, reason: Reason) {
-    refuse_with(client, &error_response(403, None, explain(reason))).await;
+/// Refuses a connection before any request was read (e.g. a loop);
+/// whether the refusal was sent.
+pub(super) async fn refuse(client: &TcpStream, reason: Reason) -> bool {
+    refuse_with(client, &error_response(403, None, explain(reason))).await
 }
 
 fn explain(reason: Reason) -> &'static str {

@@ -6,15 +6,17 @@ mod inbound;
 mod tls;
 
 use crate::allowlist::Live;
+use crate::audit::{self, AuditLog};
 use crate::config::Limits;
 use crate::name::HostName;
 use crate::net::forward::{Transferred, read_some, shutdown_write, write_all};
 use crate::net::orig_dst::{OrigDst, is_loop, original_dst};
+use crate::telemetry;
 use crate::verdict::{ErrorKind, Proto, Reason, Verdict};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -27,17 +29,19 @@ const LINGER_BYTES: usize = 64 * 1024;
 pub struct Context {
     pub list: Arc<Live>,
     pub limits: Limits,
+    pub audit: AuditLog,
 }
 
 impl Context {
-    /// The entry that allows `name`, as written in the list.
-    fn check(&self, name: &HostName) -> Result<String, Reason> {
+    /// The entry that allows `name`, as written in the list (counted as a
+    /// hit on it).
+    fn check(&self, name: &HostName) -> Result<Arc<str>, Reason> {
         if !self.list.is_loaded() {
             return Err(Reason::NoList);
         }
-        let list = self.list.current();
-        list.lookup(name.as_str())
-            .map(|e| e.to_string())
+        self.list
+            .current()
+            .admit(name.as_str())
             .ok_or(Reason::NotListed)
     }
 }
@@ -49,27 +53,47 @@ pub struct Record {
     pub dst: Option<OrigDst>,
     pub proto: Proto,
     pub name: Option<HostName>,
-    pub rule: Option<String>,
+    pub rule: Option<Arc<str>>,
     pub ech: bool,
     pub verdict: Verdict,
     pub moved: Transferred,
+    pub accepted: Instant,
+    /// From accept until the hello or first request head was complete.
+    pub hello: Option<Duration>,
+    /// How long the upstream connect took, if it succeeded.
+    pub connect: Option<Duration>,
+    /// From accept until the verdict was final (a refusal's linger is not
+    /// included).
     pub duration: Duration,
+    /// A refusal was sent: let the client read it before closing.
+    pub refused: bool,
+}
+
+impl Record {
+    /// A connection just accepted from `src` on the `proto` listener.
+    pub fn new(src: SocketAddr, proto: Proto) -> Record {
+        Record {
+            src,
+            dst: None,
+            proto,
+            name: None,
+            rule: None,
+            ech: false,
+            verdict: Verdict::Error(ErrorKind::Io),
+            moved: Transferred::default(),
+            accepted: Instant::now(),
+            hello: None,
+            connect: None,
+            duration: Duration::ZERO,
+            refused: false,
+        }
+    }
 }
 
 /// Serves one accepted connection to the end and reports it.
 pub async fn serve(client: TcpStream, src: SocketAddr, proto: Proto, ctx: &Context) -> Record {
-    let start = Instant::now();
-    let mut rec = Record {
-        src,
-        dst: None,
-        proto,
-        name: None,
-        rule: None,
-        ech: false,
-        verdict: Verdict::Error(ErrorKind::Io),
-        moved: Transferred::default(),
-        duration: Duration::ZERO,
-    };
+    let _active = telemetry::Active::start(proto);
+    let mut rec = Record::new(src, proto);
     let dst = destination(&client);
     rec.dst = dst.as_ref().ok().copied();
     rec.verdict = match dst {
@@ -78,15 +102,18 @@ pub async fn serve(client: TcpStream, src: SocketAddr, proto: Proto, ctx: &Conte
             Proto::Http => http::serve(&client, dst, ctx, &mut rec).await,
         },
         _ => {
-            match proto {
+            rec.refused = match proto {
                 Proto::Tls => tls::refuse(&client, Reason::Loop).await,
                 Proto::Http => http::refuse(&client, Reason::Loop).await,
-            }
+            };
             Verdict::Deny(Reason::Loop)
         }
     };
-    rec.duration = start.elapsed();
-    report(&rec);
+    rec.duration = rec.accepted.elapsed();
+    report(&rec, ctx);
+    if rec.refused {
+        linger(&client).await;
+    }
     rec
 }
 
@@ -96,35 +123,23 @@ fn destination(client: &TcpStream) -> io::Result<OrigDst> {
     original_dst(client, client.local_addr()?)
 }
 
-/// One line per connection. The observability work turns this into the
-/// JSON audit log and metrics; it stays the only place that reports.
-fn report(rec: &Record) {
-    let reason = match rec.verdict {
-        Verdict::Allow => "",
-        Verdict::Deny(r) => r.as_str(),
-        Verdict::Error(e) => e.as_str(),
-    };
-    tracing::info!(
-        target: "portcullis::connection",
-        src = %rec.src,
-        dst = rec.dst.map(|d| d.to_string()).unwrap_or_default(),
-        proto = rec.proto.as_str(),
-        name = rec.name.as_ref().map(HostName::as_str).unwrap_or(""),
-        verdict = rec.verdict.as_str(),
-        reason,
-        rule = rec.rule.as_deref().unwrap_or(""),
-        ech = rec.ech,
-        bytes_up = rec.moved.up,
-        bytes_down = rec.moved.down,
-        duration_ms = u64::try_from(rec.duration.as_millis()).unwrap_or(u64::MAX),
-        "connection closed"
-    );
+/// The one place a connection is accounted for: its audit record and
+/// its metrics.
+fn report(rec: &Record, ctx: &Context) {
+    telemetry::connection_ended(rec);
+    ctx.audit.record(audit::line(rec, SystemTime::now()));
 }
 
 /// Opens the upstream connection to the original destination.
-async fn connect(dst: OrigDst, timeout: Duration) -> Result<TcpStream, ErrorKind> {
+async fn connect(
+    dst: OrigDst,
+    timeout: Duration,
+    rec: &mut Record,
+) -> Result<TcpStream, ErrorKind> {
+    let start = Instant::now();
     match tokio::time::timeout(timeout, TcpStream::connect(dst.0)).await {
         Ok(Ok(stream)) => {
+            rec.connect = Some(start.elapsed());
             let _ = stream.set_nodelay(true);
             Ok(stream)
         }
@@ -136,17 +151,20 @@ async fn connect(dst: OrigDst, timeout: Duration) -> Result<TcpStream, ErrorKind
     }
 }
 
-/// Sends a refusal, then closes so that the client can still read it: half
-/// close, then drain what the client sends for a moment, so the kernel does
-/// not answer unread data with a reset that would destroy the refusal.
-async fn refuse_with(client: &TcpStream, message: &[u8]) {
+/// Sends a refusal and half closes; whether it was sent. The caller then
+/// reports the connection and [`linger`]s.
+async fn refuse_with(client: &TcpStream, message: &[u8]) -> bool {
     let send = async {
         write_all(client, message).await?;
         shutdown_write(client)
     };
-    if !matches!(tokio::time::timeout(LINGER, send).await, Ok(Ok(()))) {
-        return;
-    }
+    matches!(tokio::time::timeout(LINGER, send).await, Ok(Ok(())))
+}
+
+/// After a refusal, drains what the client still sends for a moment, so
+/// the kernel does not answer unread data with a reset that would destroy
+/// the refusal before the client read it.
+async fn linger(client: &TcpStream) {
     let drain = async {
         let mut buf = [0u8; 4096];
         let mut drained = 0;

@@ -26,26 +26,31 @@ pub(super) async fn serve(
         .read_message(cap, deadline, parse, TlsError::TooLarge)
         .await
     {
-        Ok(hello) => hello,
-        Err(ReadError::Invalid(e)) => return deny(client, reason_for(e)).await,
-        Err(ReadError::Timeout) => return deny(client, Reason::Timeout).await,
+        Ok(hello) => {
+            rec.hello = Some(rec.accepted.elapsed());
+            hello
+        }
+        Err(ReadError::Invalid(e)) => return deny(client, rec, reason_for(e)).await,
+        Err(ReadError::Timeout) => return deny(client, rec, Reason::Timeout).await,
         Err(ReadError::Closed { .. }) => return Verdict::Error(ErrorKind::ClientClosed),
         Err(ReadError::Io) => return Verdict::Error(ErrorKind::Io),
     };
     rec.ech = hello.ech;
     let name = match hello.server_name {
         ServerName::Name(name) => name,
-        ServerName::Absent => return deny(client, Reason::NoName).await,
-        ServerName::Invalid(NameError::IpLiteral) => return deny(client, Reason::IpLiteral).await,
-        ServerName::Invalid(_) => return deny(client, Reason::Malformed).await,
+        ServerName::Absent => return deny(client, rec, Reason::NoName).await,
+        ServerName::Invalid(NameError::IpLiteral) => {
+            return deny(client, rec, Reason::IpLiteral).await;
+        }
+        ServerName::Invalid(_) => return deny(client, rec, Reason::Malformed).await,
     };
     let checked = ctx.check(&name);
     rec.name = Some(name);
     match checked {
         Ok(rule) => rec.rule = Some(rule),
-        Err(reason) => return deny(client, reason).await,
+        Err(reason) => return deny(client, rec, reason).await,
     }
-    let upstream = match connect(dst, limits.connect_timeout).await {
+    let upstream = match connect(dst, limits.connect_timeout, rec).await {
         Ok(upstream) => upstream,
         Err(kind) => {
             reset(client);
@@ -73,13 +78,14 @@ fn reason_for(e: TlsError) -> Reason {
     }
 }
 
-async fn deny(client: &TcpStream, reason: Reason) -> Verdict {
-    refuse(client, reason).await;
+async fn deny(client: &TcpStream, rec: &mut Record, reason: Reason) -> Verdict {
+    rec.refused = refuse(client, reason).await;
     Verdict::Deny(reason)
 }
 
-/// Answers with a fatal alert that says why, as far as TLS can say it.
-pub(super) async fn refuse(client: &TcpStream, reason: Reason) {
+/// Answers with a fatal alert that says why, as far as TLS can say it;
+/// whether it was sent.
+pub(super) async fn refuse(client: &TcpStream, reason: Reason) -> bool {
     let description = match reason {
         Reason::NotListed
         | Reason::NoList
@@ -92,5 +98,5 @@ pub(super) async fn refuse(client: &TcpStream, reason: Reason) {
         }
         Reason::Timeout => AlertDescription::HandshakeFailure,
     };
-    refuse_with(client, &fatal_alert(description)).await;
+    refuse_with(client, &fatal_alert(description)).await
 }

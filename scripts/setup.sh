@@ -34,3 +34,23 @@ if [ ! -x "$PORTCULLIS_VENV/bin/moto_server" ]; then
   "$PORTCULLIS_VENV/bin/pip" install -q 'moto[server]>=5,<6'
 fi
 export MOTO_SERVER="$PORTCULLIS_VENV/bin/moto_server"
+
+# promtool, which checks the metrics output and the alert rules, taken out
+# of Debian's prometheus package without installing it: installing it would
+# start a Prometheus server on port 9090, portcullis's admin port.
+PORTCULLIS_TOOLS=${PORTCULLIS_TOOLS:-/opt/portcullis-test-tools}
+if [ ! -x "$PORTCULLIS_TOOLS/usr/bin/promtool" ]; then
+  echo "setup: unpacking promtool into $PORTCULLIS_TOOLS"
+  deb_dir=$(mktemp -d)
+  cd "$deb_dir"
+  if ! apt-get download -qq prometheus 2>/dev/null; then
+    apt-get update -qq
+    apt-get download -qq prometheus
+  fi
+  cd - >/dev/null
+  mkdir -p "$PORTCULLIS_TOOLS"
+  dpkg-deb -x "$deb_dir"/prometheus_*.deb "$deb_dir/root"
+  install -D -m 0755 "$deb_dir/root/usr/bin/promtool" "$PORTCULLIS_TOOLS/usr/bin/promtool"
+  rm -rf "$deb_dir"
+fi
+export PATH="$PORTCULLIS_TOOLS/usr/bin:$PATH"

@@ -213,23 +213,6 @@ fn reloading_a_hundred_times_drops_no_connection_and_admits_nothing_unlisted() {
     assert_eq!(t.log_count("allowlist updated"), RELOADS);
 }
 
-fn start_on_s3(t: &mut Topology, refresh: &str) {
-    let cache = t.dir.join("cache");
-    let cache = cache.to_str().unwrap();
-    t.launch(
-        &[],
-        &[
-            "--allowlist",
-            s3::URL,
-            "--refresh",
-            refresh,
-            "--cache-dir",
-            cache,
-        ],
-        &s3::ENV,
-    );
-}
-
 /// A topology with an HTTP upstream, moto holding `list`, and portcullis
 /// serving it from S3 and ready. None when the test cannot run here.
 fn s3_gateway(list: &str, refresh: &str) -> Option<(Topology, Moto, Server)> {
@@ -240,7 +223,7 @@ fn s3_gateway(list: &str, refresh: &str) -> Option<(Topology, Moto, Server)> {
     let (web, _) = http_server(&t.upstream, &[addr(WEB_V4, 80)]);
     let moto = Moto::start(&t);
     put_list(&t.gateway, list);
-    start_on_s3(&mut t, refresh);
+    s3::start_portcullis(&mut t, refresh);
     wait_until("ready", Duration::from_secs(10), || {
         t.admin_status("/readyz") == Some(200)
     });
@@ -349,7 +332,7 @@ fn restart_during_an_s3_outage_starts_from_the_cache() {
     t.stop_portcullis(Signal::SIGTERM, Duration::from_secs(10));
     moto.stop();
 
-    start_on_s3(&mut t, "1h");
+    s3::start_portcullis(&mut t, "1h");
     assert!(
         t.log().contains("starting from the cached allowlist"),
         "{}",
@@ -366,7 +349,7 @@ fn without_cache_or_s3_everything_is_denied_until_s3_returns() {
     }
     let mut t = Topology::new();
     let (web, log) = http_server(&t.upstream, &[addr(WEB_V4, 80)]);
-    start_on_s3(&mut t, "2s");
+    s3::start_portcullis(&mut t, "2s");
     assert_eq!(t.admin_status("/readyz"), Some(503));
     assert_eq!(http_status(&t, "a.flip.test", WEB_V4), 503, "fail closed");
     assert_eq!(

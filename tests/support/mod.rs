@@ -7,6 +7,7 @@ pub mod hello {
 pub mod client;
 pub mod netns;
 pub mod s3;
+pub mod scrape;
 pub mod servers;
 
 use std::net::SocketAddr;

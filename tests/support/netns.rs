@@ -11,7 +11,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -210,11 +210,14 @@ impl Topology {
     /// Starts `portcullis run ARGS` in the gateway ns with `env` added and
     /// waits until its health endpoint answers (ready or not).
     pub fn launch(&mut self, wrapper: &[&str], args: &[&str], env: &[(&str, &str)]) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log_path())
-            .unwrap();
+        let open = |path: PathBuf| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .unwrap()
+        };
+        let (log, audit) = (open(self.log_path()), open(self.audit_path()));
         let binary = env!("CARGO_BIN_EXE_portcullis");
         let (program, wrapper_args) = match wrapper.split_first() {
             Some((program, rest)) => (*program, [rest, &[binary]].concat()),
@@ -227,7 +230,7 @@ impl Topology {
             .args(["run", "--metrics-listen", ADMIN])
             .args(args)
             .envs(env.iter().copied())
-            .stdout(Stdio::null())
+            .stdout(audit)
             .stderr(log)
             .spawn()
             .unwrap();
@@ -265,6 +268,20 @@ impl Topology {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// Where portcullis's stdout, the audit log, goes.
+    pub fn audit_path(&self) -> PathBuf {
+        self.dir.join("audit.jsonl")
+    }
+
+    /// The audit records written so far, each parsed as JSON (a line that
+    /// does not parse fails the test).
+    pub fn audit(&self) -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(self.audit_path()).unwrap_or_default();
+        text.lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("audit line {l:?}: {e}")))
+            .collect()
     }
 
     /// GET on the admin endpoint from inside the gateway ns.

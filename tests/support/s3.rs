@@ -121,6 +121,24 @@ impl Drop for Moto {
     }
 }
 
+/// Starts portcullis on the S3 list, caching under the test's directory.
+pub fn start_portcullis(t: &mut Topology, refresh: &str) {
+    let cache = t.dir.join("cache");
+    let cache = cache.to_str().unwrap();
+    t.launch(
+        &[],
+        &[
+            "--allowlist",
+            URL,
+            "--refresh",
+            refresh,
+            "--cache-dir",
+            cache,
+        ],
+        &ENV,
+    );
+}
+
 /// Creates the bucket if needed and writes the list object.
 pub fn put_list(gateway: &Netns, body: &str) {
     let body = body.to_string();

@@ -261,18 +261,20 @@ mod tests {
     #[derive(Clone, Default)]
     struct Stalled {
         gate: Arc<Mutex<()>>,
-        flushing: Arc<std::sync::atomic::AtomicBool>,
+        /// Set once the writer has reached the output (and may be stuck).
+        reached: Arc<std::sync::atomic::AtomicBool>,
         written: Arc<Mutex<Vec<u8>>>,
     }
 
     impl Write for Stalled {
         fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.reached.store(true, Ordering::SeqCst);
             let _open = self.gate.lock().unwrap();
             self.written.lock().unwrap().extend_from_slice(buf);
             Ok(buf.len())
         }
         fn flush(&mut self) -> io::Result<()> {
-            self.flushing.store(true, Ordering::SeqCst);
+            self.reached.store(true, Ordering::SeqCst);
             let _open = self.gate.lock().unwrap();
             Ok(())
         }
@@ -284,7 +286,7 @@ mod tests {
         let held = out.gate.lock().unwrap();
         let log = AuditLog::spawn(out.clone(), 4).unwrap();
         log.record("first\n".into());
-        while !out.flushing.load(Ordering::SeqCst) {
+        while !out.reached.load(Ordering::SeqCst) {
             std::thread::sleep(Duration::from_millis(1));
         }
         // The writer is stuck in the output: four more fit in the queue.

@@ -50,6 +50,7 @@ ip netns exec $G sysctl -qw net.ipv4.ip_forward=1
 echo "== applying the iptables rules in the gateway"
 ip netns exec $G env PRIVATE_CIDRS=192.0.2.0/24 PRIVATE_CIDRS6= "$iptables_script" apply
 ip netns exec $G iptables -t nat -S PORTCULLIS_PREROUTING | sed 's/^/   /'
+ip netns exec $G iptables -S PORTCULLIS_FORWARD | sed 's/^/   /'
 
 echo "== starting the internet host's servers (TLS on :443, HTTP on :80)"
 (
@@ -65,7 +66,8 @@ ip netns exec $U python3 -m http.server --bind 203.0.113.20 --directory "$work" 
 pids+=($!)
 
 echo "== starting portcullis in the gateway on examples/allowlist.txt"
-ip netns exec $G "$bin" run --allowlist examples/allowlist.txt --metrics-listen 127.0.0.1:9090 2>"$work/portcullis.log" &
+ip netns exec $G "$bin" run --allowlist examples/allowlist.txt --metrics-listen 127.0.0.1:9090 \
+  >"$work/audit.jsonl" 2>"$work/portcullis.log" &
 pids+=($!)
 for _ in $(seq 100); do
   ip netns exec $G curl -sf -o /dev/null http://127.0.0.1:9090/healthz && ip netns exec $U curl -sf -o /dev/null http://203.0.113.20/ && break
@@ -83,5 +85,13 @@ try --resolve pypi.org:80:203.0.113.20 http://pypi.org/ -w 'HTTP %{http_code}\n'
 try --resolve evil.example:80:203.0.113.20 http://evil.example/ -w 'HTTP %{http_code}\n'
 
 echo
-echo "== what portcullis logged"
+echo "== the audit log (portcullis's stdout: one JSON line per connection)"
+sleep 0.2
+sed 's/^/   /' "$work/audit.jsonl"
+echo
+echo "== from /metrics"
+ip netns exec $G curl -sS http://127.0.0.1:9090/metrics |
+  grep -E '^portcullis_(connections_total|denied_total|rule_hits_total)' | grep -v ' 0$' | sed 's/^/   /'
+echo
+echo "== what portcullis logged (stderr)"
 sed 's/^/   /' "$work/portcullis.log"

@@ -55,7 +55,7 @@ pub struct Netns {
 }
 
 impl Netns {
-    fn new(name: String) -> Netns {
+    pub fn new(name: String) -> Netns {
         sh(&["ip", "netns", "add", &name]);
         let ns = Netns { name };
         ns.ip(&["link", "set", "lo", "up"]);
@@ -114,6 +114,12 @@ pub struct Topology {
 
 impl Topology {
     pub fn new() -> Topology {
+        Topology::with_rules(&[])
+    }
+
+    /// Like [`Self::new`], with more settings for the iptables script
+    /// (e.g. `ALLOW_FORWARD`).
+    pub fn with_rules(settings: &[(&str, &str)]) -> Topology {
         let id = format!(
             "pc{}-{}",
             std::process::id(),
@@ -128,11 +134,11 @@ impl Topology {
             dir,
             portcullis: None,
         };
-        t.wire();
+        t.wire(settings);
         t
     }
 
-    fn wire(&self) {
+    fn wire(&self, settings: &[(&str, &str)]) {
         let (c, g, u) = (&self.client, &self.gateway, &self.upstream);
         c.ip(&[
             "link", "add", "eth0", "type", "veth", "peer", "name", "cli", "netns", &g.name,
@@ -178,6 +184,7 @@ impl Topology {
             .arg("apply")
             .env("PRIVATE_CIDRS", "192.0.2.0/24")
             .env("PRIVATE_CIDRS6", "2001:db8:1::/64")
+            .envs(settings.iter().copied())
             .status()
             .unwrap();
         assert!(status.success(), "iptables script failed");

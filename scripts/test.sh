@@ -7,11 +7,13 @@ cd "$(dirname "$0")/.."
 source scripts/setup.sh
 
 # Namespaces left by an earlier run that was killed before its clean-up.
-for ns in $(ip netns list | awk '/^pc[0-9]+-[0-9]+-[cgu]$/ {print $1}'); do ip netns del "$ns"; done
+for ns in $(ip netns list | awk '/^pc[0-9]+-[a-z0-9]+-[cgu]$/ {print $1}'); do ip netns del "$ns"; done
 
 step() { printf '\n== %s\n' "$*"; }
 step "cargo fmt --check";   cargo fmt --check
-step "shellcheck";          shellcheck scripts/*.sh iptables/*.sh .ci/run
+step "shellcheck";          shellcheck scripts/*.sh iptables/*.sh ami/scripts/*.sh .ci/run
 step "cargo clippy";        cargo clippy --locked --all-targets -- -D warnings
 step "release build";       cargo build --locked --release
-step "tests";               cargo test --locked --all-targets
+# The tests run against the release build, the binary we ship, and share
+# its compiled dependencies instead of building them a second time.
+step "tests";               cargo test --locked --release --all-targets

@@ -1,0 +1,81 @@
+# The gateway's instance role: the least it needs to run and fail over.
+
+data "aws_iam_policy_document" "assume" {
+  statement {
+    actions = ["sts:AssumeRole"]
+    principals {
+      type        = "Service"
+      identifiers = ["ec2.amazonaws.com"]
+    }
+  }
+}
+
+resource "aws_iam_role" "gateway" {
+  name_prefix        = "${var.name}-"
+  assume_role_policy = data.aws_iam_policy_document.assume.json
+  tags               = local.tags
+}
+
+resource "aws_iam_instance_profile" "gateway" {
+  name_prefix = "${var.name}-"
+  role        = aws_iam_role.gateway.name
+  tags        = local.tags
+}
+
+locals {
+  arn_prefix = "arn:${data.aws_partition.current.partition}"
+  route_table_arns = [for id in distinct(flatten(values(var.private_route_table_ids))) :
+  "${local.arn_prefix}:ec2:${data.aws_region.current.name}:${data.aws_caller_identity.current.account_id}:route-table/${id}"]
+}
+
+data "aws_iam_policy_document" "gateway" {
+  statement {
+    sid       = "ReadTheAllowlist"
+    actions   = ["s3:GetObject"]
+    resources = ["${local.arn_prefix}:s3:::${var.allowlist_bucket}/${var.allowlist_key}"]
+  }
+
+  statement {
+    sid       = "TakeOverTheDefaultRoutes"
+    actions   = ["ec2:ReplaceRoute", "ec2:CreateRoute"]
+    resources = local.route_table_arns
+  }
+
+  # Only instances this module launched (they carry its tag) can be
+  # changed, and only their source/destination check is needed.
+  statement {
+    sid       = "DisableSourceDestCheckOnGateways"
+    actions   = ["ec2:ModifyInstanceAttribute"]
+    resources = ["${local.arn_prefix}:ec2:${data.aws_region.current.name}:${data.aws_caller_identity.current.account_id}:instance/*"]
+    condition {
+      test     = "StringEquals"
+      variable = "aws:ResourceTag/portcullis:gateway"
+      values   = [var.name]
+    }
+  }
+
+  # By name and tag rather than by ARN, so the groups can depend on this
+  # policy and their first instance boots with every permission in place.
+  statement {
+    sid       = "ReportUnreadyGateways"
+    actions   = ["autoscaling:SetInstanceHealth"]
+    resources = ["${local.arn_prefix}:autoscaling:${data.aws_region.current.name}:${data.aws_caller_identity.current.account_id}:autoScalingGroup:*:autoScalingGroupName/${var.name}-*"]
+    condition {
+      test     = "StringEquals"
+      variable = "autoscaling:ResourceTag/portcullis:gateway"
+      values   = [var.name]
+    }
+  }
+}
+
+resource "aws_iam_role_policy" "gateway" {
+  name   = "portcullis-gateway"
+  role   = aws_iam_role.gateway.id
+  policy = data.aws_iam_policy_document.gateway.json
+}
+
+# Shell access through Session Manager: no SSH port, no key pairs.
+resource "aws_iam_role_policy_attachment" "ssm" {
+  role       = aws_iam_role.gateway.name
+  policy_arn = "${local.arn_prefix}:iam::aws:policy/AmazonSSMManagedInstanceCore"
+}

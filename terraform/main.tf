@@ -1,0 +1,246 @@
+# A portcullis gateway per availability zone: an auto-scaling group of
+# exactly one instance, which on boot (cloud-init, ami/cloud-init/) starts
+# portcullis and, once it is ready, points its AZ's private route tables at
+# itself. A dead or unready instance is replaced and its successor takes
+# the routes over the same way.
+
+data "aws_partition" "current" {}
+data "aws_region" "current" {}
+data "aws_caller_identity" "current" {}
+
+data "aws_vpc" "this" {
+  id = var.vpc_id
+}
+
+locals {
+  private_cidrs = length(var.private_cidrs) > 0 ? var.private_cidrs : [data.aws_vpc.this.cidr_block]
+  tags          = merge(var.tags, { "portcullis:gateway" = var.name })
+
+  # ALLOW_FORWARD rules as security group rules: the gateway must accept
+  # what it forwards.
+  forwards = [for rule in var.allow_forward : {
+    protocol    = split(":", split("@", rule)[0])[0]
+    from_port   = tonumber(split(":", split("@", rule)[0])[1])
+    to_port     = tonumber(reverse(split(":", split("@", rule)[0]))[0])
+    destination = strcontains(rule, "@") ? split("@", rule)[1] : "0.0.0.0/0"
+  }]
+
+  user_data = { for az, subnet in var.public_subnet_ids : az => templatefile(
+    "${path.module}/../ami/cloud-init/user-data.yaml.tftpl",
+    {
+      allowlist_url     = "s3://${var.allowlist_bucket}/${var.allowlist_key}"
+      refresh           = var.refresh
+      max_connections   = var.max_connections
+      private_cidrs     = join(" ", local.private_cidrs)
+      private_cidrs6    = join(" ", var.private_cidrs6)
+      monitoring_cidrs  = join(" ", var.monitoring_cidrs)
+      monitoring_cidrs6 = ""
+      allow_forward     = join(" ", var.allow_forward)
+      route_tables      = join(" ", var.private_route_table_ids[az])
+      ipv6              = var.route_ipv6 ? "true" : "false"
+    }
+  ) }
+}
+
+resource "aws_s3_object" "allowlist" {
+  count  = var.allowlist_file == null ? 0 : 1
+  bucket = var.allowlist_bucket
+  key    = var.allowlist_key
+  source = var.allowlist_file
+  etag   = filemd5(var.allowlist_file)
+  tags   = local.tags
+}
+
+resource "aws_security_group" "gateway" {
+  name_prefix = "${var.name}-"
+  description = "portcullis egress gateways"
+  vpc_id      = var.vpc_id
+  tags        = merge(local.tags, { Name = var.name })
+
+  lifecycle {
+    create_before_destroy = true
+  }
+}
+
+# Web traffic from the private networks, whatever its destination address:
+# iptables redirects it to portcullis. udp/443 is let in so that the
+# gateway can refuse QUIC with an ICMP error rather than a silent timeout.
+resource "aws_vpc_security_group_ingress_rule" "web" {
+  for_each = { for pair in setproduct(local.private_cidrs, ["tcp:443", "tcp:80", "udp:443"]) : "${pair[0]} ${pair[1]}" => pair }
+
+  security_group_id = aws_security_group.gateway.id
+  description       = "web traffic from ${each.value[0]} (${each.value[1]})"
+  cidr_ipv4         = each.value[0]
+  ip_protocol       = split(":", each.value[1])[0]
+  from_port         = tonumber(split(":", each.value[1])[1])
+  to_port           = tonumber(split(":", each.value[1])[1])
+}
+
+resource "aws_vpc_security_group_ingress_rule" "web6" {
+  for_each = { for pair in setproduct(var.private_cidrs6, ["tcp:443", "tcp:80", "udp:443"]) : "${pair[0]} ${pair[1]}" => pair }
+
+  security_group_id = aws_security_group.gateway.id
+  description       = "web traffic from ${each.value[0]} (${each.value[1]})"
+  cidr_ipv6         = each.value[0]
+  ip_protocol       = split(":", each.value[1])[0]
+  from_port         = tonumber(split(":", each.value[1])[1])
+  to_port           = tonumber(split(":", each.value[1])[1])
+}
+
+resource "aws_vpc_security_group_ingress_rule" "forward" {
+  for_each = { for pair in setproduct(local.private_cidrs, range(length(local.forwards))) : "${pair[0]} ${var.allow_forward[pair[1]]}" => {
+    cidr = pair[0]
+    rule = local.forwards[pair[1]]
+  } }
+
+  security_group_id = aws_security_group.gateway.id
+  description       = "forwarded around the proxy: ${each.key}"
+  cidr_ipv4         = each.value.cidr
+  ip_protocol       = each.value.rule.protocol
+  from_port         = each.value.rule.from_port
+  to_port           = each.value.rule.to_port
+}
+
+resource "aws_vpc_security_group_ingress_rule" "metrics" {
+  for_each = toset(var.monitoring_cidrs)
+
+  security_group_id = aws_security_group.gateway.id
+  description       = "Prometheus scrapes from ${each.value}"
+  cidr_ipv4         = each.value
+  ip_protocol       = "tcp"
+  from_port         = 9090
+  to_port           = 9090
+}
+
+# Out: the original destinations of web traffic (any address, ports 443
+# and 80), the VPC's DNS resolver, and the forwarded exceptions.
+resource "aws_vpc_security_group_egress_rule" "web" {
+  for_each = { for pair in setproduct(["0.0.0.0/0", "::/0"], [443, 80]) : "${pair[0]} ${pair[1]}" => pair }
+
+  security_group_id = aws_security_group.gateway.id
+  description       = "allowed web destinations (${each.key})"
+  cidr_ipv4         = strcontains(each.value[0], ":") ? null : each.value[0]
+  cidr_ipv6         = strcontains(each.value[0], ":") ? each.value[0] : null
+  ip_protocol       = "tcp"
+  from_port         = each.value[1]
+  to_port           = each.value[1]
+}
+
+resource "aws_vpc_security_group_egress_rule" "dns" {
+  for_each = toset(["udp", "tcp"])
+
+  security_group_id = aws_security_group.gateway.id
+  description       = "DNS to the VPC resolver (${each.value})"
+  cidr_ipv4         = data.aws_vpc.this.cidr_block
+  ip_protocol       = each.value
+  from_port         = 53
+  to_port           = 53
+}
+
+resource "aws_vpc_security_group_egress_rule" "forward" {
+  for_each = { for i, rule in local.forwards : var.allow_forward[i] => rule }
+
+  security_group_id = aws_security_group.gateway.id
+  description       = "forwarded around the proxy: ${each.key}"
+  cidr_ipv4         = strcontains(each.value.destination, ":") ? null : each.value.destination
+  cidr_ipv6         = strcontains(each.value.destination, ":") ? each.value.destination : null
+  ip_protocol       = each.value.protocol
+  from_port         = each.value.from_port
+  to_port           = each.value.to_port
+}
+
+resource "aws_launch_template" "gateway" {
+  # checkov:skip=CKV_AWS_88:A gateway replacing a NAT gateway needs a public address to reach the internet from its public subnet.
+  for_each = var.public_subnet_ids
+
+  name_prefix   = "${var.name}-${each.key}-"
+  description   = "portcullis gateway for ${each.key}"
+  image_id      = var.ami_id
+  instance_type = var.instance_type
+  user_data     = base64encode(local.user_data[each.key])
+  ebs_optimized = true
+
+  iam_instance_profile {
+    arn = aws_iam_instance_profile.gateway.arn
+  }
+
+  network_interfaces {
+    associate_public_ip_address = true
+    delete_on_termination       = true
+    security_groups             = [aws_security_group.gateway.id]
+  }
+
+  metadata_options {
+    http_endpoint               = "enabled"
+    http_tokens                 = "required"
+    http_put_response_hop_limit = 1
+  }
+
+  block_device_mappings {
+    device_name = "/dev/xvda"
+    ebs {
+      volume_size           = 16
+      volume_type           = "gp3"
+      encrypted             = true
+      delete_on_termination = true
+    }
+  }
+
+  monitoring {
+    enabled = true
+  }
+
+  tag_specifications {
+    resource_type = "instance"
+    tags          = merge(local.tags, { Name = "${var.name}-${each.key}" })
+  }
+
+  tag_specifications {
+    resource_type = "volume"
+    tags          = local.tags
+  }
+
+  tags = local.tags
+}
+
+resource "aws_autoscaling_group" "gateway" {
+  for_each = var.public_subnet_ids
+
+  name_prefix         = "${var.name}-${each.key}-"
+  vpc_zone_identifier = [each.value]
+  min_size            = 1
+  max_size            = 1
+  desired_capacity    = 1
+  # EC2 status checks replace a dead instance; portcullis-health.timer on
+  # the instance reports one whose portcullis stays unready. The grace
+  # period covers boot, the first allowlist fetch and the route takeover.
+  health_check_type         = "EC2"
+  health_check_grace_period = 300
+  max_instance_lifetime     = var.max_instance_lifetime
+  capacity_rebalance        = false
+
+  depends_on = [aws_iam_role_policy.gateway, aws_iam_role_policy_attachment.ssm]
+
+  launch_template {
+    id      = aws_launch_template.gateway[each.key].id
+    version = aws_launch_template.gateway[each.key].latest_version
+  }
+
+  # A new launch template version (new AMI, new settings) replaces the
+  # instance; the AZ egresses through nothing for the replacement's boot.
+  instance_refresh {
+    strategy = "Rolling"
+    preferences {
+      min_healthy_percentage = 0
+    }
+  }
+
+  dynamic "tag" {
+    for_each = merge(local.tags, { Name = "${var.name}-${each.key}" })
+    content {
+      key                 = tag.key
+      value               = tag.value
+      propagate_at_launch = true
+    }
+  }
+}

@@ -1,0 +1,111 @@
+variable "name" {
+  type        = string
+  default     = "portcullis"
+  description = "Name prefix for every resource, and the value of the portcullis:gateway tag on the instances."
+}
+
+variable "vpc_id" {
+  type        = string
+  description = "The VPC whose private subnets egress through the gateways."
+}
+
+variable "public_subnet_ids" {
+  type        = map(string)
+  description = "One public subnet per availability zone, keyed by AZ name: where each AZ's gateway runs."
+}
+
+variable "private_route_table_ids" {
+  type        = map(list(string))
+  description = "The private route tables of each AZ, keyed by AZ name (the same keys as public_subnet_ids). Their default routes are pointed at that AZ's gateway."
+
+  validation {
+    condition     = alltrue([for ids in values(var.private_route_table_ids) : alltrue([for id in ids : can(regex("^rtb-[0-9a-f]+$", id))])])
+    error_message = "Route table ids look like rtb-0123456789abcdef0."
+  }
+}
+
+variable "private_cidrs" {
+  type        = list(string)
+  default     = []
+  description = "IPv4 networks whose web traffic the gateways inspect. Empty: the VPC's primary CIDR."
+}
+
+variable "private_cidrs6" {
+  type        = list(string)
+  default     = []
+  description = "IPv6 networks whose web traffic the gateways inspect. Empty: no IPv6."
+}
+
+variable "route_ipv6" {
+  type        = bool
+  default     = false
+  description = "Also point ::/0 of the private route tables at the gateways (needs private_cidrs6)."
+}
+
+variable "monitoring_cidrs" {
+  type        = list(string)
+  description = "Networks Prometheus scrapes from: only they reach the metrics port (9090)."
+}
+
+variable "allowlist_bucket" {
+  type        = string
+  description = "S3 bucket holding the allowlist."
+}
+
+variable "allowlist_key" {
+  type        = string
+  default     = "portcullis/allowlist.txt"
+  description = "Key of the allowlist object; the instances may read this one key only."
+}
+
+variable "allowlist_file" {
+  type        = string
+  default     = null
+  description = "A local allowlist to upload to allowlist_bucket/allowlist_key. Null: the object is managed elsewhere."
+}
+
+variable "refresh" {
+  type        = string
+  default     = "60s"
+  description = "How often each gateway checks the allowlist object for changes."
+}
+
+variable "ami_id" {
+  type        = string
+  description = "A portcullis AMI built by ami/portcullis.pkr.hcl, of the instance type's architecture."
+}
+
+variable "instance_type" {
+  type        = string
+  default     = "c7gn.large"
+  description = "Gateway instance type. Network-optimised Graviton (c7gn) gives the most Gbit/s per dollar."
+}
+
+variable "max_connections" {
+  type        = number
+  default     = 50000
+  description = "Connections each gateway serves at once; more are refused."
+}
+
+variable "allow_forward" {
+  type        = list(string)
+  default     = []
+  description = "Traffic routed around the proxy, as PROTO:PORT[@DESTINATION-CIDR] (e.g. \"udp:123\"). Everything else that is not web traffic is dropped."
+
+  validation {
+    condition     = alltrue([for rule in var.allow_forward : can(regex("^(tcp|udp):[0-9]+(:[0-9]+)?(@[0-9a-fA-F:.]+(/[0-9]+)?)?$", rule))])
+    error_message = "Each rule is PROTO:PORT[@CIDR] with PROTO tcp or udp."
+  }
+}
+
+variable "max_instance_lifetime" {
+  type        = number
+  default     = 1209600
+  description = "Seconds before an instance is replaced (default 14 days), so patches and new AMIs roll through."
+}
+
+variable "tags" {
+  type        = map(string)
+  default     = {}
+  description = "Tags for every resource."
+}

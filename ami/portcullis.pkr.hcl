@@ -46,70 +46,60 @@ locals {
     x86_64 = "x86_64-unknown-linux-gnu"
   }
   timestamp = regex_replace(timestamp(), "[- TZ:]", "")
+  tags = {
+    Application = "portcullis"
+    Version     = var.version
+  }
 }
 
-source "amazon-ebs" "arm64" {
-  region        = var.region
-  instance_type = var.instance_types["arm64"]
-  ami_name      = "portcullis-${var.version}-al2023-arm64-${local.timestamp}"
-  source_ami_filter {
-    filters = {
-      name                = "al2023-ami-2023.*-kernel-*-arm64"
-      architecture        = "arm64"
-      virtualization-type = "hvm"
-      root-device-type    = "ebs"
-    }
-    owners      = ["amazon"]
-    most_recent = true
-  }
-  ssh_username  = "ec2-user"
-  encrypt_boot  = true
-  imds_support  = "v2.0"
+# What both architectures share; the build block below fills in the rest
+# per architecture.
+source "amazon-ebs" "al2023" {
+  region       = var.region
+  ssh_username = "ec2-user"
+  encrypt_boot = true
+  imds_support = "v2.0"
   metadata_options {
     http_endpoint               = "enabled"
     http_tokens                 = "required"
     http_put_response_hop_limit = 1
-  }
-  tags = {
-    Name         = "portcullis ${var.version} arm64"
-    Application  = "portcullis"
-    Version      = var.version
-    Architecture = "arm64"
-  }
-}
-
-source "amazon-ebs" "x86_64" {
-  region        = var.region
-  instance_type = var.instance_types["x86_64"]
-  ami_name      = "portcullis-${var.version}-al2023-x86_64-${local.timestamp}"
-  source_ami_filter {
-    filters = {
-      name                = "al2023-ami-2023.*-kernel-*-x86_64"
-      architecture        = "x86_64"
-      virtualization-type = "hvm"
-      root-device-type    = "ebs"
-    }
-    owners      = ["amazon"]
-    most_recent = true
-  }
-  ssh_username  = "ec2-user"
-  encrypt_boot  = true
-  imds_support  = "v2.0"
-  metadata_options {
-    http_endpoint               = "enabled"
-    http_tokens                 = "required"
-    http_put_response_hop_limit = 1
-  }
-  tags = {
-    Name         = "portcullis ${var.version} x86_64"
-    Application  = "portcullis"
-    Version      = var.version
-    Architecture = "x86_64"
   }
 }
 
 build {
-  sources = ["source.amazon-ebs.arm64", "source.amazon-ebs.x86_64"]
+  source "amazon-ebs.al2023" {
+    name          = "arm64"
+    instance_type = var.instance_types["arm64"]
+    ami_name      = "portcullis-${var.version}-al2023-arm64-${local.timestamp}"
+    source_ami_filter {
+      filters = {
+        name                = "al2023-ami-2023.*-kernel-*-arm64"
+        architecture        = "arm64"
+        virtualization-type = "hvm"
+        root-device-type    = "ebs"
+      }
+      owners      = ["amazon"]
+      most_recent = true
+    }
+    tags = merge(local.tags, { Name = "portcullis ${var.version} arm64", Architecture = "arm64" })
+  }
+
+  source "amazon-ebs.al2023" {
+    name          = "x86_64"
+    instance_type = var.instance_types["x86_64"]
+    ami_name      = "portcullis-${var.version}-al2023-x86_64-${local.timestamp}"
+    source_ami_filter {
+      filters = {
+        name                = "al2023-ami-2023.*-kernel-*-x86_64"
+        architecture        = "x86_64"
+        virtualization-type = "hvm"
+        root-device-type    = "ebs"
+      }
+      owners      = ["amazon"]
+      most_recent = true
+    }
+    tags = merge(local.tags, { Name = "portcullis ${var.version} x86_64", Architecture = "x86_64" })
+  }
 
   provisioner "shell" {
     inline = ["mkdir -p /tmp/portcullis"]

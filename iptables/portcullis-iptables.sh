@@ -83,25 +83,34 @@ allowed() {
   done
 }
 
+# The matches of the ALLOW_FORWARD traffic of family $1 from clients $2,
+# one per line, e.g. "-s 10.0.0.0/8 -d 10.9.0.0/16 -p tcp -m tcp --dport 22".
+forward_matches() {
+  local family=$1 clients=$2 proto port dst cidr
+  while read -r proto port dst; do
+    [ -n "$proto" ] || continue
+    for cidr in $clients; do
+      echo "-s $cidr${dst:+ -d $dst} -p $proto -m $proto --dport $port"
+    done
+  done < <(allowed "$family" "$ALLOW_FORWARD")
+}
+
 # The rules of our chains for family $1 (4 or 6), one per line, without
 # the table: nat first, then filter.
 nat_rules() {
-  local family=$1 clients cidr proto port dst
+  local family=$1 clients cidr match
   if [ "$family" = 4 ]; then clients=$PRIVATE_CIDRS; else clients=$PRIVATE_CIDRS6; fi
   for cidr in $clients; do
     echo "-A PORTCULLIS_PREROUTING -s $cidr -p tcp -m tcp --dport 443 -j REDIRECT --to-ports $TLS_PORT"
     echo "-A PORTCULLIS_PREROUTING -s $cidr -p tcp -m tcp --dport 80 -j REDIRECT --to-ports $HTTP_PORT"
   done
-  while read -r proto port dst; do
-    [ -n "$proto" ] || continue
-    for cidr in $clients; do
-      echo "-A PORTCULLIS_POSTROUTING -s $cidr${dst:+ -d $dst} -p $proto -m $proto --dport $port -j MASQUERADE"
-    done
-  done < <(allowed "$family" "$ALLOW_FORWARD")
+  while read -r match; do
+    echo "-A PORTCULLIS_POSTROUTING $match -j MASQUERADE"
+  done < <(forward_matches "$family" "$clients")
 }
 
 filter_rules() {
-  local family=$1 clients monitors cidr proto port peer icmp reject
+  local family=$1 clients monitors cidr proto port peer icmp reject match
   if [ "$family" = 4 ]; then
     clients=$PRIVATE_CIDRS monitors=$MONITORING_CIDRS icmp="icmp" reject="icmp-port-unreachable"
   else
@@ -131,12 +140,9 @@ filter_rules() {
   # FORWARD: replies to what was let through, the operator's exceptions,
   # a fast refusal for QUIC; the DROP policy takes the rest.
   echo "-A PORTCULLIS_FORWARD -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"
-  while read -r proto port peer; do
-    [ -n "$proto" ] || continue
-    for cidr in $clients; do
-      echo "-A PORTCULLIS_FORWARD -s $cidr${peer:+ -d $peer} -p $proto -m $proto --dport $port -m conntrack --ctstate NEW -j ACCEPT"
-    done
-  done < <(allowed "$family" "$ALLOW_FORWARD")
+  while read -r match; do
+    echo "-A PORTCULLIS_FORWARD $match -m conntrack --ctstate NEW -j ACCEPT"
+  done < <(forward_matches "$family" "$clients")
   echo "-A PORTCULLIS_FORWARD -p udp -m udp --dport 443 -j REJECT --reject-with $reject"
 }
 

@@ -66,25 +66,19 @@ resource "aws_security_group" "gateway" {
 # iptables redirects it to portcullis. udp/443 is let in so that the
 # gateway can refuse QUIC with an ICMP error rather than a silent timeout.
 resource "aws_vpc_security_group_ingress_rule" "web" {
-  for_each = { for pair in setproduct(local.private_cidrs, ["tcp:443", "tcp:80", "udp:443"]) : "${pair[0]} ${pair[1]}" => pair }
+  for_each = { for pair in setproduct(concat(local.private_cidrs, var.private_cidrs6), ["tcp:443", "tcp:80", "udp:443"]) : "${pair[0]} ${pair[1]}" => {
+    cidr     = pair[0]
+    protocol = split(":", pair[1])[0]
+    port     = tonumber(split(":", pair[1])[1])
+  } }
 
   security_group_id = aws_security_group.gateway.id
-  description       = "web traffic from ${each.value[0]} (${each.value[1]})"
-  cidr_ipv4         = each.value[0]
-  ip_protocol       = split(":", each.value[1])[0]
-  from_port         = tonumber(split(":", each.value[1])[1])
-  to_port           = tonumber(split(":", each.value[1])[1])
-}
-
-resource "aws_vpc_security_group_ingress_rule" "web6" {
-  for_each = { for pair in setproduct(var.private_cidrs6, ["tcp:443", "tcp:80", "udp:443"]) : "${pair[0]} ${pair[1]}" => pair }
-
-  security_group_id = aws_security_group.gateway.id
-  description       = "web traffic from ${each.value[0]} (${each.value[1]})"
-  cidr_ipv6         = each.value[0]
-  ip_protocol       = split(":", each.value[1])[0]
-  from_port         = tonumber(split(":", each.value[1])[1])
-  to_port           = tonumber(split(":", each.value[1])[1])
+  description       = "web traffic from ${each.key}"
+  cidr_ipv4         = strcontains(each.value.cidr, ":") ? null : each.value.cidr
+  cidr_ipv6         = strcontains(each.value.cidr, ":") ? each.value.cidr : null
+  ip_protocol       = each.value.protocol
+  from_port         = each.value.port
+  to_port           = each.value.port
 }
 
 resource "aws_vpc_security_group_ingress_rule" "forward" {

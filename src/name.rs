@@ -42,7 +42,8 @@ impl HostName {
     /// A-labels, so non-ASCII is an error rather than converted.
     pub fn from_wire(raw: &[u8]) -> Result<HostName, NameError> {
         let s = std::str::from_utf8(raw).map_err(|_| NameError::IllegalChar('\u{FFFD}'))?;
-        if let Some(c) = s.chars().find(|c| !c.is_ascii()) {
+        if !s.is_ascii() {
+            let c = s.chars().find(|c| !c.is_ascii()).unwrap_or('\u{FFFD}');
             return Err(NameError::IllegalChar(c));
         }
         Self::from_ascii(s)
@@ -66,7 +67,12 @@ impl HostName {
         if s.len() > MAX_NAME_LEN {
             return Err(NameError::TooLong);
         }
-        if is_ip_literal(s) {
+        // Parsing as an address is the slow part: only characters that can
+        // spell an IPv4 or IPv6 literal make it worth trying.
+        let may_be_ip = s
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() || matches!(b, b'.' | b':' | b'[' | b']'));
+        if may_be_ip && is_ip_literal(s) {
             return Err(NameError::IpLiteral);
         }
         for label in s.split('.') {
@@ -101,11 +107,12 @@ fn check_label(label: &str) -> Result<(), NameError> {
     if label.len() > MAX_LABEL_LEN {
         return Err(NameError::LabelTooLong);
     }
-    if let Some(c) = label
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_'))
+    // Callers pass ASCII only, so a byte is a char.
+    if let Some(b) = label
+        .bytes()
+        .find(|b| !(b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_'))
     {
-        return Err(NameError::IllegalChar(c));
+        return Err(NameError::IllegalChar(char::from(b)));
     }
     if label.starts_with('-') || label.ends_with('-') {
         return Err(NameError::HyphenAtEdge);

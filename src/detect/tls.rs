@@ -16,6 +16,8 @@ const CONTENT_ALERT: u8 = 21;
 const HANDSHAKE_CLIENT_HELLO: u8 = 1;
 /// RFC 8446 §5.1: a plaintext record carries at most 2^14 bytes.
 const MAX_RECORD_PAYLOAD: usize = 1 << 14;
+const EXT_SERVER_NAME: u16 = 0;
+const EXT_SUPPORTED_VERSIONS: u16 = 43;
 /// `encrypted_client_hello` (RFC 9849 draft numbering, as sent by browsers).
 const EXT_ENCRYPTED_CLIENT_HELLO: u16 = 0xfe0d;
 
@@ -144,21 +146,37 @@ fn read_client_hello(message: &[u8]) -> Detect<ClientHello, TlsError> {
     else {
         return Detect::Invalid(TlsError::Malformed);
     };
-    let extensions = match hello.ext {
-        None => Vec::new(),
-        Some(raw) => match tls_parser::parse_tls_extensions(raw) {
-            Ok((&[], exts)) => exts,
-            _ => return Detect::Invalid(TlsError::Malformed),
-        },
-    };
     let mut server_name = ServerName::Absent;
     let mut ech = false;
     let mut max_version = hello.version.0;
-    for ext in &extensions {
-        match ext {
+    // Walk the extension headers and parse only the two extensions that
+    // matter: a modern hello carries a dozen or more (key shares,
+    // signature algorithms, …) and decoding them all costs most of the time.
+    let mut rest = hello.ext.unwrap_or_default();
+    while !rest.is_empty() {
+        let Some(&[t0, t1, l0, l1]) = rest.get(..4) else {
+            return Detect::Invalid(TlsError::Malformed);
+        };
+        let end = 4 + usize::from(u16::from_be_bytes([l0, l1]));
+        let Some(whole) = rest.get(..end) else {
+            return Detect::Invalid(TlsError::Malformed);
+        };
+        rest = &rest[end..];
+        let kind = u16::from_be_bytes([t0, t1]);
+        if kind == EXT_ENCRYPTED_CLIENT_HELLO {
+            ech = true;
+            continue;
+        }
+        if kind != EXT_SERVER_NAME && kind != EXT_SUPPORTED_VERSIONS {
+            continue;
+        }
+        let Ok((&[], extension)) = tls_parser::parse_tls_extension(whole) else {
+            return Detect::Invalid(TlsError::Malformed);
+        };
+        match extension {
             TlsExtension::SNI(names) => {
                 for (kind, raw) in names {
-                    if *kind != SNIType::HostName {
+                    if kind != SNIType::HostName {
                         continue;
                     }
                     // RFC 6066 §3: at most one name of each type.
@@ -181,8 +199,7 @@ fn read_client_hello(message: &[u8]) -> Detect<ClientHello, TlsError> {
                     max_version = max_version.max(v);
                 }
             }
-            TlsExtension::Unknown(kind, _) if kind.0 == EXT_ENCRYPTED_CLIENT_HELLO => ech = true,
-            _ => {}
+            _ => return Detect::Invalid(TlsError::Malformed),
         }
     }
     Detect::Done(ClientHello {

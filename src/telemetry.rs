@@ -183,7 +183,7 @@ pub const FAMILIES: &[Family] = &[
         RULE_HITS,
         Kind::Counter,
         &["rule"],
-        "Admissions per allowlist entry; entries no longer in the list are not exported.",
+        "Admissions per allowlist entry (a TLS connection, or an HTTP request); entries no longer in the list are not exported.",
     ),
 ];
 

@@ -11,7 +11,7 @@ for ns in $(ip netns list | awk '/^pc[0-9]+-[a-z0-9]+-[cgu]$/ {print $1}'); do i
 
 step() { printf '\n== %s\n' "$*"; }
 step "cargo fmt --check";   cargo fmt --check
-step "shellcheck";          shellcheck scripts/*.sh iptables/*.sh ami/scripts/*.sh .ci/run
+step "shellcheck";          shellcheck scripts/*.sh iptables/*.sh ami/scripts/*.sh benches/netns/*.sh .ci/run
 step "cargo clippy";        cargo clippy --locked --all-targets -- -D warnings
 step "release build";       cargo build --locked --release
 # The tests run against the release build, the binary we ship, and share

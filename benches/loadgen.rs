@@ -1,0 +1,247 @@
+//! Load generator and instant upstream for the macro-benchmark
+//! (benches/netns/run.sh). Blocking sockets and one thread per stream:
+//! simple, and far from being the bottleneck at these concurrencies.
+//!
+//! ```text
+//! loadgen serve ADDR...            upstream; what it does depends on the address dialled:
+//!                                  .10 answer 1 KiB and close, .11 sink, .12 source
+//! loadgen bulk DOWN|UP ADDR STREAMS SECONDS NAME
+//! loadgen rate ADDR CLIENTS SECONDS NAME
+//! loadgen idle ADDR COUNT SECONDS NAME
+//! ```
+//!
+//! Every client first sends a real ClientHello (curl's, renamed to NAME),
+//! as a TLS client would; the gateways under test only peek at it. Results
+//! are one line of `key=value` pairs on stdout for run.sh to collect.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+#[allow(dead_code)] // shared with the tests, which use more of it
+mod hello {
+    include!("../tests/support/hello.rs");
+}
+
+const CURL_HELLO: &[u8] = include_bytes!("../testdata/clienthellos/curl-7.88-openssl-3.0.bin");
+const ANSWER: [u8; 1024] = [0x5a; 1024];
+const CHUNK: usize = 256 * 1024;
+const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn main() {
+    // `cargo bench` adds `--bench`; it means nothing here.
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let result = match args.as_slice() {
+        [] => return, // `cargo test --benches` runs every bench target once
+        ["serve", addrs @ ..] if !addrs.is_empty() => serve(addrs),
+        ["bulk", way, addr, streams, seconds, name] => bulk(
+            way,
+            addr.parse().unwrap(),
+            num(streams),
+            secs(seconds),
+            name,
+        ),
+        ["rate", addr, clients, seconds, name] => {
+            rate(addr.parse().unwrap(), num(clients), secs(seconds), name)
+        }
+        ["idle", addr, count, seconds, name] => {
+            idle(addr.parse().unwrap(), num(count), secs(seconds), name)
+        }
+        _ => {
+            eprintln!("usage: see the top of benches/loadgen.rs");
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = result {
+        eprintln!("loadgen: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn num(s: &str) -> usize {
+    s.parse().expect("a number")
+}
+
+fn secs(s: &str) -> Duration {
+    Duration::from_secs_f64(s.parse().expect("seconds"))
+}
+
+/// Reads one TLS record's worth of hello: the 5-byte header and its payload.
+fn read_hello(s: &mut TcpStream) -> io::Result<()> {
+    let mut header = [0u8; 5];
+    s.read_exact(&mut header)?;
+    let mut payload = vec![0u8; usize::from(u16::from_be_bytes([header[3], header[4]]))];
+    s.read_exact(&mut payload)
+}
+
+type Role = fn(TcpStream) -> io::Result<()>;
+
+/// What an upstream address does, by its last octet (IPv4) or group
+/// (IPv6): 10 answers, 11 sinks, 12 sources (`::10`, `::11`, `::12`).
+fn role_of(addr: SocketAddr) -> Option<Role> {
+    let last = match addr {
+        SocketAddr::V4(a) => u16::from(a.ip().octets()[3]),
+        SocketAddr::V6(a) => a.ip().segments()[7],
+    };
+    match last {
+        10 | 0x10 => Some(answer),
+        11 | 0x11 => Some(sink),
+        12 | 0x12 => Some(source),
+        _ => None,
+    }
+}
+
+fn serve(addrs: &[&str]) -> io::Result<()> {
+    let mut threads = Vec::new();
+    for addr in addrs {
+        let addr: SocketAddr = addr.parse().map_err(io::Error::other)?;
+        let role = role_of(addr)
+            .ok_or_else(|| io::Error::other(format!("{addr}: no role for this address")))?;
+        let listener = TcpListener::bind(addr)?;
+        threads.push(std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                std::thread::spawn(move || {
+                    let _ = stream.set_nodelay(true);
+                    let _ = role(stream);
+                });
+            }
+        }));
+    }
+    for t in threads {
+        let _ = t.join();
+    }
+    Ok(())
+}
+
+fn answer(mut s: TcpStream) -> io::Result<()> {
+    read_hello(&mut s)?;
+    s.write_all(&ANSWER)?;
+    s.shutdown(Shutdown::Write)?;
+    let _ = s.read(&mut [0u8; 64]);
+    Ok(())
+}
+
+fn sink(mut s: TcpStream) -> io::Result<()> {
+    read_hello(&mut s)?;
+    let mut buf = vec![0u8; CHUNK];
+    while s.read(&mut buf)? > 0 {}
+    Ok(())
+}
+
+fn source(mut s: TcpStream) -> io::Result<()> {
+    read_hello(&mut s)?;
+    let buf = vec![0xa5u8; CHUNK];
+    loop {
+        s.write_all(&buf)?;
+    }
+}
+
+fn connect(addr: SocketAddr, name: &str) -> io::Result<TcpStream> {
+    let mut s = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
+    s.set_read_timeout(Some(IO_TIMEOUT))?;
+    s.set_write_timeout(Some(IO_TIMEOUT))?;
+    s.set_nodelay(true)?;
+    s.write_all(&hello::with_server_name(CURL_HELLO, name))?;
+    Ok(s)
+}
+
+/// STREAMS connections moving data one way for SECONDS: MiB/s in all.
+fn bulk(way: &str, addr: SocketAddr, streams: usize, time: Duration, name: &str) -> io::Result<()> {
+    let moved = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for _ in 0..streams {
+        let mut s = connect(addr, name)?;
+        let (moved, stop, down) = (moved.clone(), stop.clone(), way == "down");
+        workers.push(std::thread::spawn(move || -> io::Result<()> {
+            let mut buf = vec![0x3cu8; CHUNK];
+            while !stop.load(Ordering::Relaxed) {
+                let n = if down {
+                    s.read(&mut buf)?
+                } else {
+                    s.write(&buf)?
+                };
+                if n == 0 {
+                    return Err(io::Error::other("the gateway closed the stream"));
+                }
+                moved.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            Ok(())
+        }));
+    }
+    // Let the streams ramp up before measuring.
+    std::thread::sleep(Duration::from_millis(500));
+    let (start, before) = (Instant::now(), moved.load(Ordering::Relaxed));
+    std::thread::sleep(time);
+    let bytes = moved.load(Ordering::Relaxed) - before;
+    let elapsed = start.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.join()
+            .map_err(|_| io::Error::other("a stream panicked"))??;
+    }
+    println!(
+        "bytes={bytes} seconds={elapsed:.3} mib_per_s={:.1}",
+        bytes as f64 / elapsed / (1024.0 * 1024.0)
+    );
+    Ok(())
+}
+
+/// CLIENTS loops of connect, hello, read the 1 KiB answer, close: the
+/// connection rate and the time to first byte after sending the hello.
+fn rate(addr: SocketAddr, clients: usize, time: Duration, name: &str) -> io::Result<()> {
+    let deadline = Instant::now() + time;
+    let workers: Vec<_> = (0..clients)
+        .map(|_| {
+            let name = name.to_string();
+            std::thread::spawn(move || -> io::Result<Vec<Duration>> {
+                let mut first_bytes = Vec::new();
+                while Instant::now() < deadline {
+                    let start = Instant::now();
+                    let mut s = connect(addr, &name)?;
+                    let mut answer = [0u8; 1024];
+                    s.read_exact(&mut answer[..1])?;
+                    first_bytes.push(start.elapsed());
+                    s.read_exact(&mut answer[1..])?;
+                }
+                Ok(first_bytes)
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for w in workers {
+        all.extend(
+            w.join()
+                .map_err(|_| io::Error::other("a client panicked"))??,
+        );
+    }
+    all.sort();
+    let pct =
+        |p: f64| all[((all.len() as f64 * p) as usize).min(all.len() - 1)].as_secs_f64() * 1e3;
+    println!(
+        "connections={} conn_per_s={:.0} ttfb_p50_ms={:.3} ttfb_p99_ms={:.3}",
+        all.len(),
+        all.len() as f64 / time.as_secs_f64(),
+        pct(0.50),
+        pct(0.99)
+    );
+    Ok(())
+}
+
+/// COUNT established connections held open (hello sent, answer unread)
+/// for SECONDS, so run.sh can read the gateway's memory meanwhile.
+fn idle(addr: SocketAddr, count: usize, time: Duration, name: &str) -> io::Result<()> {
+    let held: Vec<TcpStream> = (0..count)
+        .map(|_| connect(addr, name))
+        .collect::<io::Result<_>>()?;
+    println!("held={}", held.len());
+    io::stdout().flush()?;
+    std::thread::sleep(time);
+    Ok(())
+}

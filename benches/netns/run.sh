@@ -1,0 +1,232 @@
+#!/usr/bin/env bash
+# Macro-benchmark: the same traffic through each gateway, side by side in
+# one run, in network namespaces of our own (root):
+#
+#   client 192.0.2.2 --- gateway 192.0.2.1 | 198.51.100.1 --- upstream 198.51.100.2
+#                                                     203.0.113.10 answers 1 KiB,
+#                                                     .11 sinks, .12 sources
+#
+#   (a) kernel    plain routing, no proxy: the limit of this machine
+#   (b) portcullis
+#   (c) nginx     stream + ssl_preread, a map of allowed names
+#   (d) haproxy   req.ssl_sni, a backend per allowed name
+#
+# Every proxy gets the same redirect (iptables/portcullis-iptables.sh) and
+# the same allowlist; the client sends a real ClientHello before any data.
+#
+#   benches/netns/run.sh           full run, about 3 minutes
+#   benches/netns/run.sh --short   a second per workload: checks every gateway carries traffic
+#
+# Results: benches/results/latest.md (table) and latest.txt (raw numbers).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+repo=$PWD
+SECONDS_PER=${SECONDS_PER:-5}
+IDLE=2000
+if [ "${1:-}" = --short ]; then SECONDS_PER=1 IDLE=200; fi
+# The whole run is bounded: nothing here may run away.
+if [ -z "${PORTCULLIS_BENCH_BOUNDED:-}" ]; then
+  PORTCULLIS_BENCH_BOUNDED=1 exec timeout --kill-after=10 600 "$0" "$@"
+fi
+
+# shellcheck source=scripts/setup.sh
+source scripts/setup.sh
+bench_packages=(nginx libnginx-mod-stream haproxy)
+missing=()
+for p in "${bench_packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "bench: installing ${missing[*]} (their services are kept from starting)"
+  # policy-rc.d 101: a package's service must not start on this machine.
+  printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+  chmod +x /usr/sbin/policy-rc.d
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  rm -f /usr/sbin/policy-rc.d
+fi
+
+cargo build --locked --release --quiet
+loadgen=$(cargo bench --locked --bench loadgen --no-run 2>&1 | sed -n 's/.*Executable .*(\(.*\))$/\1/p')
+portcullis=$repo/target/release/portcullis
+
+C=pcbench-client G=pcbench-gateway U=pcbench-upstream
+remove_namespaces() {
+  local ns pid
+  for ns in $C $G $U; do
+    for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -9 "$pid" 2>/dev/null || true; done
+    ip netns del "$ns" 2>/dev/null || true
+  done
+}
+remove_namespaces # left by a run that was killed
+work=$(mktemp -d)
+trap 'remove_namespaces; rm -rf "$work"' EXIT
+
+for ns in $C $G $U; do ip netns add "$ns"; ip -n "$ns" link set lo up; done
+ip -n $C link add eth0 type veth peer name cli netns $G
+ip -n $U link add eth0 type veth peer name net netns $G
+ip -n $C addr add 192.0.2.2/24 dev eth0
+ip -n $G addr add 192.0.2.1/24 dev cli
+ip -n $G addr add 198.51.100.1/24 dev net
+ip -n $U addr add 198.51.100.2/24 dev eth0
+for a in 10 11 12; do ip -n $U addr add "203.0.113.$a/32" dev lo; done
+for dev in "$C eth0" "$G cli" "$G net" "$U eth0"; do
+  read -r ns ifname <<<"$dev"
+  ip -n "$ns" link set "$ifname" up
+done
+ip -n $C route add default via 192.0.2.1
+ip -n $U route add default via 198.51.100.1
+ip -n $G route add 203.0.113.0/24 via 198.51.100.2
+ip netns exec $G sysctl -qw net.ipv4.ip_forward=1
+for ns in $C $G $U; do ip netns exec "$ns" sysctl -qw net.ipv4.ip_local_port_range="1024 65000"; done
+
+ip netns exec $U "$loadgen" serve 203.0.113.10:443 203.0.113.11:443 203.0.113.12:443 &
+
+ANSWER=answer.bench.example SINK=sink.bench.example SOURCE=source.bench.example
+printf '.bench.example\n' >"$work/allowlist.txt"
+
+# Gateway CPU seconds so far: every process in the gateway namespace.
+gateway_cpu() {
+  local total=0 pid ticks
+  for pid in $(ip netns pids $G); do
+    ticks=$(awk '{print $14 + $15}' "/proc/$pid/stat" 2>/dev/null || echo 0)
+    total=$((total + ticks))
+  done
+  awk -v t="$total" -v hz="$(getconf CLK_TCK)" 'BEGIN { printf "%.3f", t / hz }'
+}
+# Gateway resident memory in KiB, all its processes.
+gateway_rss() {
+  local total=0 pid kib
+  for pid in $(ip netns pids $G); do
+    kib=$(awk '/^VmRSS:/ {print $2}' "/proc/$pid/status" 2>/dev/null || echo 0)
+    total=$((total + ${kib:-0}))
+  done
+  echo "$total"
+}
+field() { sed -n "s/.*\b$1=\([^ ]*\).*/\1/p" <<<"$2"; }
+client() { ip netns exec $C "$loadgen" "$@"; }
+
+start_kernel() { ip netns exec $G "$repo/iptables/portcullis-iptables.sh" remove; }
+
+redirect() {
+  ip netns exec $G env PRIVATE_CIDRS=192.0.2.0/24 PRIVATE_CIDRS6= "$repo/iptables/portcullis-iptables.sh" apply
+}
+
+start_portcullis() {
+  redirect
+  ip netns exec $G "$portcullis" run --allowlist "$work/allowlist.txt" --metrics-listen 127.0.0.1:9090 \
+    --tls-listen 0.0.0.0:15443 --http-listen 0.0.0.0:15080 >/dev/null 2>"$work/portcullis.log" &
+}
+
+start_nginx() {
+  redirect
+  cat >"$work/nginx.conf" <<EOF
+load_module /usr/lib/nginx/modules/ngx_stream_module.so;
+worker_processes auto;
+pid $work/nginx.pid;
+error_log $work/nginx.log warn;
+daemon off;
+events { worker_connections 16384; }
+stream {
+  # The allowlist: SNI -> upstream (in production, a resolver and
+  # \$ssl_preread_server_name:443; here a map stands in for DNS).
+  map \$ssl_preread_server_name \$upstream {
+    $ANSWER 203.0.113.10:443;
+    $SINK 203.0.113.11:443;
+    $SOURCE 203.0.113.12:443;
+    default 127.0.0.1:1;
+  }
+  server {
+    listen 15443 reuseport;
+    ssl_preread on;
+    proxy_pass \$upstream;
+  }
+}
+EOF
+  ip netns exec $G nginx -c "$work/nginx.conf" -e "$work/nginx.log" &
+}
+
+start_haproxy() {
+  redirect
+  cat >"$work/haproxy.cfg" <<EOF
+global
+  # Two descriptors a connection: within the descriptor limit.
+  maxconn 8000
+defaults
+  mode tcp
+  timeout connect 10s
+  timeout client 15m
+  timeout server 15m
+frontend tls
+  bind :15443
+  tcp-request inspect-delay 5s
+  tcp-request content accept if { req.ssl_hello_type 1 }
+  tcp-request content reject
+  use_backend answer if { req.ssl_sni -i $ANSWER }
+  use_backend sink if { req.ssl_sni -i $SINK }
+  use_backend source if { req.ssl_sni -i $SOURCE }
+backend answer
+  server s 203.0.113.10:443
+backend sink
+  server s 203.0.113.11:443
+backend source
+  server s 203.0.113.12:443
+EOF
+  ip netns exec $G haproxy -W -db -f "$work/haproxy.cfg" &
+}
+
+wait_ready() {
+  local gw=$1
+  [ "$gw" = kernel ] && return 0
+  for _ in $(seq 100); do
+    ip netns exec $G ss -Hltn 'sport = :15443' | grep -q LISTEN && return 0
+    sleep 0.1
+  done
+  echo "bench: $gw did not start" >&2
+  exit 1
+}
+
+stop_gateway() {
+  for pid in $(ip netns pids $G); do kill "$pid" 2>/dev/null || true; done
+  sleep 0.5
+  for pid in $(ip netns pids $G); do kill -9 "$pid" 2>/dev/null || true; done
+}
+
+# Room for every gateway's connections: as many descriptors as allowed.
+ulimit -n "$(ulimit -Hn)"
+
+raw=$repo/benches/results/latest.txt
+mkdir -p "$repo/benches/results"
+: >"$raw"
+gateways=(kernel portcullis nginx haproxy)
+for gw in "${gateways[@]}"; do
+  echo "== $gw"
+  "start_$gw"
+  wait_ready "$gw"
+  cpu0=$(gateway_cpu)
+  down1=$(client bulk down 203.0.113.12:443 1 "$SECONDS_PER" $SOURCE)
+  up1=$(client bulk up 203.0.113.11:443 1 "$SECONDS_PER" $SINK)
+  down8=$(client bulk down 203.0.113.12:443 8 "$SECONDS_PER" $SOURCE)
+  cpu1=$(gateway_cpu)
+  rate=$(client rate 203.0.113.10:443 64 "$SECONDS_PER" $ANSWER)
+  cpu2=$(gateway_cpu)
+  rss0=$(gateway_rss)
+  client idle 203.0.113.11:443 "$IDLE" 3 $SINK >"$work/idle.out" &
+  idle_pid=$!
+  for _ in $(seq 100); do grep -q held= "$work/idle.out" && break; sleep 0.1; done
+  sleep 1
+  rss1=$(gateway_rss)
+  wait "$idle_pid"
+  bytes=$(($(field bytes "$down1") + $(field bytes "$up1") + $(field bytes "$down8")))
+  conns=$(field connections "$rate")
+  line="gateway=$gw down1=$(field mib_per_s "$down1") up1=$(field mib_per_s "$up1") down8=$(field mib_per_s "$down8")"
+  line+=" conn_per_s=$(field conn_per_s "$rate") ttfb_p50_ms=$(field ttfb_p50_ms "$rate") ttfb_p99_ms=$(field ttfb_p99_ms "$rate")"
+  line+=" cpu_s_per_gib=$(awk -v c="$cpu1" -v c0="$cpu0" -v b="$bytes" 'BEGIN { printf "%.3f", (c - c0) / (b / 2^30) }')"
+  line+=" cpu_s_per_10k_conn=$(awk -v c="$cpu2" -v c1="$cpu1" -v n="$conns" 'BEGIN { printf "%.3f", (c - c1) / (n / 10000) }')"
+  line+=" kib_per_idle_conn=$(awk -v a="$rss1" -v b="$rss0" -v n="$IDLE" 'BEGIN { printf "%.1f", (a - b) / n }')"
+  echo "$line" | tee -a "$raw"
+  stop_gateway
+done
+
+python3 "$repo/benches/netns/report.py" "$raw" "$(uname -r)" "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs) x $(nproc)" \
+  >"$repo/benches/results/latest.md"
+cat "$repo/benches/results/latest.md"

@@ -4,7 +4,8 @@
 //!
 //! ```text
 //! loadgen serve ADDR...            upstream; what it does depends on the address dialled:
-//!                                  .10 answer 1 KiB and close, .11 sink, .12 source
+//!                                  .10 answer 1 KiB and close, .11 greet then
+//!                                  sink, .12 source
 //! loadgen bulk DOWN|UP ADDR STREAMS SECONDS NAME
 //! loadgen rate ADDR CLIENTS SECONDS NAME
 //! loadgen idle ADDR COUNT SECONDS NAME
@@ -27,6 +28,8 @@ mod hello {
 
 const CURL_HELLO: &[u8] = include_bytes!("../testdata/clienthellos/curl-7.88-openssl-3.0.bin");
 const ANSWER: [u8; 1024] = [0x5a; 1024];
+/// What the sink sends after the hello, standing in for a ServerHello.
+const GREETING: [u8; 64] = [0x16; 64];
 const CHUNK: usize = 256 * 1024;
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -129,6 +132,9 @@ fn answer(mut s: TcpStream) -> io::Result<()> {
 
 fn sink(mut s: TcpStream) -> io::Result<()> {
     read_hello(&mut s)?;
+    // A TLS server speaks after the hello, and clients wait for it before
+    // sending data; peeking proxies rely on that.
+    s.write_all(&GREETING)?;
     let mut buf = vec![0u8; CHUNK];
     while s.read(&mut buf)? > 0 {}
     Ok(())
@@ -156,9 +162,13 @@ fn bulk(way: &str, addr: SocketAddr, streams: usize, time: Duration, name: &str)
     let moved = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let mut workers = Vec::new();
+    let down = way == "down";
     for _ in 0..streams {
         let mut s = connect(addr, name)?;
-        let (moved, stop, down) = (moved.clone(), stop.clone(), way == "down");
+        if !down {
+            s.read_exact(&mut [0u8; GREETING.len()])?;
+        }
+        let (moved, stop) = (moved.clone(), stop.clone());
         workers.push(std::thread::spawn(move || -> io::Result<()> {
             let mut buf = vec![0x3cu8; CHUNK];
             while !stop.load(Ordering::Relaxed) {

@@ -14,6 +14,9 @@ step "cargo fmt --check";   cargo fmt --check
 step "shellcheck";          shellcheck scripts/*.sh iptables/*.sh ami/scripts/*.sh benches/netns/*.sh .ci/run
 step "cargo clippy";        cargo clippy --locked --all-targets -- -D warnings
 step "release build";       cargo build --locked --release
+# Each gateway of the macro-benchmark must carry traffic (a second per
+# workload; the numbers are not kept).
+step "macro-benchmark, short"; bash benches/netns/run.sh --short
 # The tests run against the release build, the binary we ship, and share
 # its compiled dependencies instead of building them a second time.
 step "tests";               cargo test --locked --release --all-targets

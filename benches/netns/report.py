@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
-"""Turns run.sh's raw lines into the Markdown results table.
+"""Turns run.sh's raw lines into the Markdown results table (stdout) and
+a bar chart (SVG) of every gateway on every workload.
 
-usage: report.py RAW KERNEL CPU
+usage: report.py RAW KERNEL CPU SVG
 """
+import html
 import sys
 
 # (key, label, unit, higher is better)
@@ -23,7 +25,7 @@ NOT_ATTRIBUTABLE = {"cpu_s_per_gib", "cpu_s_per_10k_conn", "kib_per_idle_conn"}
 
 
 def main():
-    raw, kernel, cpu = sys.argv[1:4]
+    raw, kernel, cpu, svg = sys.argv[1:5]
     runs = {}
     for line in open(raw):
         fields = dict(kv.split("=", 1) for kv in line.split())
@@ -31,6 +33,8 @@ def main():
         runs[gateway] = {k: float(v) for k, v in fields.items()}
     gateways = list(runs)
     peers = [g for g in gateways if g not in ("kernel", "portcullis")]
+    with open(svg, "w") as out:
+        out.write(chart(runs, f"Linux {kernel}, {cpu}"))
 
     def cell(gw, key):
         if gw == "kernel" and key in NOT_ATTRIBUTABLE:
@@ -62,6 +66,41 @@ def main():
     if "kernel" in runs:
         added = [f"{g} +{runs[g]['ttfb_p50_ms'] - runs['kernel']['ttfb_p50_ms']:.3f} ms" for g in gateways if g != "kernel"]
         print("\nTime to first byte added over the kernel alone (p50): " + ", ".join(added) + ".")
+
+
+COLOURS = {"kernel": "#9e9e9e", "portcullis": "#1565c0", "nginx": "#2e7d32", "haproxy": "#ef6c00", "squid": "#6a1b9a"}
+
+
+def chart(runs, machine):
+    """One group of bars per workload; each bar is the gateway's score
+    against the best gateway on that workload (1 = best), labelled with
+    its value. The kernel is left out where its cost is not attributable."""
+    row, bar, left, width = 26, 16, 330, 420
+    gateways = list(runs)
+    height = 70 + len(METRICS) * (len(gateways) * bar + row + 18)
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 140}" height="{height}" font-family="sans-serif" font-size="12">',
+        f'<text x="10" y="20" font-size="15" font-weight="bold">Egress gateways on the same traffic (longer is better)</text>',
+        f'<text x="10" y="38" fill="#555">{html.escape(machine)}</text>',
+    ]
+    y = 60
+    for key, label, unit, higher in METRICS:
+        shown = [g for g in gateways if not (g == "kernel" and key in NOT_ATTRIBUTABLE) and runs[g][key] > 0]
+        values = {g: runs[g][key] for g in shown}
+        best = max(values.values()) if higher else min(values.values())
+        parts.append(f'<text x="10" y="{y + 12}" font-weight="bold">{html.escape(label)} ({unit})</text>')
+        y += 18
+        for g in shown:
+            v = values[g]
+            score = v / best if higher else best / v
+            w = max(1, int(width * score))
+            parts.append(f'<text x="{left - 8}" y="{y + 12}" text-anchor="end">{g}</text>')
+            parts.append(f'<rect x="{left}" y="{y + 2}" width="{w}" height="{bar - 4}" fill="{COLOURS.get(g, "#333")}"/>')
+            parts.append(f'<text x="{left + w + 6}" y="{y + 12}">{v:g}</text>')
+            y += bar
+        y += row
+    parts.append("</svg>")
+    return "\n".join(parts) + "\n"
 
 
 main()

@@ -10,6 +10,8 @@
 #   (b) portcullis
 #   (c) nginx     stream + ssl_preread, a map of allowed names
 #   (d) haproxy   req.ssl_sni, a backend per allowed name
+#   (e) squid     intercept, ssl_bump peek then splice by ssl::server_name
+#                 (the Squid-in-an-autoscaling-group design portcullis replaces)
 #
 # Every proxy gets the same redirect (iptables/portcullis-iptables.sh) and
 # the same allowlist; the client sends a real ClientHello before any data.
@@ -17,13 +19,18 @@
 #   benches/netns/run.sh           full run, about 3 minutes
 #   benches/netns/run.sh --short   a second per workload: checks every gateway carries traffic
 #
-# Results: benches/results/latest.md (table) and latest.txt (raw numbers).
+# Results: benches/results/latest.md (table), latest.svg (chart) and
+# latest.txt (raw numbers);
+# a short run writes them under target/bench-short/ instead.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 repo=$PWD
 SECONDS_PER=${SECONDS_PER:-5}
 IDLE=2000
-if [ "${1:-}" = --short ]; then SECONDS_PER=1 IDLE=200; fi
+RESULTS=$repo/benches/results
+# The short run only proves that every gateway carries traffic: its
+# numbers are not worth publishing, so they stay under target/.
+if [ "${1:-}" = --short ]; then SECONDS_PER=1 IDLE=200 RESULTS=$repo/target/bench-short; fi
 # The whole run is bounded: nothing here may run away.
 if [ -z "${PORTCULLIS_BENCH_BOUNDED:-}" ]; then
   PORTCULLIS_BENCH_BOUNDED=1 exec timeout --kill-after=10 600 "$0" "$@"
@@ -31,7 +38,7 @@ fi
 
 # shellcheck source=scripts/setup.sh
 source scripts/setup.sh
-bench_packages=(nginx libnginx-mod-stream haproxy)
+bench_packages=(nginx libnginx-mod-stream haproxy squid-openssl)
 missing=()
 for p in "${bench_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
@@ -43,6 +50,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   chmod +x /usr/sbin/policy-rc.d
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   rm -f /usr/sbin/policy-rc.d
+  # Installed for the benchmark only: nor should they start at the next boot.
+  systemctl disable --quiet nginx haproxy squid 2>/dev/null || true
 fi
 
 cargo build --locked --release --quiet
@@ -80,6 +89,7 @@ ip netns exec $G sysctl -qw net.ipv4.ip_forward=1
 for ns in $C $G $U; do ip netns exec "$ns" sysctl -qw net.ipv4.ip_local_port_range="1024 65000"; done
 
 ip netns exec $U "$loadgen" serve 203.0.113.10:443 203.0.113.11:443 203.0.113.12:443 &
+disown # killed with the namespace, not reported
 
 ANSWER=answer.bench.example SINK=sink.bench.example SOURCE=source.bench.example
 printf '.bench.example\n' >"$work/allowlist.txt"
@@ -103,7 +113,13 @@ gateway_rss() {
   echo "$total"
 }
 field() { sed -n "s/.*\b$1=\([^ ]*\).*/\1/p" <<<"$2"; }
-client() { ip netns exec $C "$loadgen" "$@"; }
+client() {
+  if ! ip netns exec $C "$loadgen" "$@"; then
+    echo "bench: the $gw workload '$*' failed; gateway logs:" >&2
+    tail -n 20 "$work"/*.log >&2 || true
+    exit 1
+  fi
+}
 
 start_kernel() { ip netns exec $G "$repo/iptables/portcullis-iptables.sh" remove; }
 
@@ -115,6 +131,7 @@ start_portcullis() {
   redirect
   ip netns exec $G "$portcullis" run --allowlist "$work/allowlist.txt" --metrics-listen 127.0.0.1:9090 \
     --tls-listen 0.0.0.0:15443 --http-listen 0.0.0.0:15080 >/dev/null 2>"$work/portcullis.log" &
+  disown # killed with the namespace, not reported
 }
 
 start_nginx() {
@@ -143,6 +160,7 @@ stream {
 }
 EOF
   ip netns exec $G nginx -c "$work/nginx.conf" -e "$work/nginx.log" &
+  disown # killed with the namespace, not reported
 }
 
 start_haproxy() {
@@ -172,6 +190,43 @@ backend source
   server s 203.0.113.12:443
 EOF
   ip netns exec $G haproxy -W -db -f "$work/haproxy.cfg" &
+  disown # killed with the namespace, not reported
+}
+
+start_squid() {
+  redirect
+  # ssl-bump wants a certificate even when it only peeks and splices.
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 -subj /CN=bench \
+    -keyout "$work/squid.pem" -out "$work/squid.pem" 2>/dev/null
+  chmod 0755 "$work"
+  chmod 0644 "$work/squid.pem"
+  install -o proxy -m 0644 /dev/null "$work/squid.log"
+  # Squid checks the SNI against the dialled address by name lookup; these
+  # stand in for the DNS a real deployment has.
+  printf '203.0.113.10 %s\n203.0.113.11 %s\n203.0.113.12 %s\n' $ANSWER $SINK $SOURCE >"$work/hosts"
+  cat >"$work/squid.conf" <<EOF
+http_port 127.0.0.1:3128
+https_port 15443 intercept ssl-bump tls-cert=$work/squid.pem generate-host-certificates=off
+acl step1 at_step SslBump1
+acl allowed ssl::server_name .bench.example
+ssl_bump peek step1
+ssl_bump splice allowed
+ssl_bump terminate all
+http_access allow all
+cache deny all
+cache_mem 8 MB
+access_log none
+cache_log $work/squid.log
+debug_options ALL,1
+pid_filename none
+coredump_dir none
+dns_nameservers 127.0.0.1
+hosts_file $work/hosts
+max_filedescriptors 16384
+shutdown_lifetime 0 seconds
+EOF
+  ip netns exec $G squid -N -f "$work/squid.conf" &
+  disown # killed with the namespace, not reported
 }
 
 wait_ready() {
@@ -194,10 +249,10 @@ stop_gateway() {
 # Room for every gateway's connections: as many descriptors as allowed.
 ulimit -n "$(ulimit -Hn)"
 
-raw=$repo/benches/results/latest.txt
-mkdir -p "$repo/benches/results"
+raw=$RESULTS/latest.txt
+mkdir -p "$RESULTS"
 : >"$raw"
-gateways=(kernel portcullis nginx haproxy)
+read -r -a gateways <<<"${GATEWAYS:-kernel portcullis nginx haproxy squid}"
 for gw in "${gateways[@]}"; do
   echo "== $gw"
   "start_$gw"
@@ -218,6 +273,10 @@ for gw in "${gateways[@]}"; do
   wait "$idle_pid"
   bytes=$(($(field bytes "$down1") + $(field bytes "$up1") + $(field bytes "$down8")))
   conns=$(field connections "$rate")
+  if [ "$bytes" -le 0 ] || [ "$conns" -le 0 ] || [ "$(field held "$(cat "$work/idle.out")")" != "$IDLE" ]; then
+    echo "bench: $gw carried no traffic ($bytes bytes, $conns connections)" >&2
+    exit 1
+  fi
   line="gateway=$gw down1=$(field mib_per_s "$down1") up1=$(field mib_per_s "$up1") down8=$(field mib_per_s "$down8")"
   line+=" conn_per_s=$(field conn_per_s "$rate") ttfb_p50_ms=$(field ttfb_p50_ms "$rate") ttfb_p99_ms=$(field ttfb_p99_ms "$rate")"
   line+=" cpu_s_per_gib=$(awk -v c="$cpu1" -v c0="$cpu0" -v b="$bytes" 'BEGIN { printf "%.3f", (c - c0) / (b / 2^30) }')"
@@ -227,6 +286,6 @@ for gw in "${gateways[@]}"; do
   stop_gateway
 done
 
-python3 "$repo/benches/netns/report.py" "$raw" "$(uname -r)" "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs) x $(nproc)" \
-  >"$repo/benches/results/latest.md"
-cat "$repo/benches/results/latest.md"
+python3 "$repo/benches/netns/report.py" "$raw" "$(uname -r)" \
+  "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs) x $(nproc)" "$RESULTS/latest.svg" >"$RESULTS/latest.md"
+cat "$RESULTS/latest.md"

@@ -23,7 +23,8 @@
 # latest.txt (raw numbers);
 # a short run writes them under target/bench-short/ instead.
 set -euo pipefail
-cd "$(dirname "$0")/../.."
+self=$(realpath "$0")
+cd "$(dirname "$self")/../.."
 repo=$PWD
 SECONDS_PER=${SECONDS_PER:-5}
 IDLE=2000
@@ -33,7 +34,7 @@ RESULTS=$repo/benches/results
 if [ "${1:-}" = --short ]; then SECONDS_PER=1 IDLE=200 RESULTS=$repo/target/bench-short; fi
 # The whole run is bounded: nothing here may run away.
 if [ -z "${PORTCULLIS_BENCH_BOUNDED:-}" ]; then
-  PORTCULLIS_BENCH_BOUNDED=1 exec timeout --kill-after=10 600 "$0" "$@"
+  PORTCULLIS_BENCH_BOUNDED=1 exec timeout --kill-after=10 600 bash "$self" "$@"
 fi
 
 # shellcheck source=scripts/setup.sh
@@ -86,7 +87,11 @@ ip -n $C route add default via 192.0.2.1
 ip -n $U route add default via 198.51.100.1
 ip -n $G route add 203.0.113.0/24 via 198.51.100.2
 ip netns exec $G sysctl -qw net.ipv4.ip_forward=1
-for ns in $C $G $U; do ip netns exec "$ns" sysctl -qw net.ipv4.ip_local_port_range="1024 65000"; done
+# The connection-rate workload opens tens of thousands of connections a
+# run: every host reuses TIME_WAIT ports, as ami/sysctl sets for a gateway.
+for ns in $C $G $U; do
+  ip netns exec "$ns" sysctl -qw net.ipv4.ip_local_port_range="1024 65000" net.ipv4.tcp_tw_reuse=1
+done
 
 ip netns exec $U "$loadgen" serve 203.0.113.10:443 203.0.113.11:443 203.0.113.12:443 &
 disown # killed with the namespace, not reported

@@ -10,6 +10,8 @@ use tokio::time::Instant;
 
 /// Read size for bodies forwarded in user space.
 const BODY_CHUNK: usize = 64 * 1024;
+/// A hello or head is read 4 KiB first, then at most doubling.
+const GROW_FROM: usize = 4 * 1024;
 
 /// Why a read for a hello or head did not produce one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,7 +64,11 @@ impl<'a> Inbound<'a> {
                 }
                 Detect::Incomplete => {}
             }
-            match tokio::time::timeout_at(deadline, self.read_more(cap)).await {
+            // Grow as the message does (most hellos and heads fit in the
+            // first 4 KiB) rather than zeroing the whole cap per connection.
+            let len = self.buf.len();
+            let step = cap.min(len + len.max(GROW_FROM));
+            match tokio::time::timeout_at(deadline, self.read_more(step)).await {
                 Err(_) => return Err(ReadError::Timeout),
                 Ok(Err(_)) => return Err(ReadError::Io),
                 Ok(Ok(0)) => {

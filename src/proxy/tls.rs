@@ -60,9 +60,13 @@ pub(super) async fn serve(
     if write_all(&upstream, inbound.buffered()).await.is_err() {
         return Verdict::Error(ErrorKind::Io);
     }
+    // The hello is upstream now: free its buffer before a flow that may
+    // last hours.
+    let hello_len = inbound.buffered().len() as u64;
+    drop(inbound);
     let (moved, result) = forward_both(client, &upstream, limits.idle_timeout).await;
     rec.moved = moved;
-    rec.moved.up += inbound.buffered().len() as u64;
+    rec.moved.up += hello_len;
     match result {
         Ok(()) => Verdict::Allow,
         Err(e) if e.kind() == std::io::ErrorKind::TimedOut => Verdict::Error(ErrorKind::Idle),

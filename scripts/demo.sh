@@ -18,34 +18,21 @@ bin=$PWD/target/release/portcullis
 iptables_script=$PWD/iptables/portcullis-iptables.sh
 
 C=pcdemo-client G=pcdemo-gateway U=pcdemo-internet
+# shellcheck source=scripts/topology.sh
+source scripts/topology.sh
 work=$(mktemp -d)
 pids=()
 cleanup() {
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
-  for ns in $C $G $U; do ip netns del "$ns" 2>/dev/null || true; done
+  topology_down $C $G $U
   rm -rf "$work"
 }
 trap cleanup EXIT
-for ns in $C $G $U; do ip netns del "$ns" 2>/dev/null || true; done
+topology_down $C $G $U # left by a run that was killed
 
 echo "== building the topology"
-for ns in $C $G $U; do ip netns add "$ns"; ip -n "$ns" link set lo up; done
-ip -n $C link add eth0 type veth peer name cli netns $G
-ip -n $U link add eth0 type veth peer name net netns $G
-ip -n $C addr add 192.0.2.2/24 dev eth0
-ip -n $G addr add 192.0.2.1/24 dev cli
-ip -n $G addr add 198.51.100.1/24 dev net
-ip -n $U addr add 198.51.100.2/24 dev eth0
-ip -n $U addr add 203.0.113.20/32 dev lo
-for dev in "$C eth0" "$G cli" "$G net" "$U eth0"; do
-  read -r ns ifname <<<"$dev"
-  ip -n "$ns" link set "$ifname" up
-done
-ip -n $C route add default via 192.0.2.1
-ip -n $U route add default via 198.51.100.1
-ip -n $G route add 203.0.113.0/24 via 198.51.100.2
-ip netns exec $G sysctl -qw net.ipv4.ip_forward=1
+topology_up $C $G $U 203.0.113.20
 
 echo "== applying the iptables rules in the gateway"
 ip netns exec $G env PRIVATE_CIDRS=192.0.2.0/24 PRIVATE_CIDRS6= "$iptables_script" apply

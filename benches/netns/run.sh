@@ -60,33 +60,12 @@ loadgen=$(cargo bench --locked --bench loadgen --no-run 2>&1 | sed -n 's/.*Execu
 portcullis=$repo/target/release/portcullis
 
 C=pcbench-client G=pcbench-gateway U=pcbench-upstream
-remove_namespaces() {
-  local ns pid
-  for ns in $C $G $U; do
-    for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -9 "$pid" 2>/dev/null || true; done
-    ip netns del "$ns" 2>/dev/null || true
-  done
-}
-remove_namespaces # left by a run that was killed
+# shellcheck source=scripts/topology.sh
+source scripts/topology.sh
+topology_down $C $G $U # left by a run that was killed
 work=$(mktemp -d)
-trap 'remove_namespaces; rm -rf "$work"' EXIT
-
-for ns in $C $G $U; do ip netns add "$ns"; ip -n "$ns" link set lo up; done
-ip -n $C link add eth0 type veth peer name cli netns $G
-ip -n $U link add eth0 type veth peer name net netns $G
-ip -n $C addr add 192.0.2.2/24 dev eth0
-ip -n $G addr add 192.0.2.1/24 dev cli
-ip -n $G addr add 198.51.100.1/24 dev net
-ip -n $U addr add 198.51.100.2/24 dev eth0
-for a in 10 11 12; do ip -n $U addr add "203.0.113.$a/32" dev lo; done
-for dev in "$C eth0" "$G cli" "$G net" "$U eth0"; do
-  read -r ns ifname <<<"$dev"
-  ip -n "$ns" link set "$ifname" up
-done
-ip -n $C route add default via 192.0.2.1
-ip -n $U route add default via 198.51.100.1
-ip -n $G route add 203.0.113.0/24 via 198.51.100.2
-ip netns exec $G sysctl -qw net.ipv4.ip_forward=1
+trap 'topology_down $C $G $U; rm -rf "$work"' EXIT
+topology_up $C $G $U 203.0.113.10 203.0.113.11 203.0.113.12
 # The connection-rate workload opens tens of thousands of connections a
 # run: every host reuses TIME_WAIT ports, as ami/sysctl sets for a gateway.
 for ns in $C $G $U; do

@@ -283,10 +283,13 @@ impl Topology {
     }
 
     /// The audit records written so far, each parsed as JSON (a line that
-    /// does not parse fails the test).
+    /// does not parse fails the test). A last line still being written is
+    /// left for the next call.
     pub fn audit(&self) -> Vec<serde_json::Value> {
         let text = std::fs::read_to_string(self.audit_path()).unwrap_or_default();
-        text.lines()
+        let complete = &text[..text.rfind('\n').map_or(0, |end| end + 1)];
+        complete
+            .lines()
             .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("audit line {l:?}: {e}")))
             .collect()
     }

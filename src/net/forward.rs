@@ -107,6 +107,12 @@ pub async fn forward(
     activity: &Activity,
     count: &AtomicU64,
 ) -> io::Result<()> {
+    // A direction holds a pipe only once it has data to move: an idle
+    // connection keeps two descriptors instead of six, and a direction
+    // that only ever sees the end of stream never makes a pipe at all.
+    if src.peek(&mut [0u8; 1]).await? == 0 {
+        return shutdown_write(dst);
+    }
     let result = match Pipe::new() {
         Ok(pipe) => splice_loop(src, dst, &pipe, activity, count).await,
         // Out of descriptors for a pipe: still serve the connection.

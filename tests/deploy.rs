@@ -28,17 +28,9 @@ fn read(path: &str) -> String {
     std::fs::read_to_string(repo(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
 }
 
-/// Runs a checker; None (the test skips) if it is not installed and this
-/// is not CI.
+/// Runs a checker with its arguments; see [`support::checker`].
 fn run(program: &str, args: &[&str]) -> Option<Output> {
-    match Command::new(program).args(args).output() {
-        Ok(out) => Some(out),
-        Err(_) if std::env::var_os("CI").is_none_or(|v| v != "true") => {
-            eprintln!("skipping: {program} not installed (scripts/setup.sh installs it)");
-            None
-        }
-        Err(e) => panic!("{program} not found ({e}) and CI=true: refusing to skip"),
-    }
+    support::checker(Command::new(program).args(args), b"")
 }
 
 fn assert_clean(what: &str, out: &Output) {

@@ -10,7 +10,9 @@ pub mod s3;
 pub mod scrape;
 pub mod servers;
 
+use std::io::Write;
 use std::net::SocketAddr;
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 pub fn addr(ip: &str, port: u16) -> SocketAddr {
@@ -24,4 +26,27 @@ pub fn wait_until(what: &str, within: Duration, mut done: impl FnMut() -> bool) 
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Runs a checker (promtool, packer, …) with `input` on its standard
+/// input. None when it is not installed and this is not CI, so the test
+/// skips; under CI=true a missing checker fails (scripts/setup.sh installs
+/// them all).
+pub fn checker(command: &mut Command, input: &[u8]) -> Option<Output> {
+    let program = command.get_program().to_string_lossy().into_owned();
+    let spawned = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let mut child = match spawned {
+        Ok(child) => child,
+        Err(_) if std::env::var_os("CI").is_none_or(|v| v != "true") => {
+            eprintln!("skipping: {program} not installed (scripts/setup.sh installs it)");
+            return None;
+        }
+        Err(e) => panic!("{program} not found ({e}) and CI=true: refusing to skip"),
+    };
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    Some(child.wait_with_output().unwrap())
 }

@@ -153,8 +153,8 @@ fn the_ami_installs_every_file_its_units_run() {
     }
 }
 
-/// A root laid out as the AMI build lays it out, with the host's own
-/// systemd units so dependencies resolve.
+/// A root laid out as the AMI build lays it out (from the template's own
+/// file list), with the host's own systemd units so dependencies resolve.
 fn image_root() -> tempdir::Dir {
     let root = tempdir::Dir::new("portcullis-root");
     let r = |p: &str| root.path().join(p.trim_start_matches('/'));
@@ -169,21 +169,15 @@ fn image_root() -> tempdir::Dir {
     }
     std::fs::copy(env!("CARGO_BIN_EXE_portcullis"), r("/usr/bin/portcullis")).unwrap();
     std::fs::copy("/bin/kill", r("/bin/kill")).unwrap();
-    for script in [
-        "iptables/portcullis-iptables.sh",
-        "ami/scripts/imds.sh",
-        "ami/scripts/take-over-routes.sh",
-        "ami/scripts/health-check.sh",
-    ] {
-        let name = script.rsplit('/').next().unwrap();
-        std::fs::copy(repo(script), r(&format!("/usr/libexec/portcullis/{name}"))).unwrap();
-    }
-    for unit in UNITS {
-        std::fs::copy(
-            repo(&format!("ami/systemd/{unit}")),
-            r(&format!("/etc/systemd/system/{unit}")),
-        )
-        .unwrap();
+    // What the Packer template uploads, where its install step puts it.
+    for source in packer_sources(&read("ami/portcullis.pkr.hcl")) {
+        let name = source.rsplit('/').next().unwrap();
+        let dir = match name.rsplit('.').next() {
+            Some("sh") => "/usr/libexec/portcullis",
+            Some("service" | "timer") => "/etc/systemd/system",
+            _ => continue,
+        };
+        std::fs::copy(repo(&source), r(&format!("{dir}/{name}"))).unwrap();
     }
     let status = Command::new("cp")
         .args(["-a", "/usr/lib/systemd/system"])

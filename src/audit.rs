@@ -100,8 +100,7 @@ impl AuditLog {
     /// Queues a record without ever waiting; a full queue drops it.
     pub fn record(&self, line: String) {
         if self.queue.try_send(Message::Line(line)).is_err() {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
-            telemetry::audit_dropped(1);
+            count_dropped(&self.dropped);
         }
     }
 
@@ -130,6 +129,12 @@ impl AuditLog {
             .recv_timeout(deadline.saturating_duration_since(Instant::now()))
             .is_ok()
     }
+}
+
+/// One record lost: counted for [`AuditLog::dropped`] and the metric.
+fn count_dropped(dropped: &AtomicU64) {
+    dropped.fetch_add(1, Ordering::Relaxed);
+    telemetry::audit_dropped(1);
 }
 
 struct Writer<W: Write> {
@@ -186,8 +191,7 @@ impl<W: Write> Writer<W> {
             self.fail();
         }
         if self.broken {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
-            telemetry::audit_dropped(1);
+            count_dropped(&self.dropped);
         }
     }
 

@@ -3,17 +3,23 @@
 # Idempotent; run as root. Sourced or run by the other scripts.
 set -euo pipefail
 
-packages=(ca-certificates curl openssl iproute2 iptables procps util-linux python3 python3-venv shellcheck gcc libc6-dev systemd)
-missing=()
-for p in "${packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  echo "setup: installing ${missing[*]}"
+# install_missing PACKAGE...: installs those not installed yet, and leaves
+# their names in `newly_installed`.
+install_missing() {
+  local p
+  newly_installed=()
+  for p in "$@"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || newly_installed+=("$p")
+  done
+  [ ${#newly_installed[@]} -gt 0 ] || return 0
+  echo "setup: installing ${newly_installed[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+  apt-get install -y -qq --no-install-recommends "${newly_installed[@]}" >/dev/null
+}
+
+install_missing ca-certificates curl openssl iproute2 iptables procps util-linux python3 python3-venv \
+  shellcheck gcc libc6-dev systemd
 
 if ! command -v cargo >/dev/null 2>&1 && [ -x "$HOME/.cargo/bin/cargo" ]; then
   export PATH="$HOME/.cargo/bin:$PATH"

@@ -39,19 +39,19 @@ fi
 
 # shellcheck source=scripts/setup.sh
 source scripts/setup.sh
-bench_packages=(nginx libnginx-mod-stream haproxy squid-openssl)
-missing=()
-for p in "${bench_packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  echo "bench: installing ${missing[*]} (their services are kept from starting)"
-  # policy-rc.d 101: a package's service must not start on this machine.
+# policy-rc.d 101: the peers' services must not start on this machine,
+# and since they are installed for the benchmark only, nor at the next boot.
+# An administrator's own policy-rc.d is left as it is.
+own_policy=
+if [ ! -e /usr/sbin/policy-rc.d ]; then
   printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
   chmod +x /usr/sbin/policy-rc.d
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-  rm -f /usr/sbin/policy-rc.d
-  # Installed for the benchmark only: nor should they start at the next boot.
+  own_policy=1
+fi
+install_missing nginx libnginx-mod-stream haproxy squid-openssl || status=$?
+[ -z "$own_policy" ] || rm -f /usr/sbin/policy-rc.d
+[ "${status:-0}" -eq 0 ] || exit "$status"
+if [ ${#newly_installed[@]} -gt 0 ]; then
   systemctl disable --quiet nginx haproxy squid 2>/dev/null || true
 fi
 

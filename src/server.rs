@@ -160,7 +160,6 @@ async fn accept_loop(
                 };
                 let ctx = ctx.clone();
                 tokio::spawn(async move {
-                    let _ = stream.set_nodelay(true);
                     proxy::serve(stream, peer, proto, &ctx).await;
                     drop(permit);
                 });

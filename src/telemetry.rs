@@ -10,7 +10,8 @@
 
 use crate::allowlist::Live;
 use crate::proxy::Record;
-use crate::verdict::{Proto, Verdict};
+use crate::verdict::{ErrorKind, Proto, Reason, Verdict};
+use metrics::{Counter, Gauge, Histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
@@ -255,7 +256,7 @@ fn build() -> PrometheusHandle {
         tracing::warn!("a metrics recorder was already installed; /metrics will miss its events");
     }
     describe();
-    start_series();
+    let _ = HANDLES.set(Handles::register());
     handle
 }
 
@@ -269,53 +270,108 @@ fn describe() {
     }
 }
 
-/// Exports the main series from the start, at zero, so that rates and
-/// alerts work before the first event rather than on an absent series.
-fn start_series() {
-    for proto in [Proto::Tls, Proto::Http] {
-        let p = proto.as_str();
-        for verdict in ["allow", "deny", "error"] {
-            metrics::counter!(CONNECTIONS, "proto" => p, "verdict" => verdict).increment(0);
+/// The series every connection touches, registered once at start: counting
+/// a connection is then a few atomic adds, not a registry lookup (and a
+/// label allocation) per series. Registering also exports each series
+/// from the start, at zero, so rates and alerts work before the first
+/// event rather than on an absent series.
+struct Handles {
+    /// By [`Proto`].
+    by_proto: [ProtoSeries; 2],
+    /// By [`ErrorKind`]; only the upstream kinds have a series.
+    upstream_errors: [Option<Counter>; ErrorKind::ALL.len()],
+}
+
+struct ProtoSeries {
+    active: Gauge,
+    /// By [`Verdict::index`].
+    connections: [Counter; 3],
+    /// By [`Reason`].
+    denied: [Counter; Reason::ALL.len()],
+    bytes_upstream: Counter,
+    bytes_downstream: Counter,
+    hello: Histogram,
+    connect: Histogram,
+    /// By [`Verdict::index`].
+    duration: [Histogram; 3],
+}
+
+static HANDLES: OnceLock<Handles> = OnceLock::new();
+
+impl Handles {
+    fn register() -> Handles {
+        let by_proto = Proto::ALL.map(|proto| {
+            let p = proto.as_str();
+            ProtoSeries {
+                active: metrics::gauge!(ACTIVE, "proto" => p),
+                connections: Verdict::LABELS
+                    .map(|v| metrics::counter!(CONNECTIONS, "proto" => p, "verdict" => v)),
+                denied: Reason::ALL
+                    .map(|r| metrics::counter!(DENIED, "proto" => p, "reason" => r.as_str())),
+                bytes_upstream: metrics::counter!(BYTES, "proto" => p, "direction" => "upstream"),
+                bytes_downstream: metrics::counter!(BYTES, "proto" => p, "direction" => "downstream"),
+                hello: metrics::histogram!(HELLO_DURATION, "proto" => p),
+                connect: metrics::histogram!(CONNECT_DURATION, "proto" => p),
+                duration: Verdict::LABELS
+                    .map(|v| metrics::histogram!(CONNECTION_DURATION, "proto" => p, "verdict" => v)),
+            }
+        });
+        let upstream_errors = ErrorKind::ALL.map(|kind| {
+            kind.is_upstream()
+                .then(|| metrics::counter!(UPSTREAM_ERRORS, "kind" => kind.as_str()))
+        });
+        for series in &by_proto {
+            series.active.set(0.0);
+            for counter in series.connections.iter().chain(&series.denied) {
+                counter.increment(0);
+            }
+            series.bytes_upstream.increment(0);
+            series.bytes_downstream.increment(0);
         }
-        metrics::gauge!(ACTIVE, "proto" => p).set(0.0);
+        for counter in upstream_errors.iter().flatten() {
+            counter.increment(0);
+        }
+        metrics::counter!(ACCEPT_ERRORS).increment(0);
+        metrics::counter!(LIMIT_REJECTIONS).increment(0);
+        metrics::counter!(AUDIT_DROPPED).increment(0);
+        metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+        Handles {
+            by_proto,
+            upstream_errors,
+        }
     }
-    metrics::counter!(ACCEPT_ERRORS).increment(0);
-    metrics::counter!(LIMIT_REJECTIONS).increment(0);
-    metrics::counter!(AUDIT_DROPPED).increment(0);
-    metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+
+    fn of(proto: Proto) -> Option<&'static ProtoSeries> {
+        HANDLES.get().map(|h| &h.by_proto[proto as usize])
+    }
 }
 
 /// Counts one ended connection.
 pub fn connection_ended(rec: &Record) {
-    let proto = rec.proto.as_str();
-    let verdict = rec.verdict.as_str();
-    metrics::counter!(CONNECTIONS, "proto" => proto, "verdict" => verdict).increment(1);
+    let Some(handles) = HANDLES.get() else {
+        return;
+    };
+    let series = &handles.by_proto[rec.proto as usize];
+    let verdict = rec.verdict.index();
+    series.connections[verdict].increment(1);
     match rec.verdict {
         Verdict::Allow => {}
-        Verdict::Deny(reason) => {
-            metrics::counter!(DENIED, "proto" => proto, "reason" => reason.as_str()).increment(1)
+        Verdict::Deny(reason) => series.denied[reason as usize].increment(1),
+        Verdict::Error(kind) => {
+            if let Some(counter) = &handles.upstream_errors[kind as usize] {
+                counter.increment(1);
+            }
         }
-        Verdict::Error(kind) if kind.is_upstream() => {
-            metrics::counter!(UPSTREAM_ERRORS, "kind" => kind.as_str()).increment(1)
-        }
-        Verdict::Error(_) => {}
     }
-    if rec.moved.up > 0 {
-        metrics::counter!(BYTES, "proto" => proto, "direction" => "upstream")
-            .increment(rec.moved.up);
-    }
-    if rec.moved.down > 0 {
-        metrics::counter!(BYTES, "proto" => proto, "direction" => "downstream")
-            .increment(rec.moved.down);
-    }
+    series.bytes_upstream.increment(rec.moved.up);
+    series.bytes_downstream.increment(rec.moved.down);
     if let Some(hello) = rec.hello {
-        metrics::histogram!(HELLO_DURATION, "proto" => proto).record(hello);
+        series.hello.record(hello);
     }
     if let Some(connect) = rec.connect {
-        metrics::histogram!(CONNECT_DURATION, "proto" => proto).record(connect);
+        series.connect.record(connect);
     }
-    metrics::histogram!(CONNECTION_DURATION, "proto" => proto, "verdict" => verdict)
-        .record(rec.duration);
+    series.duration[verdict].record(rec.duration);
 }
 
 /// Counts a connection being served for as long as it lives.
@@ -323,14 +379,18 @@ pub struct Active(Proto);
 
 impl Active {
     pub fn start(proto: Proto) -> Active {
-        metrics::gauge!(ACTIVE, "proto" => proto.as_str()).increment(1.0);
+        if let Some(series) = Handles::of(proto) {
+            series.active.increment(1.0);
+        }
         Active(proto)
     }
 }
 
 impl Drop for Active {
     fn drop(&mut self) {
-        metrics::gauge!(ACTIVE, "proto" => self.0.as_str()).decrement(1.0);
+        if let Some(series) = Handles::of(self.0) {
+            series.active.decrement(1.0);
+        }
     }
 }
 

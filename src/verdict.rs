@@ -29,6 +29,20 @@ pub enum Reason {
 }
 
 impl Reason {
+    pub const ALL: [Reason; 11] = [
+        Reason::NotListed,
+        Reason::NoList,
+        Reason::NoName,
+        Reason::IpLiteral,
+        Reason::Malformed,
+        Reason::NotTls,
+        Reason::TooLarge,
+        Reason::Timeout,
+        Reason::Loop,
+        Reason::HostMismatch,
+        Reason::Method,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Reason::NotListed => "not_listed",
@@ -60,6 +74,8 @@ pub enum Proto {
 }
 
 impl Proto {
+    pub const ALL: [Proto; 2] = [Proto::Tls, Proto::Http];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Proto::Tls => "tls",
@@ -86,6 +102,16 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
+    pub const ALL: [ErrorKind; 7] = [
+        ErrorKind::ClientClosed,
+        ErrorKind::ConnectRefused,
+        ErrorKind::ConnectTimeout,
+        ErrorKind::Connect,
+        ErrorKind::Idle,
+        ErrorKind::Io,
+        ErrorKind::UpstreamProtocol,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorKind::ClientClosed => "client_closed",
@@ -119,11 +145,37 @@ pub enum Verdict {
 }
 
 impl Verdict {
-    pub fn as_str(&self) -> &'static str {
+    /// The verdicts as labels, in [`Verdict::index`] order.
+    pub const LABELS: [&'static str; 3] = ["allow", "deny", "error"];
+
+    pub fn index(&self) -> usize {
         match self {
-            Verdict::Allow => "allow",
-            Verdict::Deny(_) => "deny",
-            Verdict::Error(_) => "error",
+            Verdict::Allow => 0,
+            Verdict::Deny(_) => 1,
+            Verdict::Error(_) => 2,
+        }
+    }
+
+    pub fn as_str(&self) -> &'static str {
+        Verdict::LABELS[self.index()]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_lists_of_all_values_are_in_declaration_order() {
+        // Metric handles are indexed by `value as usize`.
+        for (i, r) in Reason::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i, "{r}");
+        }
+        for (i, k) in ErrorKind::ALL.iter().enumerate() {
+            assert_eq!(*k as usize, i, "{}", k.as_str());
+        }
+        for (i, p) in Proto::ALL.iter().enumerate() {
+            assert_eq!(*p as usize, i, "{}", p.as_str());
         }
     }
 }

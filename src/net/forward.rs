@@ -1,8 +1,9 @@
 //! Moving bytes between two sockets.
 //!
 //! The fast path is splice(2): socket → pipe → socket, so payload never
-//! enters user space. tokio tells us when a socket is ready; splice runs
-//! non-blocking. The pipe is always drained completely before the next read,
+//! enters user space. A direction starts out copying and moves to splice
+//! once it carries bulk data. tokio tells us when a socket is ready;
+//! splice runs non-blocking. The pipe is always drained completely before the next read,
 //! so an EAGAIN from the read side can only mean the socket has nothing for
 //! us, never that the pipe is full. Where splice is unavailable (EINVAL on
 //! some socket types and kernels) a plain copy takes over.
@@ -20,6 +21,8 @@ use tokio::time::Instant;
 const PIPE_SIZE: usize = 1 << 20;
 /// Buffer for the copy fallback.
 const COPY_BUF: usize = 64 * 1024;
+/// Reads up to this size are copied through user space (see [`forward`]).
+const SMALL_READ: usize = 16 * 1024;
 
 /// When either direction of a connection last moved a byte.
 #[derive(Debug)]
@@ -107,25 +110,79 @@ pub async fn forward(
     activity: &Activity,
     count: &AtomicU64,
 ) -> io::Result<()> {
-    // A direction holds a pipe only once it has data to move: an idle
-    // connection keeps two descriptors instead of six, and a direction
-    // that only ever sees the end of stream never makes a pipe at all.
-    if src.peek(&mut [0u8; 1]).await? == 0 {
+    // Small exchanges (a handshake, a request, a short answer) are copied:
+    // a pipe costs four system calls to make and close, more than the
+    // copy saves. The first read that fills a whole buffer shows a bulk
+    // flow, which moves to splice for the rest of its life. An idle
+    // connection therefore holds no pipe: two descriptors, not six.
+    if copy_small(src, dst, activity, count).await? {
         return shutdown_write(dst);
     }
+    let before = count.load(Ordering::Relaxed);
     let result = match Pipe::new() {
         Ok(pipe) => splice_loop(src, dst, &pipe, activity, count).await,
         // Out of descriptors for a pipe: still serve the connection.
         Err(_) => copy_loop(src, dst, activity, count).await,
     };
     let result = match result {
-        Err(e) if is_splice_unsupported(&e) && count.load(Ordering::Relaxed) == 0 => {
+        Err(e) if is_splice_unsupported(&e) && count.load(Ordering::Relaxed) == before => {
             copy_loop(src, dst, activity, count).await
         }
         other => other,
     };
     result?;
     shutdown_write(dst)
+}
+
+/// Copies reads smaller than [`SMALL_READ`] until end of stream (true) or
+/// until a read fills the buffer (false: a bulk flow has started).
+async fn copy_small(
+    src: &TcpStream,
+    dst: &TcpStream,
+    activity: &Activity,
+    count: &AtomicU64,
+) -> io::Result<bool> {
+    loop {
+        src.readable().await?;
+        let (n, unsent) = match relay_once(src, dst) {
+            Ok(Some(moved)) => moved,
+            Ok(None) => return Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        };
+        if !unsent.is_empty() {
+            write_all(dst, &unsent).await?;
+        }
+        count.fetch_add(n as u64, Ordering::Relaxed);
+        activity.touch();
+        if n == SMALL_READ {
+            return Ok(false);
+        }
+    }
+}
+
+thread_local! {
+    /// Where [`relay_once`] reads: one buffer per worker thread, not one
+    /// per connection or per read.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; SMALL_READ]);
+}
+
+/// One read from `src` and one write of it to `dst`, without waiting:
+/// the bytes read and any the write did not take (to be sent once `dst`
+/// can take them), or `None` at end of stream.
+fn relay_once(src: &TcpStream, dst: &TcpStream) -> io::Result<Option<(usize, Vec<u8>)>> {
+    SCRATCH.with_borrow_mut(|buf| {
+        let n = src.try_read(buf)?;
+        if n == 0 {
+            return Ok(None);
+        }
+        let sent = match dst.try_write(&buf[..n]) {
+            Ok(sent) => sent,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(e) => return Err(e),
+        };
+        Ok(Some((n, buf[sent..n].to_vec())))
+    })
 }
 
 fn is_splice_unsupported(e: &io::Error) -> bool {
@@ -310,6 +367,27 @@ mod tests {
         writer.await.unwrap();
         assert_eq!(got, expected);
         assert_eq!(count.load(Ordering::Relaxed), expected.len() as u64);
+    }
+
+    #[tokio::test]
+    async fn small_exchanges_are_copied_and_bulk_moves_to_splice() {
+        let (mut client, proxy_client) = pair().await;
+        let (proxy_upstream, mut server) = pair().await;
+        let (activity, count) = (Activity::default(), AtomicU64::new(0));
+        client.write_all(b"a short request").await.unwrap();
+        client.shutdown().await.unwrap();
+        let ended = copy_small(&proxy_client, &proxy_upstream, &activity, &count).await;
+        assert!(ended.unwrap(), "a small exchange ends in the copy phase");
+        let mut got = [0u8; 15];
+        server.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"a short request");
+
+        let (mut client, proxy_client) = pair().await;
+        client.write_all(&vec![7u8; 4 * SMALL_READ]).await.unwrap();
+        let count = AtomicU64::new(0);
+        let ended = copy_small(&proxy_client, &proxy_upstream, &activity, &count).await;
+        assert!(!ended.unwrap(), "a full read hands the flow to splice");
+        assert_eq!(count.load(Ordering::Relaxed), SMALL_READ as u64);
     }
 
     #[tokio::test]

@@ -22,6 +22,9 @@ pub fn bind(addr: SocketAddr) -> io::Result<Option<TcpListener>> {
         socket.set_only_v6(true)?;
     }
     socket.set_reuse_address(true)?;
+    // Accepted sockets inherit it: one system call per listener instead
+    // of one per connection.
+    socket.set_tcp_nodelay(true)?;
     socket.set_nonblocking(true)?;
     match socket.bind(&addr.into()) {
         Err(e)
@@ -35,4 +38,18 @@ pub fn bind(addr: SocketAddr) -> io::Result<Option<TcpListener>> {
     }
     socket.listen(BACKLOG)?;
     TcpListener::from_std(socket.into()).map(Some)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_sockets_have_nagle_off() {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap().unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        assert!(accepted.nodelay().unwrap());
+    }
 }

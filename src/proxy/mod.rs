@@ -95,11 +95,13 @@ pub async fn serve(client: TcpStream, src: SocketAddr, proto: Proto, ctx: &Conte
     let _active = telemetry::Active::start(proto);
     let mut rec = Record::new(src, proto);
     let dst = destination(&client);
-    rec.dst = dst.as_ref().ok().copied();
+    rec.dst = dst.as_ref().ok().map(|(dst, _)| *dst);
     rec.verdict = match dst {
-        Ok(dst) if !is_loop(dst, client.local_addr().unwrap_or(dst.0)) => match proto {
+        Ok((dst, local)) if !is_loop(dst, local) => match proto {
             Proto::Tls => tls::serve(&client, dst, ctx, &mut rec).await,
-            Proto::Http => http::serve(&client, dst, ctx, &mut rec).await,
+            // Boxed: its future is several times the TLS one, and every
+            // connection's task would otherwise be sized for it.
+            Proto::Http => Box::pin(http::serve(&client, dst, ctx, &mut rec)).await,
         },
         _ => {
             rec.refused = match proto {
@@ -117,10 +119,12 @@ pub async fn serve(client: TcpStream, src: SocketAddr, proto: Proto, ctx: &Conte
     rec
 }
 
-/// The original destination; an error means the connection was not
-/// redirected (no conntrack NAT entry), which is refused as a loop.
-fn destination(client: &TcpStream) -> io::Result<OrigDst> {
-    original_dst(client, client.local_addr()?)
+/// The original destination and our own address; an error means the
+/// connection was not redirected (no conntrack NAT entry), which is
+/// refused as a loop.
+fn destination(client: &TcpStream) -> io::Result<(OrigDst, SocketAddr)> {
+    let local = client.local_addr()?;
+    Ok((original_dst(client, local)?, local))
 }
 
 /// The one place a connection is accounted for: its audit record and
@@ -166,7 +170,9 @@ async fn refuse_with(client: &TcpStream, message: &[u8]) -> bool {
 /// the refusal before the client read it.
 async fn linger(client: &TcpStream) {
     let drain = async {
-        let mut buf = [0u8; 4096];
+        // On the heap: an array here would make every connection's task
+        // 4 KiB larger, refused or not.
+        let mut buf = vec![0u8; 4096];
         let mut drained = 0;
         while drained < LINGER_BYTES {
             match read_some(client, &mut buf).await {

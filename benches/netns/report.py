@@ -5,6 +5,7 @@ a bar chart (SVG) of every gateway on every workload.
 usage: report.py RAW KERNEL CPU SVG
 """
 import html
+import statistics
 import sys
 
 # (key, label, unit, higher is better)
@@ -26,11 +27,15 @@ NOT_ATTRIBUTABLE = {"cpu_s_per_gib", "cpu_s_per_10k_conn", "kib_per_idle_conn"}
 
 def main():
     raw, kernel, cpu, svg = sys.argv[1:5]
-    runs = {}
+    # One line per gateway per round; each number is its median over the
+    # rounds, so one noisy moment on a shared machine cannot decide a ratio.
+    rounds = {}
     for line in open(raw):
         fields = dict(kv.split("=", 1) for kv in line.split())
         gateway = fields.pop("gateway")
-        runs[gateway] = {k: float(v) for k, v in fields.items()}
+        rounds.setdefault(gateway, []).append({k: float(v) for k, v in fields.items()})
+    runs = {g: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for g, rs in rounds.items()}
+    n_rounds = min(len(rs) for rs in rounds.values())
     gateways = list(runs)
     peers = [g for g in gateways if g not in ("kernel", "portcullis")]
     with open(svg, "w") as out:
@@ -41,7 +46,8 @@ def main():
             return "n/a"
         return f"{runs[gw][key]:g}"
 
-    print(f"Run on Linux {kernel}, {cpu}. Every gateway carried the same traffic in the same run.\n")
+    print(f"Run on Linux {kernel}, {cpu}. Every gateway carried the same traffic in the same run;")
+    print(f"each number is the median of {n_rounds} rounds that take the gateways in turn.\n")
     print("| workload | unit | " + " | ".join(gateways) + " |")
     print("|---|---|" + "---|" * len(gateways))
     for key, label, unit, _ in METRICS:
@@ -63,6 +69,9 @@ def main():
             else:
                 cells.append(f"{(p[key] / x if higher else x / p[key]):.2f}")
         print(f"| {label} | " + " | ".join(cells) + " |")
+    if all("busy_pct_down1" in r for r in runs.values()):
+        busy = [f"{g} {runs[g]['busy_pct_down1']:.0f}%" for g in gateways]
+        print("\nMachine CPU busy during the single stream (client, server and gateway share it): " + ", ".join(busy) + ".")
     if "kernel" in runs:
         added = [f"{g} +{runs[g]['ttfb_p50_ms'] - runs['kernel']['ttfb_p50_ms']:.3f} ms" for g in gateways if g != "kernel"]
         print("\nTime to first byte added over the kernel alone (p50): " + ", ".join(added) + ".")

@@ -247,7 +247,7 @@ busy_since() {
   local total=$((busy + cpu[4] + cpu[5]))
   if [ -n "${1:-}" ]; then
     read -r b0 t0 <<<"$1"
-    awk -v b=$((busy - b0)) -v t=$((total - t0)) 'BEGIN { printf "%.0f", t > 0 ? 100 * b / t : 0 }'
+    awk -v b=$((busy - b0)) -v t=$((total - t0)) 'BEGIN { printf "%.0f", (t > 0 ? 100 * b / t : 0) }'
   else
     echo "$busy $total"
   fi

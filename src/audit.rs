@@ -8,6 +8,7 @@ use crate::proxy::Record;
 use crate::telemetry;
 use serde::Serialize;
 use std::io::{self, BufWriter, Write};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
@@ -23,11 +24,14 @@ const GATHER: Duration = Duration::from_millis(10);
 const WARN_EVERY: Duration = Duration::from_secs(10);
 
 /// The fields of one audit record, in the order they are written.
+/// Addresses and the timestamp are formatted straight into the line, with
+/// no string of their own: one allocation per record.
 #[derive(Debug, Serialize)]
 struct Line<'a> {
-    ts: String,
-    src: String,
-    dst: Option<String>,
+    #[serde(serialize_with = "as_text")]
+    ts: humantime::Rfc3339Timestamp,
+    src: SocketAddr,
+    dst: Option<SocketAddr>,
     proto: &'static str,
     name: Option<&'a str>,
     verdict: &'static str,
@@ -38,6 +42,16 @@ struct Line<'a> {
     duration_ms: u64,
     ech: bool,
 }
+
+fn as_text<S: serde::Serializer>(
+    value: &impl std::fmt::Display,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.collect_str(value)
+}
+
+/// Room for a typical record, so the line is not reallocated as it grows.
+const LINE_CAPACITY: usize = 384;
 
 /// One record as a JSON line (with its newline); `at` is when it ended.
 /// `reason` is the refusal reason for a deny and the error kind for an
@@ -50,9 +64,9 @@ pub fn line(rec: &Record, at: SystemTime) -> String {
         Verdict::Error(kind) => Some(kind.as_str()),
     };
     let line = Line {
-        ts: humantime::format_rfc3339_millis(at).to_string(),
-        src: rec.src.to_string(),
-        dst: rec.dst.map(|d| d.to_string()),
+        ts: humantime::format_rfc3339_millis(at),
+        src: rec.src,
+        dst: rec.dst.map(|d| d.0),
         proto: rec.proto.as_str(),
         name: rec.name.as_ref().map(|n| n.as_str()),
         verdict: rec.verdict.as_str(),
@@ -63,9 +77,10 @@ pub fn line(rec: &Record, at: SystemTime) -> String {
         duration_ms: u64::try_from(rec.duration.as_millis()).unwrap_or(u64::MAX),
         ech: rec.ech,
     };
-    let mut text = serde_json::to_string(&line).expect("strings and numbers always serialise");
-    text.push('\n');
-    text
+    let mut text = Vec::with_capacity(LINE_CAPACITY);
+    serde_json::to_writer(&mut text, &line).expect("strings and numbers always serialise");
+    text.push(b'\n');
+    String::from_utf8(text).expect("serde_json writes UTF-8")
 }
 
 enum Message {

@@ -2,6 +2,7 @@
 //! (flags laid over the file), which becomes a validated `Config`.
 
 use crate::allowlist::{ReloadSettings, Source};
+use crate::detect::tls::TlsVersion;
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -31,6 +32,8 @@ pub struct Limits {
     pub idle_timeout: Duration,
     /// Cap on a ClientHello (record headers included) or request head.
     pub max_hello_bytes: usize,
+    /// A ClientHello whose highest offered version is lower is refused.
+    pub min_tls: TlsVersion,
 }
 
 impl Default for Limits {
@@ -40,6 +43,7 @@ impl Default for Limits {
             connect_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(15 * 60),
             max_hello_bytes: 16 * 1024,
+            min_tls: TlsVersion::TLS1_2,
         }
     }
 }
@@ -70,6 +74,8 @@ pub struct Settings {
     pub idle_timeout: Option<Duration>,
     pub max_connections: Option<u32>,
     pub max_hello_bytes: Option<u32>,
+    #[serde(default, deserialize_with = "from_str")]
+    pub min_tls: Option<TlsVersion>,
     #[serde(default, deserialize_with = "duration")]
     pub drain_timeout: Option<Duration>,
     #[serde(default, deserialize_with = "duration")]
@@ -83,6 +89,15 @@ fn duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, 
     parse_duration(&s)
         .map(Some)
         .map_err(serde::de::Error::custom)
+}
+
+fn from_str<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: std::str::FromStr<Err: std::fmt::Display>,
+{
+    let s = String::deserialize(d)?;
+    s.parse().map(Some).map_err(serde::de::Error::custom)
 }
 
 /// A configuration that cannot be used, in one line.
@@ -139,6 +154,7 @@ impl Settings {
             idle_timeout: over.idle_timeout.or(self.idle_timeout),
             max_connections: over.max_connections.or(self.max_connections),
             max_hello_bytes: over.max_hello_bytes.or(self.max_hello_bytes),
+            min_tls: over.min_tls.or(self.min_tls),
             drain_timeout: over.drain_timeout.or(self.drain_timeout),
             refresh: over.refresh.or(self.refresh),
             cache_dir: over.cache_dir.or(self.cache_dir),
@@ -214,6 +230,7 @@ impl Settings {
                 connect_timeout: self.connect_timeout.unwrap_or(defaults.connect_timeout),
                 idle_timeout: self.idle_timeout.unwrap_or(defaults.idle_timeout),
                 max_hello_bytes: max_hello_bytes as usize,
+                min_tls: self.min_tls.unwrap_or(defaults.min_tls),
             },
             max_connections: max_connections as usize,
             drain_timeout: self.drain_timeout.unwrap_or(DEFAULT_DRAIN_TIMEOUT),

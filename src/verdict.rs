@@ -26,10 +26,12 @@ pub enum Reason {
     HostMismatch,
     /// A method a transparent gateway does not forward (CONNECT).
     Method,
+    /// The ClientHello's highest version is below `--min-tls`.
+    TlsVersion,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 11] = [
+    pub const ALL: [Reason; 12] = [
         Reason::NotListed,
         Reason::NoList,
         Reason::NoName,
@@ -41,6 +43,7 @@ impl Reason {
         Reason::Loop,
         Reason::HostMismatch,
         Reason::Method,
+        Reason::TlsVersion,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -56,6 +59,7 @@ impl Reason {
             Reason::Loop => "loop",
             Reason::HostMismatch => "host_mismatch",
             Reason::Method => "method",
+            Reason::TlsVersion => "tls_version",
         }
     }
 }

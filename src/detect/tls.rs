@@ -28,8 +28,8 @@ pub struct ClientHello {
     /// The hello carries `encrypted_client_hello` (real or GREASE: the outer
     /// SNI is what is decided on either way).
     pub ech: bool,
-    /// Highest protocol version offered, GREASE values ignored (0x0304 = TLS 1.3).
-    pub max_version: u16,
+    /// Highest protocol version offered, GREASE values ignored.
+    pub max_version: TlsVersion,
 }
 
 /// The SNI extension's host_name, if any.
@@ -205,7 +205,7 @@ fn read_client_hello(message: &[u8]) -> Detect<ClientHello, TlsError> {
     Detect::Done(ClientHello {
         server_name,
         ech,
-        max_version,
+        max_version: TlsVersion(max_version),
     })
 }
 
@@ -217,6 +217,46 @@ fn is_grease(v: u16) -> bool {
 /// A TLS alert record: what a refused client sees instead of a ServerHello.
 pub fn fatal_alert(description: AlertDescription) -> [u8; 7] {
     [CONTENT_ALERT, 3, 3, 0, 2, 2, description as u8]
+}
+
+/// A TLS protocol version as it appears on the wire (0x0303 = TLS 1.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct TlsVersion(pub u16);
+
+impl TlsVersion {
+    pub const TLS1_0: TlsVersion = TlsVersion(0x0301);
+    pub const TLS1_1: TlsVersion = TlsVersion(0x0302);
+    pub const TLS1_2: TlsVersion = TlsVersion(0x0303);
+    pub const TLS1_3: TlsVersion = TlsVersion(0x0304);
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid TLS version {0:?}: expected 1.0, 1.1, 1.2 or 1.3")]
+pub struct TlsVersionError(String);
+
+impl std::str::FromStr for TlsVersion {
+    type Err = TlsVersionError;
+
+    /// `1.0` to `1.3`, as `--min-tls` takes it.
+    fn from_str(s: &str) -> Result<TlsVersion, TlsVersionError> {
+        match s.trim() {
+            "1.0" => Ok(TlsVersion::TLS1_0),
+            "1.1" => Ok(TlsVersion::TLS1_1),
+            "1.2" => Ok(TlsVersion::TLS1_2),
+            "1.3" => Ok(TlsVersion::TLS1_3),
+            _ => Err(TlsVersionError(s.to_string())),
+        }
+    }
+}
+
+impl std::fmt::Display for TlsVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            0x0300 => f.write_str("SSL 3.0"),
+            v @ 0x0301..=0x0304 => write!(f, "TLS 1.{}", v - 0x0301),
+            v => write!(f, "0x{v:04x}"),
+        }
+    }
 }
 
 /// The alerts the gateway sends (RFC 8446 §6).
@@ -340,12 +380,25 @@ mod tests {
             panic!()
         };
         assert!(chromium.ech);
-        assert_eq!(chromium.max_version, 0x0304);
+        assert_eq!(chromium.max_version, TlsVersion::TLS1_3);
         let Detect::Done(tls12) = parse_client_hello(OPENSSL_TLS12, CAP) else {
             panic!()
         };
         assert!(!tls12.ech);
-        assert_eq!(tls12.max_version, 0x0303);
+        assert_eq!(tls12.max_version, TlsVersion::TLS1_2);
+    }
+
+    #[test]
+    fn reports_an_old_clients_version_and_names_versions() {
+        let tls10 = hello::with_legacy_version(OPENSSL_TLS12, 0x0301);
+        let Detect::Done(h) = parse_client_hello(&tls10, CAP) else {
+            panic!()
+        };
+        assert_eq!(h.max_version, TlsVersion::TLS1_0);
+        assert_eq!(h.max_version.to_string(), "TLS 1.0");
+        assert!(TlsVersion::TLS1_0 < TlsVersion::TLS1_2);
+        assert_eq!("1.3".parse(), Ok(TlsVersion::TLS1_3));
+        assert!("1.4".parse::<TlsVersion>().is_err());
     }
 
     #[test]

@@ -9,9 +9,9 @@
 //! some socket types and kernels) a plain copy takes over.
 
 use nix::fcntl::{FcntlArg, OFlag, SpliceFFlags, fcntl, splice};
-use std::io;
+use std::io::{self, Read};
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
@@ -81,12 +81,27 @@ pub async fn forward_both(
     let activity = Activity::default();
     let up = AtomicU64::new(0);
     let down = AtomicU64::new(0);
+    let one_ended = AtomicBool::new(false);
     // A clean end of one direction leaves the other flowing (half-close);
     // an error in either ends both, since the connection is broken.
+    let direction = |src, dst, count| {
+        let (activity, one_ended) = (&activity, &one_ended);
+        async move {
+            forward_to_end(src, dst, activity, count).await?;
+            // The first direction to end passes its half-close on. When
+            // the second ends, both sockets are about to be closed, and
+            // close sends that FIN anyway: one system call fewer.
+            if one_ended.swap(true, Ordering::Relaxed) {
+                Ok(())
+            } else {
+                shutdown_write(dst)
+            }
+        }
+    };
     let both = async {
         tokio::try_join!(
-            forward(client, upstream, &activity, &up),
-            forward(upstream, client, &activity, &down)
+            direction(client, upstream, &up),
+            direction(upstream, client, &down)
         )
         .map(|_| ())
     };
@@ -110,13 +125,24 @@ pub async fn forward(
     activity: &Activity,
     count: &AtomicU64,
 ) -> io::Result<()> {
+    forward_to_end(src, dst, activity, count).await?;
+    shutdown_write(dst)
+}
+
+/// [`forward`] without the half-close at the end.
+async fn forward_to_end(
+    src: &TcpStream,
+    dst: &TcpStream,
+    activity: &Activity,
+    count: &AtomicU64,
+) -> io::Result<()> {
     // Small exchanges (a handshake, a request, a short answer) are copied:
     // a pipe costs four system calls to make and close, more than the
     // copy saves. The first read that fills a whole buffer shows a bulk
     // flow, which moves to splice for the rest of its life. An idle
     // connection therefore holds no pipe: two descriptors, not six.
     if copy_small(src, dst, activity, count).await? {
-        return shutdown_write(dst);
+        return Ok(());
     }
     let before = count.load(Ordering::Relaxed);
     let result = match Pipe::new() {
@@ -130,8 +156,7 @@ pub async fn forward(
         }
         other => other,
     };
-    result?;
-    shutdown_write(dst)
+    result
 }
 
 /// Copies reads smaller than [`SMALL_READ`] until end of stream (true) or
@@ -172,7 +197,7 @@ thread_local! {
 /// can take them), or `None` at end of stream.
 fn relay_once(src: &TcpStream, dst: &TcpStream) -> io::Result<Option<(usize, Vec<u8>)>> {
     SCRATCH.with_borrow_mut(|buf| {
-        let n = src.try_read(buf)?;
+        let n = try_read_draining(src, buf)?;
         if n == 0 {
             return Ok(None);
         }
@@ -278,10 +303,34 @@ async fn copy_loop(
 pub async fn read_some(src: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
     loop {
         src.readable().await?;
-        match src.try_read(buf) {
+        match try_read_draining(src, buf) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             other => return other,
         }
+    }
+}
+
+/// One read into `buf` without waiting (0 at end of stream; `WouldBlock`
+/// when there is nothing to read). A read that returns less than `buf`
+/// holds has emptied the socket, so tokio is told to forget its readiness
+/// at once: the next wait goes straight to epoll instead of through a read
+/// that fails with EAGAIN, one system call saved per wait. Data arriving
+/// after the read marks the socket ready again (tokio compares readiness
+/// ticks), so nothing is missed.
+pub fn try_read_draining(src: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    let mut read = None;
+    let result = src.try_io(Interest::READABLE, || {
+        let n = (&*socket2::SockRef::from(src)).read(buf)?;
+        read = Some(n);
+        if n > 0 && n < buf.len() {
+            Err(io::ErrorKind::WouldBlock.into())
+        } else {
+            Ok(n)
+        }
+    });
+    match result {
+        Ok(n) => Ok(n),
+        Err(e) => read.ok_or(e),
     }
 }
 

@@ -397,6 +397,7 @@ fn explain(reason: Reason) -> &'static str {
         Reason::Loop => "the connection was addressed to the gateway itself",
         Reason::HostMismatch => "the request target and the Host header disagree",
         Reason::Method => "CONNECT is not allowed through this gateway",
+        Reason::TlsVersion => "the TLS version is below this gateway's floor",
     }
 }
 

@@ -44,6 +44,12 @@ pub(super) async fn serve(
         }
         ServerName::Invalid(_) => return deny(client, rec, Reason::Malformed).await,
     };
+    // Below the floor is refused whatever the name (and is no rule's
+    // hit); the audit line still says where the client was going.
+    if hello.max_version < limits.min_tls {
+        rec.name = Some(name);
+        return deny(client, rec, Reason::TlsVersion).await;
+    }
     let checked = ctx.check(&name);
     rec.name = Some(name);
     match checked {
@@ -101,6 +107,7 @@ pub(super) async fn refuse(client: &TcpStream, reason: Reason) -> bool {
             AlertDescription::DecodeError
         }
         Reason::Timeout => AlertDescription::HandshakeFailure,
+        Reason::TlsVersion => AlertDescription::ProtocolVersion,
     };
     refuse_with(client, &fatal_alert(description)).await
 }

@@ -86,3 +86,11 @@ pub fn with_server_name(records: &[u8], name: &str) -> Vec<u8> {
     out[1..4].copy_from_slice(&body[1..]);
     into_records(&out, &[])
 }
+
+/// A copy of a captured hello that has no `supported_versions` extension
+/// (a TLS 1.2-only one) offering at most `version`, as an old client would.
+pub fn with_legacy_version(records: &[u8], version: u16) -> Vec<u8> {
+    let mut m = handshake_message(records);
+    m[4..6].copy_from_slice(&version.to_be_bytes());
+    into_records(&m, &[])
+}

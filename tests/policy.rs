@@ -1,0 +1,137 @@
+//! End-to-end, in namespaces: the policies beyond the allowlist itself
+//! (TLS version floor, ECH and odd hellos). Needs root; under CI=true a
+//! non-root run fails instead of skipping.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+use support::netns::{RAW_V4, Topology, require_root};
+use support::servers::recorder;
+use support::{addr, hello, wait_until};
+
+const CHROMIUM_HELLO: &[u8] =
+    include_bytes!("../testdata/clienthellos/chromium-156-x25519mlkem768.bin");
+const TLS12_HELLO: &[u8] = include_bytes!("../testdata/clienthellos/openssl-3.0-tls12-only.bin");
+const ALLOWLIST: &str = ".example.test\n";
+const ALERT_PROTOCOL_VERSION: [u8; 7] = [21, 3, 3, 0, 2, 2, 70];
+const ALERT_DECODE_ERROR: [u8; 7] = [21, 3, 3, 0, 2, 2, 50];
+const ALERT_ACCESS_DENIED: [u8; 7] = [21, 3, 3, 0, 2, 2, 49];
+
+fn read_all(s: &mut TcpStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    out
+}
+
+/// Sends `bytes` and half-closes; what the gateway answered.
+fn exchange(t: &Topology, bytes: &[u8]) -> Vec<u8> {
+    let mut s = t.connect(addr(RAW_V4, 443));
+    s.write_all(bytes).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    read_all(&mut s)
+}
+
+/// The audit records so far with this `reason`.
+fn audited(t: &Topology, reason: &str) -> Vec<serde_json::Value> {
+    t.audit()
+        .into_iter()
+        .filter(|r| r["reason"] == reason)
+        .collect()
+}
+
+#[test]
+fn hellos_below_the_tls_floor_are_refused_with_protocol_version() {
+    if !require_root() {
+        return;
+    }
+    let mut t = Topology::new();
+    let (server, seen) = recorder(&t.upstream, &[addr(RAW_V4, 443)]);
+    t.start_portcullis(ALLOWLIST, &[]);
+
+    // An old client: TLS 1.0 at most, for a listed name. Default floor 1.2.
+    let tls10 = hello::with_legacy_version(TLS12_HELLO, 0x0301);
+    assert_eq!(exchange(&t, &tls10), ALERT_PROTOCOL_VERSION);
+    // SSLv2-compatible hello (a 2-byte header with the top bit set).
+    let sslv2 = [0x80, 0x2e, 0x01, 0x00, 0x02, 0x00, 0x15, 0x00, 0x00];
+    assert_eq!(exchange(&t, &sslv2), ALERT_DECODE_ERROR);
+    // TLS 1.2 and TLS 1.3 pass the default floor.
+    exchange(&t, TLS12_HELLO);
+    exchange(&t, CHROMIUM_HELLO);
+    wait_until("two forwarded hellos", Duration::from_secs(5), || {
+        seen.lock().unwrap().len() == 2
+    });
+    assert_eq!(server.accepted(), 2, "only the hellos above the floor");
+
+    wait_until("both refusals' audit lines", Duration::from_secs(5), || {
+        audited(&t, "tls_version").len() == 1 && audited(&t, "not_tls").len() == 1
+    });
+    let refused = &audited(&t, "tls_version")[0];
+    assert_eq!(refused["name"], "www.example.test");
+    assert_eq!(refused["verdict"], "deny");
+    let metrics = t.admin_get("/metrics").unwrap();
+    assert!(
+        metrics.contains(r#"portcullis_denied_total{proto="tls",reason="tls_version"} 1"#),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn a_tls13_floor_refuses_tls12_clients() {
+    if !require_root() {
+        return;
+    }
+    let mut t = Topology::new();
+    let (server, _) = recorder(&t.upstream, &[addr(RAW_V4, 443)]);
+    t.start_portcullis(ALLOWLIST, &["--min-tls", "1.3"]);
+    assert_eq!(exchange(&t, TLS12_HELLO), ALERT_PROTOCOL_VERSION);
+    exchange(&t, CHROMIUM_HELLO);
+    wait_until("the TLS 1.3 hello upstream", Duration::from_secs(5), || {
+        server.accepted() == 1
+    });
+    wait_until("the refusal's audit line", Duration::from_secs(5), || {
+        audited(&t, "tls_version").len() == 1
+    });
+}
+
+#[test]
+fn an_ech_hello_is_decided_by_its_outer_name() {
+    if !require_root() {
+        return;
+    }
+    let mut t = Topology::new();
+    let (server, _) = recorder(&t.upstream, &[addr(RAW_V4, 443)]);
+    // Real ECH puts the provider's public name in the outer SNI: that name
+    // must be listed itself, whatever the hidden inner name is.
+    t.start_portcullis(".example.test\ncloudflare-ech.com\n", &[]);
+    let unlisted_outer = hello::with_server_name(CHROMIUM_HELLO, "public.ech-provider.test");
+    assert_eq!(exchange(&t, &unlisted_outer), ALERT_ACCESS_DENIED);
+    let listed_outer = hello::with_server_name(CHROMIUM_HELLO, "cloudflare-ech.com");
+    exchange(&t, &listed_outer);
+    wait_until(
+        "the listed outer name upstream",
+        Duration::from_secs(5),
+        || server.accepted() == 1,
+    );
+    wait_until("two audit lines", Duration::from_secs(5), || {
+        t.audit().len() == 2
+    });
+    let records = t.audit();
+    let by_name = |name: &str| {
+        records
+            .iter()
+            .find(|r| r["name"] == name)
+            .unwrap_or_else(|| panic!("no record for {name}: {records:?}"))
+    };
+    let denied = by_name("public.ech-provider.test");
+    assert_eq!(
+        (denied["verdict"].as_str(), denied["ech"].as_bool()),
+        (Some("deny"), Some(true))
+    );
+    let allowed = by_name("cloudflare-ech.com");
+    assert_eq!(
+        (allowed["verdict"].as_str(), allowed["ech"].as_bool()),
+        (Some("allow"), Some(true))
+    );
+}

@@ -150,13 +150,12 @@ async fn forward_to_end(
         // Out of descriptors for a pipe: still serve the connection.
         Err(_) => copy_loop(src, dst, activity, count).await,
     };
-    let result = match result {
+    match result {
         Err(e) if is_splice_unsupported(&e) && count.load(Ordering::Relaxed) == before => {
             copy_loop(src, dst, activity, count).await
         }
         other => other,
-    };
-    result
+    }
 }
 
 /// Copies reads smaller than [`SMALL_READ`] until end of stream (true) or

@@ -159,7 +159,9 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         None => Settings::default(),
     };
     let config = file.overlaid_with(args.settings()).into_config()?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    // Connections are served on the workers' own runtimes (see `server`);
+    // this one only loads lists, handles signals and drains.
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     runtime.block_on(portcullis::server::run(config))?;

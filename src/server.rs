@@ -10,7 +10,7 @@ use crate::proxy::{self, Context};
 use crate::telemetry::{self, Exporter};
 use crate::verdict::Proto;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{SocketAddr, TcpListener as StdListener};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -35,6 +35,8 @@ pub enum ServerError {
     Admin { addr: SocketAddr, source: io::Error },
     #[error("cannot install signal handlers: {0}")]
     Signals(io::Error),
+    #[error("cannot start a connection worker: {0}")]
+    Worker(io::Error),
     #[error("cannot start the audit log writer: {0}")]
     Audit(io::Error),
     #[error("no listener could be bound")]
@@ -50,7 +52,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     let exporter = Exporter::install(live.clone(), config.reload.source.to_string());
     let audit = AuditLog::spawn(io::stdout(), audit::QUEUE_RECORDS).map_err(ServerError::Audit)?;
     let reloader = Reloader::start(config.reload.clone(), live.clone()).await?;
-    let listeners = bind_all(&config)?;
+    let listeners = bind_all(&config, worker_count())?;
     let serving = Arc::new(AtomicBool::new(false));
     let ready = {
         let (live, serving) = (live.clone(), serving.clone());
@@ -75,9 +77,9 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     });
     let limit = Arc::new(Semaphore::new(config.max_connections));
     let (stop_tx, stop_rx) = watch::channel(false);
-    for (listener, proto) in listeners {
+    for (worker, listeners) in listeners.into_iter().enumerate() {
         let (ctx, limit, stop) = (ctx.clone(), limit.clone(), stop_rx.clone());
-        tokio::spawn(accept_loop(listener, proto, ctx, limit, stop));
+        spawn_worker(worker, listeners, ctx, limit, stop).map_err(ServerError::Worker)?;
     }
     serving.store(true, Ordering::Release);
     if let Some(hangup) = signals.hangup.take() {
@@ -115,23 +117,71 @@ async fn flush(audit: AuditLog) {
     }
 }
 
-fn bind_all(config: &Config) -> Result<Vec<(TcpListener, Proto)>, ServerError> {
-    let mut bound = Vec::new();
+/// Every listener, bound once per worker: `[worker][listener]`.
+fn bind_all(
+    config: &Config,
+    workers: usize,
+) -> Result<Vec<Vec<(StdListener, Proto)>>, ServerError> {
+    let mut bound: Vec<Vec<_>> = (0..workers).map(|_| Vec::new()).collect();
     let addrs = config.tls_listen.iter().map(|a| (*a, Proto::Tls));
     for (addr, proto) in addrs.chain(config.http_listen.iter().map(|a| (*a, Proto::Http))) {
-        match listener::bind(addr) {
-            Ok(Some(l)) => {
-                tracing::info!(%addr, proto = proto.as_str(), "listening");
-                bound.push((l, proto));
+        match listener::bind_group(addr, workers) {
+            Ok(Some(group)) => {
+                tracing::info!(%addr, proto = proto.as_str(), workers, "listening");
+                for (worker, l) in group.into_iter().enumerate() {
+                    bound[worker].push((l, proto));
+                }
             }
             Ok(None) => tracing::warn!(%addr, "this host has no IPv6; not listening there"),
             Err(source) => return Err(ServerError::Bind { addr, source }),
         }
     }
-    if bound.is_empty() {
+    if bound[0].is_empty() {
         return Err(ServerError::NoListener);
     }
     Ok(bound)
+}
+
+/// How many connection workers: one per CPU this process may use.
+fn worker_count() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Starts one connection worker: a thread with a single-threaded runtime
+/// that accepts on its own listeners and serves those connections to the
+/// end. A connection stays on the core the kernel gave it to (SO_REUSEPORT
+/// spreads them): no work stealing and no wake-ups across threads on the
+/// data path. The thread lives until the process exits, so connections
+/// still draining keep being served after the listeners close.
+fn spawn_worker(
+    worker: usize,
+    listeners: Vec<(StdListener, Proto)>,
+    ctx: Arc<Context>,
+    limit: Arc<Semaphore>,
+    stop: watch::Receiver<bool>,
+) -> io::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let listeners = {
+        let _entered = runtime.enter();
+        listeners
+            .into_iter()
+            .map(|(l, proto)| Ok((TcpListener::from_std(l)?, proto)))
+            .collect::<io::Result<Vec<_>>>()?
+    };
+    std::thread::Builder::new()
+        .name(format!("portcullis-worker-{worker}"))
+        .spawn(move || {
+            runtime.block_on(async move {
+                for (listener, proto) in listeners {
+                    let (ctx, limit, stop) = (ctx.clone(), limit.clone(), stop.clone());
+                    tokio::spawn(accept_loop(listener, proto, ctx, limit, stop));
+                }
+                std::future::pending::<()>().await
+            })
+        })?;
+    Ok(())
 }
 
 async fn accept_loop(

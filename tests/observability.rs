@@ -136,7 +136,10 @@ fn metrics_and_audit_account_for_every_allowed_and_refused_connection() {
     );
     // Every (proto, reason) pair is exported from the start, at zero: a
     // closed set, and the others did not move.
-    assert_eq!(after.series(denied).len(), 2 * 11);
+    assert_eq!(
+        after.series(denied).len(),
+        2 * portcullis::verdict::Reason::ALL.len()
+    );
     let moved = after
         .series(denied)
         .into_iter()

@@ -36,6 +36,7 @@ struct Line<'a> {
     name: Option<&'a str>,
     verdict: &'static str,
     reason: Option<&'static str>,
+    would_deny: Option<&'static str>,
     rule: Option<&'a str>,
     bytes_up: u64,
     bytes_down: u64,
@@ -71,6 +72,7 @@ pub fn line(rec: &Record, at: SystemTime) -> String {
         name: rec.name.as_ref().map(|n| n.as_str()),
         verdict: rec.verdict.as_str(),
         reason,
+        would_deny: rec.would_deny.map(|r| r.as_str()),
         rule: rec.rule.as_deref(),
         bytes_up: rec.moved.up,
         bytes_down: rec.moved.down,
@@ -257,6 +259,7 @@ mod tests {
                 "name": "www.example.test",
                 "verdict": "allow",
                 "reason": null,
+                "would_deny": null,
                 "rule": ".example.test",
                 "bytes_up": 517,
                 "bytes_down": 4096,
@@ -286,6 +289,17 @@ mod tests {
             (Some("error"), Some("connect_refused"))
         );
         assert_eq!((v["dst"].is_null(), v["name"].is_null()), (true, true));
+
+        // Monitor mode: forwarded, with what enforce mode would have done.
+        let mut rec = record(Verdict::Allow);
+        rec.rule = None;
+        rec.would_deny = Some(Reason::NotListed);
+        let v: serde_json::Value =
+            serde_json::from_str(&line(&rec, SystemTime::UNIX_EPOCH)).unwrap();
+        assert_eq!(
+            (v["verdict"].as_str(), v["would_deny"].as_str()),
+            (Some("allow"), Some("not_listed"))
+        );
     }
 
     /// A writer that blocks until released, like a stdout pipe nobody reads.

@@ -6,7 +6,7 @@ use crate::detect::tls::TlsVersion;
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 /// Everything `portcullis run` needs.
 #[derive(Debug, Clone)]
@@ -19,7 +19,55 @@ pub struct Config {
     pub max_connections: usize,
     /// How long SIGTERM waits for live connections before exiting.
     pub drain_timeout: Duration,
+    pub mode: Mode,
 }
+
+/// Whether policy refusals are carried out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Enforce,
+    /// Forward what enforce mode would refuse for policy, noting it as
+    /// `would_deny`; until the given time, if any, then enforce.
+    Monitor {
+        until: Option<SystemTime>,
+    },
+}
+
+impl Mode {
+    pub fn enforcing_at(self, now: SystemTime) -> bool {
+        match self {
+            Mode::Enforce => true,
+            Mode::Monitor { until: None } => false,
+            Mode::Monitor { until: Some(end) } => now >= end,
+        }
+    }
+}
+
+/// `--mode` as written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum ModeName {
+    Enforce,
+    Monitor,
+}
+
+/// A point in time as `--monitor-until` takes it: a date (midnight UTC) or
+/// an RFC 3339 time such as `2026-12-31T18:00:00Z`.
+pub fn parse_time(s: &str) -> Result<SystemTime, TimeError> {
+    let s = s.trim();
+    let full = if s.len() == 10 {
+        format!("{s}T00:00:00Z")
+    } else {
+        s.to_string()
+    };
+    humantime::parse_rfc3339_weak(&full).map_err(|_| TimeError(s.to_string()))
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "invalid time {0:?}: expected a date such as 2026-12-31 or a time such as 2026-12-31T18:00:00Z"
+)]
+pub struct TimeError(String);
 
 /// Per-connection bounds.
 #[derive(Debug, Clone, Copy)]
@@ -82,6 +130,14 @@ pub struct Settings {
     pub refresh: Option<Duration>,
     pub cache_dir: Option<PathBuf>,
     pub allow_empty: Option<bool>,
+    pub mode: Option<ModeName>,
+    #[serde(default, deserialize_with = "time")]
+    pub monitor_until: Option<SystemTime>,
+}
+
+fn time<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<SystemTime>, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_time(&s).map(Some).map_err(serde::de::Error::custom)
 }
 
 fn duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
@@ -126,6 +182,8 @@ pub enum ConfigError {
     },
     #[error("{0} lists no address")]
     NoAddress(&'static str),
+    #[error("monitor-until needs mode = monitor")]
+    UntilWithoutMonitor,
 }
 
 impl Settings {
@@ -159,6 +217,8 @@ impl Settings {
             refresh: over.refresh.or(self.refresh),
             cache_dir: over.cache_dir.or(self.cache_dir),
             allow_empty: over.allow_empty.or(self.allow_empty),
+            mode: over.mode.or(self.mode),
+            monitor_until: over.monitor_until.or(self.monitor_until),
         }
     }
 
@@ -198,6 +258,11 @@ impl Settings {
                 value: refresh.as_millis() as u64,
             });
         }
+        let mode = match (self.mode, self.monitor_until) {
+            (None | Some(ModeName::Enforce), None) => Mode::Enforce,
+            (Some(ModeName::Monitor), until) => Mode::Monitor { until },
+            (_, Some(_)) => return Err(ConfigError::UntilWithoutMonitor),
+        };
         let listen = |given: Option<Vec<SocketAddr>>, defaults: [&str; 2], name| {
             let addrs = given.unwrap_or_else(|| {
                 defaults
@@ -234,6 +299,7 @@ impl Settings {
             },
             max_connections: max_connections as usize,
             drain_timeout: self.drain_timeout.unwrap_or(DEFAULT_DRAIN_TIMEOUT),
+            mode,
         })
     }
 }
@@ -294,12 +360,48 @@ mod tests {
     fn the_shipped_example_config_sets_every_option() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/portcullis.toml");
         let s = Settings::from_file(&path).unwrap();
-        let debug = format!("{s:?}");
+        // monitor-until only goes with mode = "monitor"; the example
+        // enforces and shows it commented out.
+        let debug = format!(
+            "{:?}",
+            s.clone().overlaid_with(Settings {
+                monitor_until: Some(SystemTime::UNIX_EPOCH),
+                ..Settings::default()
+            })
+        );
         assert!(
             !debug.contains("None"),
             "every setting appears in the example: {debug}"
         );
         s.into_config().unwrap();
+    }
+
+    #[test]
+    fn monitor_mode_ends_at_its_time_and_needs_monitor() {
+        let end = parse_time("2026-12-31").unwrap();
+        assert_eq!(end, parse_time("2026-12-31T00:00:00Z").unwrap());
+        assert!(parse_time("31/12/2026").is_err());
+        let mode = Mode::Monitor { until: Some(end) };
+        assert!(!mode.enforcing_at(end - Duration::from_secs(1)));
+        assert!(mode.enforcing_at(end));
+        assert!(!Mode::Monitor { until: None }.enforcing_at(end));
+        assert!(Mode::Enforce.enforcing_at(SystemTime::UNIX_EPOCH));
+
+        let path = file(
+            "monitor.toml",
+            "allowlist = \"/l\"\nmode = \"monitor\"\nmonitor-until = \"2026-12-31\"\n",
+        );
+        let c = Settings::from_file(&path).unwrap().into_config().unwrap();
+        assert_eq!(c.mode, Mode::Monitor { until: Some(end) });
+        let path = file(
+            "until-alone.toml",
+            "allowlist = \"/l\"\nmonitor-until = \"2026-12-31\"\n",
+        );
+        let err = Settings::from_file(&path)
+            .unwrap()
+            .into_config()
+            .unwrap_err();
+        assert_eq!(err.to_string(), "monitor-until needs mode = monitor");
     }
 
     #[test]

@@ -2,13 +2,13 @@
 
 use clap::{Args, Parser, Subcommand};
 use portcullis::allowlist::{Allowlist, Source, load_once};
-use portcullis::config::{Settings, parse_duration};
+use portcullis::config::{ModeName, Settings, parse_duration, parse_time};
 use portcullis::detect::tls::TlsVersion;
 use portcullis::name::HostName;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 /// Every connection allocates its task and a few small buffers; glibc's
 /// allocator spent a sixth of the user time on them, mimalloc's thread
@@ -96,6 +96,12 @@ struct RunArgs {
     /// Accept an empty list replacing a non-empty one [refused]
     #[arg(long)]
     allow_empty: bool,
+    /// enforce: refuse what the policy denies; monitor: forward it, and log and count it as would_deny [enforce]
+    #[arg(long, value_enum)]
+    mode: Option<ModeName>,
+    /// With --mode monitor: enforce from this date (midnight UTC) or RFC 3339 time on [never]
+    #[arg(long, value_parser = parse_time)]
+    monitor_until: Option<SystemTime>,
 }
 
 impl RunArgs {
@@ -116,6 +122,8 @@ impl RunArgs {
             refresh: self.refresh,
             cache_dir: self.cache_dir,
             allow_empty: self.allow_empty.then_some(true),
+            mode: self.mode,
+            monitor_until: self.monitor_until,
         }
     }
 }

@@ -3,7 +3,7 @@
 
 use crate::allowlist::{Live, LoadError, Reloader};
 use crate::audit::{self, AuditLog};
-use crate::config::Config;
+use crate::config::{Config, Mode};
 use crate::drain::{Signals, Stop};
 use crate::net::listener;
 use crate::proxy::{self, Context};
@@ -13,7 +13,7 @@ use std::io;
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio::time::Instant;
@@ -74,7 +74,9 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         list: live.clone(),
         limits: config.limits,
         audit: audit.clone(),
+        mode: config.mode,
     });
+    announce_mode(config.mode);
     let limit = Arc::new(Semaphore::new(config.max_connections));
     let (stop_tx, stop_rx) = watch::channel(false);
     for (worker, listeners) in listeners.into_iter().enumerate() {
@@ -107,6 +109,33 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     }
     flush(audit).await;
     Ok(())
+}
+
+/// Logs and exports the mode, and in monitor mode with an end, the switch
+/// to enforce mode when it comes (connections check the time themselves).
+fn announce_mode(mode: Mode) {
+    let now = SystemTime::now();
+    telemetry::set_enforcing(mode.enforcing_at(now));
+    match mode {
+        Mode::Enforce => {}
+        Mode::Monitor { until: None } => {
+            tracing::warn!("monitor mode: nothing is refused for policy, with no end date");
+        }
+        Mode::Monitor { until: Some(end) } => match end.duration_since(now) {
+            Err(_) => tracing::warn!("monitor-until is in the past: enforcing"),
+            Ok(left) => {
+                tracing::warn!(
+                    until = %humantime::format_rfc3339_seconds(end),
+                    "monitor mode: nothing is refused for policy until then"
+                );
+                tokio::spawn(async move {
+                    tokio::time::sleep(left).await;
+                    telemetry::set_enforcing(true);
+                    tracing::warn!("monitor mode has ended: enforcing");
+                });
+            }
+        },
+    }
 }
 
 /// Writes out the audit records of the connections that have ended.

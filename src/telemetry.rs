@@ -19,6 +19,8 @@ use std::sync::{Arc, OnceLock};
 
 pub const CONNECTIONS: &str = "portcullis_connections_total";
 pub const DENIED: &str = "portcullis_denied_total";
+pub const WOULD_DENY: &str = "portcullis_would_deny_total";
+pub const ENFORCING: &str = "portcullis_enforcing";
 pub const ACTIVE: &str = "portcullis_active_connections";
 pub const BYTES: &str = "portcullis_bytes_total";
 pub const UPSTREAM_ERRORS: &str = "portcullis_upstream_errors_total";
@@ -89,6 +91,18 @@ pub const FAMILIES: &[Family] = &[
         Kind::Counter,
         &["proto", "reason"],
         "Connections refused, by reason.",
+    ),
+    family(
+        WOULD_DENY,
+        Kind::Counter,
+        &["proto", "reason"],
+        "Monitor mode: connections forwarded that enforce mode would have refused, by reason.",
+    ),
+    family(
+        ENFORCING,
+        Kind::Gauge,
+        &[],
+        "1 when policy refusals are carried out; 0 in monitor mode.",
     ),
     family(
         ACTIVE,
@@ -288,6 +302,8 @@ struct ProtoSeries {
     connections: [Counter; 3],
     /// By [`Reason`].
     denied: [Counter; Reason::ALL.len()],
+    /// By [`Reason`].
+    would_deny: [Counter; Reason::ALL.len()],
     bytes_upstream: Counter,
     bytes_downstream: Counter,
     hello: Histogram,
@@ -308,6 +324,8 @@ impl Handles {
                     .map(|v| metrics::counter!(CONNECTIONS, "proto" => p, "verdict" => v)),
                 denied: Reason::ALL
                     .map(|r| metrics::counter!(DENIED, "proto" => p, "reason" => r.as_str())),
+                would_deny: Reason::ALL
+                    .map(|r| metrics::counter!(WOULD_DENY, "proto" => p, "reason" => r.as_str())),
                 bytes_upstream: metrics::counter!(BYTES, "proto" => p, "direction" => "upstream"),
                 bytes_downstream: metrics::counter!(BYTES, "proto" => p, "direction" => "downstream"),
                 hello: metrics::histogram!(HELLO_DURATION, "proto" => p),
@@ -322,7 +340,8 @@ impl Handles {
         });
         for series in &by_proto {
             series.active.set(0.0);
-            for counter in series.connections.iter().chain(&series.denied) {
+            let counters = series.connections.iter().chain(&series.denied);
+            for counter in counters.chain(&series.would_deny) {
                 counter.increment(0);
             }
             series.bytes_upstream.increment(0);
@@ -363,6 +382,9 @@ pub fn connection_ended(rec: &Record) {
             }
         }
     }
+    if let Some(reason) = rec.would_deny {
+        series.would_deny[reason as usize].increment(1);
+    }
     series.bytes_upstream.increment(rec.moved.up);
     series.bytes_downstream.increment(rec.moved.down);
     if let Some(hello) = rec.hello {
@@ -392,6 +414,10 @@ impl Drop for Active {
             series.active.decrement(1.0);
         }
     }
+}
+
+pub fn set_enforcing(enforcing: bool) {
+    metrics::gauge!(ENFORCING).set(f64::from(u8::from(enforcing)));
 }
 
 pub fn accept_error() {

@@ -1,14 +1,15 @@
 //! End-to-end, in namespaces: the policies beyond the allowlist itself
-//! (TLS version floor, ECH and odd hellos). Needs root; under CI=true a
+//! (TLS version floor, ECH and odd hellos, monitor mode). Needs root; under CI=true a
 //! non-root run fails instead of skipping.
 
 mod support;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::time::Duration;
-use support::netns::{RAW_V4, Topology, require_root};
-use support::servers::recorder;
+use std::time::{Duration, SystemTime};
+use support::client::{http, text};
+use support::netns::{RAW_V4, Topology, WEB_V4, require_root};
+use support::servers::{http_server, recorder};
 use support::{addr, hello, wait_until};
 
 const CHROMIUM_HELLO: &[u8] =
@@ -134,4 +135,61 @@ fn an_ech_hello_is_decided_by_its_outer_name() {
         (allowed["verdict"].as_str(), allowed["ech"].as_bool()),
         (Some("allow"), Some(true))
     );
+}
+
+#[test]
+fn monitor_mode_forwards_and_counts_what_it_would_deny_until_its_time() {
+    if !require_root() {
+        return;
+    }
+    let mut t = Topology::new();
+    let (server, _) = recorder(&t.upstream, &[addr(RAW_V4, 443)]);
+    let (_web, requests) = http_server(&t.upstream, &[addr(WEB_V4, 80)]);
+    let end = SystemTime::now() + Duration::from_secs(4);
+    let end = humantime::format_rfc3339_seconds(end).to_string();
+    t.start_portcullis(ALLOWLIST, &["--mode", "monitor", "--monitor-until", &end]);
+    assert!(metric(&t, "portcullis_enforcing 0"));
+
+    let unlisted = hello::with_server_name(TLS12_HELLO, "unlisted.other.test");
+    exchange(&t, &unlisted);
+    wait_until(
+        "the unlisted hello upstream",
+        Duration::from_secs(5),
+        || server.accepted() == 1,
+    );
+    let answer = text(&http(&t, "unlisted.other.test", WEB_V4, "/x").stdout);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(requests.lock().unwrap().len(), 1);
+    wait_until("two would_deny audit lines", Duration::from_secs(5), || {
+        t.audit()
+            .iter()
+            .filter(|r| r["would_deny"] == "not_listed" && r["verdict"] == "allow")
+            .count()
+            == 2
+    });
+    assert!(metric(
+        &t,
+        r#"portcullis_would_deny_total{proto="tls",reason="not_listed"} 1"#
+    ));
+    assert!(metric(
+        &t,
+        r#"portcullis_would_deny_total{proto="http",reason="not_listed"} 1"#
+    ));
+
+    // The date passes: enforce mode, without a restart.
+    wait_until("enforce mode", Duration::from_secs(10), || {
+        metric(&t, "portcullis_enforcing 1")
+    });
+    assert_eq!(exchange(&t, &unlisted), ALERT_ACCESS_DENIED);
+    let answer = text(&http(&t, "unlisted.other.test", WEB_V4, "/y").stdout);
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    assert_eq!(server.accepted(), 1);
+    assert_eq!(requests.lock().unwrap().len(), 1);
+    assert_eq!(t.log_count("monitor mode has ended"), 1);
+}
+
+/// Whether the scrape has this exact sample line.
+fn metric(t: &Topology, line: &str) -> bool {
+    t.admin_get("/metrics")
+        .is_some_and(|m| m.lines().any(|l| l == line))
 }

@@ -354,12 +354,21 @@ fn refusal_for(e: HttpError) -> Refusal {
 fn admit(ctx: &Context, head: &RequestHead, rec: &mut Record) -> Result<(), Refusal> {
     rec.name = Some(head.host.clone());
     rec.rule = None;
-    let rule = ctx.check(&head.host).map_err(|reason| Refusal {
-        reason,
-        // Temporary: the client may retry once the gateway has a list.
-        status: if reason == Reason::NoList { 503 } else { 403 },
-    })?;
-    rec.rule = Some(rule);
+    match ctx.check(&head.host) {
+        Ok(rule) => rec.rule = Some(rule),
+        // Monitor mode: the first request enforce mode would refuse is
+        // what the connection's record notes.
+        Err(reason) if !ctx.enforcing() => {
+            rec.would_deny.get_or_insert(reason);
+        }
+        Err(reason) => {
+            return Err(Refusal {
+                reason,
+                // Temporary: the client may retry once the gateway has a list.
+                status: if reason == Reason::NoList { 503 } else { 403 },
+            });
+        }
+    }
     Ok(())
 }
 

@@ -7,7 +7,7 @@ mod tls;
 
 use crate::allowlist::Live;
 use crate::audit::{self, AuditLog};
-use crate::config::Limits;
+use crate::config::{Limits, Mode};
 use crate::name::HostName;
 use crate::net::forward::{Transferred, read_some, shutdown_write, write_all};
 use crate::net::orig_dst::{OrigDst, is_loop, original_dst};
@@ -30,9 +30,15 @@ pub struct Context {
     pub list: Arc<Live>,
     pub limits: Limits,
     pub audit: AuditLog,
+    pub mode: Mode,
 }
 
 impl Context {
+    /// Whether policy refusals are carried out now (see [`Mode`]).
+    fn enforcing(&self) -> bool {
+        self.mode.enforcing_at(SystemTime::now())
+    }
+
     /// The entry that allows `name`, as written in the list (counted as a
     /// hit on it).
     fn check(&self, name: &HostName) -> Result<Arc<str>, Reason> {
@@ -54,6 +60,8 @@ pub struct Record {
     pub proto: Proto,
     pub name: Option<HostName>,
     pub rule: Option<Arc<str>>,
+    /// In monitor mode: why enforce mode would have refused this.
+    pub would_deny: Option<Reason>,
     pub ech: bool,
     pub verdict: Verdict,
     pub moved: Transferred,
@@ -78,6 +86,7 @@ impl Record {
             proto,
             name: None,
             rule: None,
+            would_deny: None,
             ech: false,
             verdict: Verdict::Error(ErrorKind::Io),
             moved: Transferred::default(),

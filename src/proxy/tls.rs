@@ -36,25 +36,34 @@ pub(super) async fn serve(
         Err(ReadError::Io) => return Verdict::Error(ErrorKind::Io),
     };
     rec.ech = hello.ech;
-    let name = match hello.server_name {
-        ServerName::Name(name) => name,
-        ServerName::Absent => return deny(client, rec, Reason::NoName).await,
-        ServerName::Invalid(NameError::IpLiteral) => {
-            return deny(client, rec, Reason::IpLiteral).await;
+    // Each policy check either refuses (enforce mode) or notes what it
+    // would have refused and lets the connection through (monitor mode).
+    let policy = match hello.server_name {
+        ServerName::Name(name) => {
+            rec.name = Some(name);
+            Ok(())
         }
+        ServerName::Absent => Err(Reason::NoName),
+        ServerName::Invalid(NameError::IpLiteral) => Err(Reason::IpLiteral),
         ServerName::Invalid(_) => return deny(client, rec, Reason::Malformed).await,
     };
-    // Below the floor is refused whatever the name (and is no rule's
-    // hit); the audit line still says where the client was going.
-    if hello.max_version < limits.min_tls {
-        rec.name = Some(name);
-        return deny(client, rec, Reason::TlsVersion).await;
-    }
-    let checked = ctx.check(&name);
-    rec.name = Some(name);
-    match checked {
-        Ok(rule) => rec.rule = Some(rule),
-        Err(reason) => return deny(client, rec, reason).await,
+    // Below the floor is refused whatever the name (and is no rule's hit).
+    let policy = policy.and_then(|()| {
+        if hello.max_version < limits.min_tls {
+            Err(Reason::TlsVersion)
+        } else {
+            Ok(())
+        }
+    });
+    let policy = policy.and_then(|()| match &rec.name {
+        Some(name) => ctx.check(name).map(|rule| rec.rule = Some(rule)),
+        None => Ok(()),
+    });
+    if let Err(reason) = policy {
+        if ctx.enforcing() {
+            return deny(client, rec, reason).await;
+        }
+        rec.would_deny = Some(reason);
     }
     let upstream = match connect(dst, limits.connect_timeout, rec).await {
         Ok(upstream) => upstream,

@@ -13,12 +13,14 @@
 //! - [`telemetry`]: metric names, the Prometheus recorder, list families.
 //! - [`audit`]: the JSON audit log on stdout, behind a bounded queue.
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, on their own thread.
+//! - [`discover`]: audit logs → a proposed allowlist.
 
 pub mod admin;
 pub mod allowlist;
 pub mod audit;
 pub mod config;
 pub mod detect;
+pub mod discover;
 pub mod drain;
 pub mod name;
 pub mod net;

@@ -4,6 +4,7 @@ use clap::{Args, Parser, Subcommand};
 use portcullis::allowlist::{Allowlist, Source, load_once};
 use portcullis::config::{ModeName, Settings, parse_duration, parse_time};
 use portcullis::detect::tls::TlsVersion;
+use portcullis::discover::Tally;
 use portcullis::name::HostName;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -37,6 +38,12 @@ enum Command {
         /// Take the allowlist from this config file.
         #[arg(long)]
         config: Option<PathBuf>,
+    },
+    /// Propose an allowlist from audit logs (e.g. a week of --mode monitor), on stdout.
+    Discover {
+        /// Audit logs: files of JSON lines, as `run` writes on stdout.
+        #[arg(required = true)]
+        logs: Vec<PathBuf>,
     },
     /// Show how an allowlist decides names: exit 0 if all are allowed, 1 if any is denied.
     Match {
@@ -147,6 +154,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run(*args),
         Command::Check { source, config } => check(source, config),
         Command::Match { source, names } => match_names(&source, &names),
+        Command::Discover { logs } => discover(&logs),
     };
     result.unwrap_or_else(|e| {
         eprintln!("portcullis: {e:#}");
@@ -198,6 +206,28 @@ fn check(source: Option<String>, config: Option<PathBuf>) -> anyhow::Result<Exit
     let source = settings.source()?;
     let list = load(&source)?;
     println!("{source}: ok, {} entries", list.len());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn discover(logs: &[PathBuf]) -> anyhow::Result<ExitCode> {
+    let mut tally = Tally::default();
+    for path in logs {
+        let file =
+            std::fs::File::open(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        tally
+            .read(std::io::BufReader::new(file))
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    }
+    if tally.distinct_names() == 0 {
+        anyhow::bail!("no audit record with a name in {} file(s)", logs.len());
+    }
+    if tally.skipped > 0 {
+        eprintln!(
+            "portcullis: skipped {} lines without a name (refusals before one was read, or not audit records)",
+            tally.skipped
+        );
+    }
+    print!("{}", tally.render());
     Ok(ExitCode::SUCCESS)
 }
 

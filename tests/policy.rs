@@ -193,3 +193,58 @@ fn metric(t: &Topology, line: &str) -> bool {
     t.admin_get("/metrics")
         .is_some_and(|m| m.lines().any(|l| l == line))
 }
+
+#[test]
+fn discover_turns_a_monitored_audit_log_into_a_list_that_check_accepts() {
+    if !require_root() {
+        return;
+    }
+    let mut t = Topology::new();
+    let (server, _) = recorder(&t.upstream, &[addr(RAW_V4, 443)]);
+    t.start_portcullis(ALLOWLIST, &["--mode", "monitor"]);
+    let names = [
+        "a.shop.test",
+        "b.shop.test",
+        "c.shop.test",
+        "api.vendor.test",
+    ];
+    for name in names.iter().chain(&["api.vendor.test"]) {
+        exchange(&t, &hello::with_server_name(TLS12_HELLO, name));
+    }
+    wait_until("five audit lines", Duration::from_secs(5), || {
+        t.audit().len() == 5
+    });
+    assert_eq!(server.accepted(), 5);
+
+    let portcullis = env!("CARGO_BIN_EXE_portcullis");
+    let proposed = std::process::Command::new(portcullis)
+        .arg("discover")
+        .arg(t.audit_path())
+        .output()
+        .unwrap();
+    assert!(proposed.status.success(), "{}", text(&proposed.stderr));
+    let list = t.dir.join("proposed.txt");
+    std::fs::write(&list, &proposed.stdout).unwrap();
+    let proposal = text(&proposed.stdout);
+    assert!(proposal.contains("\n.shop.test\n"), "{proposal}");
+    assert!(
+        proposal.contains("# 2 connections\napi.vendor.test\n"),
+        "{proposal}"
+    );
+
+    let run = |args: &[&str]| {
+        std::process::Command::new(portcullis)
+            .args(args)
+            .output()
+            .unwrap()
+            .status
+            .code()
+    };
+    let list = list.to_str().unwrap();
+    assert_eq!(run(&["check", list]), Some(0));
+    assert_eq!(
+        run(&["match", list, "d.shop.test", "api.vendor.test"]),
+        Some(0)
+    );
+    assert_eq!(run(&["match", list, "www.vendor.test"]), Some(1));
+}

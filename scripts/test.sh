@@ -10,7 +10,7 @@ source scripts/setup.sh
 for ns in $(ip netns list | awk '/^pc[0-9]+-[a-z0-9]+-[cgu]$/ {print $1}'); do ip netns del "$ns"; done
 
 step() { printf '\n== %s\n' "$*"; }
-step "cargo fmt --check";   cargo fmt --check
+step "cargo fmt --check";   cargo fmt --check && cargo fmt --check --manifest-path fuzz/Cargo.toml
 step "shellcheck";          shellcheck scripts/*.sh iptables/*.sh ami/scripts/*.sh benches/netns/*.sh .ci/run
 step "cargo clippy";        cargo clippy --locked --all-targets -- -D warnings
 step "release build";       cargo build --locked --release
@@ -20,3 +20,5 @@ step "macro-benchmark, short"; bash benches/netns/run.sh --short
 # The tests run against the release build, the binary we ship, and share
 # its compiled dependencies instead of building them a second time.
 step "tests";               cargo test --locked --release --all-targets
+# Each fuzz target from real seeds and past failures, for a bounded time.
+step "fuzzing";             bash scripts/fuzz.sh 45

@@ -2,7 +2,7 @@
 //! detectors look at them, then they are replayed upstream byte for byte.
 
 use crate::detect::Detect;
-use crate::net::forward::{Activity, forward, write_all};
+use crate::net::forward::{Activity, forward, try_read_draining, write_all};
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::net::TcpStream;
@@ -96,10 +96,18 @@ impl<'a> Inbound<'a> {
         if room == 0 {
             return Err(io::Error::other("buffer full"));
         }
-        self.buf.resize(len + room, 0);
-        let result = crate::net::forward::read_some(self.stream, &mut self.buf[len..]).await;
-        self.buf.truncate(len + *result.as_ref().unwrap_or(&0));
-        result
+        loop {
+            // Room is made only once there is something to read: a client
+            // that connects and stays silent costs no buffer.
+            self.stream.readable().await?;
+            self.buf.resize(len + room, 0);
+            let result = try_read_draining(self.stream, &mut self.buf[len..]);
+            self.buf.truncate(len + *result.as_ref().unwrap_or(&0));
+            match result {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                other => return other,
+            }
+        }
     }
 
     /// Forwards the first `n` buffered bytes to `dst`.

@@ -258,6 +258,17 @@ impl Topology {
         response.get(9..12)?.parse().ok()
     }
 
+    /// The gateway's resident memory, in KiB.
+    pub fn portcullis_rss_kib(&self) -> u64 {
+        let pid = self.portcullis.as_ref().expect("portcullis running").id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in /proc/PID/status")
+    }
+
     /// Sends a signal without waiting.
     pub fn signal_portcullis(&self, signal: nix::sys::signal::Signal) {
         let child = self.portcullis.as_ref().expect("portcullis running");

@@ -20,6 +20,16 @@ pub struct Config {
     /// How long SIGTERM waits for live connections before exiting.
     pub drain_timeout: Duration,
     pub mode: Mode,
+    pub verify_dst: VerifyDst,
+}
+
+/// `--verify-dst`: whether original destinations are checked against DNS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum VerifyDst {
+    #[default]
+    Off,
+    Dns,
 }
 
 /// Whether policy refusals are carried out.
@@ -133,6 +143,7 @@ pub struct Settings {
     pub mode: Option<ModeName>,
     #[serde(default, deserialize_with = "time")]
     pub monitor_until: Option<SystemTime>,
+    pub verify_dst: Option<VerifyDst>,
 }
 
 fn time<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<SystemTime>, D::Error> {
@@ -219,6 +230,7 @@ impl Settings {
             allow_empty: over.allow_empty.or(self.allow_empty),
             mode: over.mode.or(self.mode),
             monitor_until: over.monitor_until.or(self.monitor_until),
+            verify_dst: over.verify_dst.or(self.verify_dst),
         }
     }
 
@@ -300,6 +312,7 @@ impl Settings {
             max_connections: max_connections as usize,
             drain_timeout: self.drain_timeout.unwrap_or(DEFAULT_DRAIN_TIMEOUT),
             mode,
+            verify_dst: self.verify_dst.unwrap_or_default(),
         })
     }
 }

@@ -14,6 +14,7 @@
 //! - [`audit`]: the JSON audit log on stdout, behind a bounded queue.
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, on their own thread.
 //! - [`discover`]: audit logs → a proposed allowlist.
+//! - [`verify`]: `--verify-dst dns`, original destinations checked against DNS.
 
 pub mod admin;
 pub mod allowlist;
@@ -28,3 +29,4 @@ pub mod proxy;
 pub mod server;
 pub mod telemetry;
 pub mod verdict;
+pub mod verify;

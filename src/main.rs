@@ -2,7 +2,7 @@
 
 use clap::{Args, Parser, Subcommand};
 use portcullis::allowlist::{Allowlist, Source, load_once};
-use portcullis::config::{ModeName, Settings, parse_duration, parse_time};
+use portcullis::config::{ModeName, Settings, VerifyDst, parse_duration, parse_time};
 use portcullis::detect::tls::TlsVersion;
 use portcullis::discover::Tally;
 use portcullis::name::HostName;
@@ -109,6 +109,9 @@ struct RunArgs {
     /// With --mode monitor: enforce from this date (midnight UTC) or RFC 3339 time on [never]
     #[arg(long, value_parser = parse_time)]
     monitor_until: Option<SystemTime>,
+    /// dns: forward an allowed name only to an address it resolves to (system resolver, /etc/hosts) [off]
+    #[arg(long, value_enum)]
+    verify_dst: Option<VerifyDst>,
 }
 
 impl RunArgs {
@@ -131,6 +134,7 @@ impl RunArgs {
             allow_empty: self.allow_empty.then_some(true),
             mode: self.mode,
             monitor_until: self.monitor_until,
+            verify_dst: self.verify_dst,
         }
     }
 }

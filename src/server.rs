@@ -3,12 +3,13 @@
 
 use crate::allowlist::{Live, LoadError, Reloader};
 use crate::audit::{self, AuditLog};
-use crate::config::{Config, Mode};
+use crate::config::{Config, Mode, VerifyDst};
 use crate::drain::{Signals, Stop};
 use crate::net::listener;
 use crate::proxy::{self, Context};
 use crate::telemetry::{self, Exporter};
 use crate::verdict::Proto;
+use crate::verify::Verifier;
 use std::io;
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::sync::Arc;
@@ -35,6 +36,8 @@ pub enum ServerError {
     Admin { addr: SocketAddr, source: io::Error },
     #[error("cannot install signal handlers: {0}")]
     Signals(io::Error),
+    #[error("--verify-dst dns: cannot read the system's resolver configuration: {0}")]
+    Resolver(hickory_resolver::ResolveError),
     #[error("cannot start a connection worker: {0}")]
     Worker(io::Error),
     #[error("cannot start the audit log writer: {0}")]
@@ -75,6 +78,10 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         limits: config.limits,
         audit: audit.clone(),
         mode: config.mode,
+        verifier: match config.verify_dst {
+            VerifyDst::Off => None,
+            VerifyDst::Dns => Some(Verifier::from_system().map_err(ServerError::Resolver)?),
+        },
     });
     announce_mode(config.mode);
     let limit = Arc::new(Semaphore::new(config.max_connections));

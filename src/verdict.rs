@@ -28,10 +28,13 @@ pub enum Reason {
     Method,
     /// The ClientHello's highest version is below `--min-tls`.
     TlsVersion,
+    /// `--verify-dst dns`: the original destination is not an address the
+    /// name resolves to (or the name does not resolve).
+    Spoofed,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 12] = [
+    pub const ALL: [Reason; 13] = [
         Reason::NotListed,
         Reason::NoList,
         Reason::NoName,
@@ -44,6 +47,7 @@ impl Reason {
         Reason::HostMismatch,
         Reason::Method,
         Reason::TlsVersion,
+        Reason::Spoofed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -60,6 +64,7 @@ impl Reason {
             Reason::HostMismatch => "host_mismatch",
             Reason::Method => "method",
             Reason::TlsVersion => "tls_version",
+            Reason::Spoofed => "spoofed",
         }
     }
 }

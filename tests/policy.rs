@@ -1,5 +1,6 @@
 //! End-to-end, in namespaces: the policies beyond the allowlist itself
-//! (TLS version floor, ECH and odd hellos, monitor mode). Needs root; under CI=true a
+//! (TLS version floor, ECH and odd hellos, monitor mode, discovery,
+//! destination verification). Needs root; under CI=true a
 //! non-root run fails instead of skipping.
 
 mod support;
@@ -26,9 +27,13 @@ fn read_all(s: &mut TcpStream) -> Vec<u8> {
     out
 }
 
-/// Sends `bytes` and half-closes; what the gateway answered.
+/// Sends `bytes` to RAW_V4:443 and half-closes; what the gateway answered.
 fn exchange(t: &Topology, bytes: &[u8]) -> Vec<u8> {
-    let mut s = t.connect(addr(RAW_V4, 443));
+    exchange_with(t, RAW_V4, bytes)
+}
+
+fn exchange_with(t: &Topology, ip: &str, bytes: &[u8]) -> Vec<u8> {
+    let mut s = t.connect(addr(ip, 443));
     s.write_all(bytes).unwrap();
     s.shutdown(std::net::Shutdown::Write).unwrap();
     read_all(&mut s)
@@ -247,4 +252,77 @@ fn discover_turns_a_monitored_audit_log_into_a_list_that_check_accepts() {
         Some(0)
     );
     assert_eq!(run(&["match", list, "www.vendor.test"]), Some(1));
+}
+
+#[test]
+fn with_verify_dst_an_allowed_name_reaches_only_its_own_addresses() {
+    if !require_root() {
+        return;
+    }
+    let mut t = Topology::new();
+    let (server, _) = recorder(&t.upstream, &[addr(RAW_V4, 443), addr(WEB_V4, 443)]);
+    let (_web, requests) = http_server(&t.upstream, &[addr(RAW_V4, 80), addr(WEB_V4, 80)]);
+    // The gateway's own view of DNS, in a mount namespace of its own:
+    // www.example.test is 203.0.113.10 (/etc/hosts), and the only
+    // nameserver is one that does not exist, so nothing leaves the host.
+    let hosts = t.dir.join("hosts");
+    std::fs::write(
+        &hosts,
+        format!("127.0.0.1 localhost\n{RAW_V4} www.example.test\n"),
+    )
+    .unwrap();
+    let resolv = t.dir.join("resolv.conf");
+    std::fs::write(
+        &resolv,
+        "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n",
+    )
+    .unwrap();
+    let (hosts, resolv) = (hosts.to_str().unwrap(), resolv.to_str().unwrap());
+    let own_dns = "mount --bind \"$1\" /etc/hosts && mount --bind \"$2\" /etc/resolv.conf && shift 2 && exec \"$@\"";
+    t.start_portcullis_under(
+        &[
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            own_dns,
+            "sh",
+            hosts,
+            resolv,
+        ],
+        ALLOWLIST,
+        &["--verify-dst", "dns"],
+    );
+
+    // To the name's own address: forwarded.
+    exchange_with(&t, RAW_V4, TLS12_HELLO);
+    wait_until("the hello upstream", Duration::from_secs(5), || {
+        server.accepted() == 1
+    });
+    // The same allowed name to another address, as `curl --resolve
+    // www.example.test:443:203.0.113.20` sends it: refused.
+    assert_eq!(exchange_with(&t, WEB_V4, TLS12_HELLO), ALERT_ACCESS_DENIED);
+    // An allowed name that does not resolve at all: refused the same way.
+    let unresolvable = hello::with_server_name(TLS12_HELLO, "nowhere.example.test");
+    assert_eq!(
+        exchange_with(&t, RAW_V4, &unresolvable),
+        ALERT_ACCESS_DENIED
+    );
+    // HTTP: the Host decides the same way.
+    let right = text(&http(&t, "www.example.test", RAW_V4, "/right").stdout);
+    assert!(right.starts_with("HTTP/1.1 200"), "{right}");
+    let wrong = text(&http(&t, "www.example.test", WEB_V4, "/wrong").stdout);
+    assert!(wrong.starts_with("HTTP/1.1 403"), "{wrong}");
+    assert_eq!(*requests.lock().unwrap(), ["www.example.test /right"]);
+    assert_eq!(server.accepted(), 1, "nothing spoofed went upstream");
+
+    wait_until("three spoofed audit lines", Duration::from_secs(5), || {
+        audited(&t, "spoofed").len() == 3
+    });
+    assert!(metric(
+        &t,
+        r#"portcullis_denied_total{proto="tls",reason="spoofed"} 2"#
+    ));
 }

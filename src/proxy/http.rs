@@ -51,7 +51,7 @@ pub(super) async fn serve(
         Err(Ok(refusal)) => return deny(client, rec, refusal, None).await,
     };
     rec.hello = Some(rec.accepted.elapsed());
-    if let Err(refusal) = admit(ctx, &first, rec) {
+    if let Err(refusal) = admit(ctx, &first, rec, dst).await {
         return deny(client, rec, refusal, Some(&first.host)).await;
     }
     let upstream = match connect(dst, limits.connect_timeout, rec).await {
@@ -78,6 +78,7 @@ pub(super) async fn serve(
     let conn = Connection {
         client,
         upstream: &upstream,
+        dst,
         activity: &activity,
     };
     let requests = conn.requests(from_client, first, ctx, rec, pending_tx, answered_rx, &up);
@@ -118,6 +119,7 @@ struct Pending {
 struct Connection<'a> {
     client: &'a TcpStream,
     upstream: &'a TcpStream,
+    dst: OrigDst,
     activity: &'a Activity,
 }
 
@@ -183,7 +185,7 @@ impl Connection<'_> {
                 Err(_) => return Verdict::Error(ErrorKind::Io),
             };
             let refusal = match next {
-                Ok(Some(next)) => match admit(ctx, &next, rec) {
+                Ok(Some(next)) => match admit(ctx, &next, rec, self.dst).await {
                     Ok(()) => {
                         head = next;
                         continue;
@@ -350,11 +352,21 @@ fn refusal_for(e: HttpError) -> Refusal {
     Refusal { reason, status }
 }
 
-/// Checks a request's Host against the list and notes the outcome.
-fn admit(ctx: &Context, head: &RequestHead, rec: &mut Record) -> Result<(), Refusal> {
+/// Checks a request's Host against the list (and with `--verify-dst dns`,
+/// the destination against the Host's addresses) and notes the outcome.
+async fn admit(
+    ctx: &Context,
+    head: &RequestHead,
+    rec: &mut Record,
+    dst: OrigDst,
+) -> Result<(), Refusal> {
     rec.name = Some(head.host.clone());
     rec.rule = None;
-    match ctx.check(&head.host) {
+    let decided = match (ctx.check(&head.host), &ctx.verifier) {
+        (Ok(rule), Some(verifier)) => verifier.verify(&head.host, dst.0.ip()).await.map(|()| rule),
+        (decided, _) => decided,
+    };
+    match decided {
         Ok(rule) => rec.rule = Some(rule),
         // Monitor mode: the first request enforce mode would refuse is
         // what the connection's record notes.
@@ -407,6 +419,7 @@ fn explain(reason: Reason) -> &'static str {
         Reason::HostMismatch => "the request target and the Host header disagree",
         Reason::Method => "CONNECT is not allowed through this gateway",
         Reason::TlsVersion => "the TLS version is below this gateway's floor",
+        Reason::Spoofed => "the address is not one the host resolves to",
     }
 }
 

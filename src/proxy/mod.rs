@@ -13,6 +13,7 @@ use crate::net::forward::{Transferred, read_some, shutdown_write, write_all};
 use crate::net::orig_dst::{OrigDst, is_loop, original_dst};
 use crate::telemetry;
 use crate::verdict::{ErrorKind, Proto, Reason, Verdict};
+use crate::verify::Verifier;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -31,6 +32,8 @@ pub struct Context {
     pub limits: Limits,
     pub audit: AuditLog,
     pub mode: Mode,
+    /// `--verify-dst dns`.
+    pub verifier: Option<Verifier>,
 }
 
 impl Context {

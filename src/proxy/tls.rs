@@ -59,6 +59,11 @@ pub(super) async fn serve(
         Some(name) => ctx.check(name).map(|rule| rec.rule = Some(rule)),
         None => Ok(()),
     });
+    // Last, as it may wait for DNS: only a name that is allowed is resolved.
+    let policy = match (policy, &ctx.verifier, &rec.name) {
+        (Ok(()), Some(verifier), Some(name)) => verifier.verify(name, dst.0.ip()).await,
+        (policy, ..) => policy,
+    };
     if let Err(reason) = policy {
         if ctx.enforcing() {
             return deny(client, rec, reason).await;
@@ -111,7 +116,8 @@ pub(super) async fn refuse(client: &TcpStream, reason: Reason) -> bool {
         | Reason::NoName
         | Reason::IpLiteral
         | Reason::Loop
-        | Reason::Method => AlertDescription::AccessDenied,
+        | Reason::Method
+        | Reason::Spoofed => AlertDescription::AccessDenied,
         Reason::Malformed | Reason::NotTls | Reason::TooLarge | Reason::HostMismatch => {
             AlertDescription::DecodeError
         }

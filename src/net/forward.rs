@@ -3,10 +3,11 @@
 //! The fast path is splice(2): socket → pipe → socket, so payload never
 //! enters user space. A direction starts out copying and moves to splice
 //! once it carries bulk data. tokio tells us when a socket is ready;
-//! splice runs non-blocking. The pipe is always drained completely before the next read,
-//! so an EAGAIN from the read side can only mean the socket has nothing for
-//! us, never that the pipe is full. Where splice is unavailable (EINVAL on
-//! some socket types and kernels) a plain copy takes over.
+//! splice runs non-blocking. The pipe is always drained completely before
+//! the next read, so an EAGAIN from the read side can only mean the socket
+//! has nothing for us, never that the pipe is full. Where splice is
+//! unavailable (EINVAL on some socket types and kernels) a plain copy
+//! takes over.
 
 use nix::fcntl::{FcntlArg, OFlag, SpliceFFlags, fcntl, splice};
 use std::io::{self, Read};

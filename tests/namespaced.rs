@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use support::client::{http, https, text};
 use support::netns::{RAW_V4, RAW_V6, Topology, WEB_V4, WEB_V6, require_root};
 use support::servers::{TlsServer, find, http_server, make_certs, recorder};
-use support::{addr, hello, wait_until};
+use support::{addr, hello, read_all, wait_until};
 
 const CURL_HELLO: &[u8] = include_bytes!("../testdata/clienthellos/curl-7.88-openssl-3.0.bin");
 const CHROMIUM_HELLO: &[u8] =
@@ -20,13 +20,6 @@ const CHROMIUM_HELLO: &[u8] =
 const ALLOWLIST: &str = "# test list\n.example.test\nexact.allowed.test\n";
 const ALERT_ACCESS_DENIED: [u8; 7] = [21, 3, 3, 0, 2, 2, 49];
 const ALERT_DECODE_ERROR: [u8; 7] = [21, 3, 3, 0, 2, 2, 50];
-
-/// Reads until EOF (or error), with a deadline.
-fn read_all(s: &mut TcpStream) -> Vec<u8> {
-    let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out);
-    out
-}
 
 fn tls_allows_listed_and_refuses_unlisted(v6: bool) {
     if !require_root() {

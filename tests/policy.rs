@@ -5,13 +5,12 @@
 
 mod support;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::io::Write;
 use std::time::{Duration, SystemTime};
 use support::client::{http, text};
 use support::netns::{RAW_V4, Topology, WEB_V4, require_root};
 use support::servers::{http_server, recorder};
-use support::{addr, hello, wait_until};
+use support::{addr, hello, read_all, wait_until};
 
 const CHROMIUM_HELLO: &[u8] =
     include_bytes!("../testdata/clienthellos/chromium-156-x25519mlkem768.bin");
@@ -20,12 +19,6 @@ const ALLOWLIST: &str = ".example.test\n";
 const ALERT_PROTOCOL_VERSION: [u8; 7] = [21, 3, 3, 0, 2, 2, 70];
 const ALERT_DECODE_ERROR: [u8; 7] = [21, 3, 3, 0, 2, 2, 50];
 const ALERT_ACCESS_DENIED: [u8; 7] = [21, 3, 3, 0, 2, 2, 49];
-
-fn read_all(s: &mut TcpStream) -> Vec<u8> {
-    let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out);
-    out
-}
 
 /// Sends `bytes` to RAW_V4:443 and half-closes; what the gateway answered.
 fn exchange(t: &Topology, bytes: &[u8]) -> Vec<u8> {

@@ -15,6 +15,13 @@ use std::net::SocketAddr;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+/// Reads until end of stream or an error (such as a reset): what arrived.
+pub fn read_all(s: &mut std::net::TcpStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    let _ = std::io::Read::read_to_end(s, &mut out);
+    out
+}
+
 pub fn addr(ip: &str, port: u16) -> SocketAddr {
     SocketAddr::new(ip.parse().unwrap(), port)
 }

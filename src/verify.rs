@@ -137,8 +137,9 @@ impl Verifier {
     }
 
     fn seen(&self) -> std::sync::MutexGuard<'_, SeenAddrs> {
-        // A panic elsewhere cannot leave the table half-written: every
-        // change is a single map operation.
+        // A panic while the lock was held leaves at worst some addresses
+        // missing or expired ones kept: every state of the table is a
+        // valid one, so it stays usable.
         self.seen
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())

@@ -23,10 +23,12 @@ seeds() {
 for target in client_hello http_head allowlist; do
   # New inputs go to the first directory: a scratch corpus, not the seeds.
   corpus=target/fuzz-corpus/$target
-  mkdir -p "$corpus"
+  # git keeps no empty directory, and libFuzzer exits on a missing one.
+  regressions=fuzz/regressions/$target
+  mkdir -p "$corpus" "$regressions"
   log=target/fuzz-$target.log
   echo "fuzz: $target for ${seconds}s"
-  if ! cargo fuzz run "$target" "$corpus" "$(seeds "$target")" "fuzz/regressions/$target" -- \
+  if ! cargo fuzz run "$target" "$corpus" "$(seeds "$target")" "$regressions" -- \
     -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 >"$log" 2>&1; then
     tail -n 40 "$log"
     echo "fuzz: $target failed; keep the input above as fuzz/regressions/$target/<name> once fixed" >&2

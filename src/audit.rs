@@ -37,6 +37,7 @@ struct Line<'a> {
     verdict: &'static str,
     reason: Option<&'static str>,
     would_deny: Option<&'static str>,
+    policy: &'a str,
     rule: Option<&'a str>,
     bytes_up: u64,
     bytes_down: u64,
@@ -54,10 +55,10 @@ fn as_text<S: serde::Serializer>(
 /// Room for a typical record, so the line is not reallocated as it grows.
 const LINE_CAPACITY: usize = 384;
 
-/// One record as a JSON line (with its newline); `at` is when it ended.
-/// `reason` is the refusal reason for a deny and the error kind for an
-/// error.
-pub fn line(rec: &Record, at: SystemTime) -> String {
+/// One record as a JSON line (with its newline); `policy` is the name of
+/// the policy that decided it, `at` when it ended. `reason` is the refusal
+/// reason for a deny and the error kind for an error.
+pub fn line(rec: &Record, policy: &str, at: SystemTime) -> String {
     use crate::verdict::Verdict;
     let reason = match rec.verdict {
         Verdict::Allow => None,
@@ -73,6 +74,7 @@ pub fn line(rec: &Record, at: SystemTime) -> String {
         verdict: rec.verdict.as_str(),
         reason,
         would_deny: rec.would_deny.map(|r| r.as_str()),
+        policy,
         rule: rec.rule.as_deref(),
         bytes_up: rec.moved.up,
         bytes_down: rec.moved.down,
@@ -227,7 +229,11 @@ mod tests {
     use std::sync::Mutex;
 
     fn record(verdict: Verdict) -> Record {
-        let mut rec = Record::new("192.0.2.10:40000".parse().unwrap(), Proto::Tls);
+        let mut rec = Record::new(
+            "192.0.2.10:40000".parse().unwrap(),
+            crate::policy::PolicyId::DEFAULT,
+            Proto::Tls,
+        );
         rec.dst = Some(crate::net::orig_dst::OrigDst(
             "[2001:db8:3::20]:443".parse().unwrap(),
         ));
@@ -246,7 +252,7 @@ mod tests {
     #[test]
     fn a_record_is_one_json_line_with_every_field() {
         let at = SystemTime::UNIX_EPOCH + Duration::from_millis(1_790_000_000_123);
-        let text = line(&record(Verdict::Allow), at);
+        let text = line(&record(Verdict::Allow), "build-agents", at);
         assert!(text.ends_with('\n') && text.matches('\n').count() == 1);
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
         assert_eq!(
@@ -260,6 +266,7 @@ mod tests {
                 "verdict": "allow",
                 "reason": null,
                 "would_deny": null,
+                "policy": "build-agents",
                 "rule": ".example.test",
                 "bytes_up": 517,
                 "bytes_down": 4096,
@@ -274,7 +281,7 @@ mod tests {
         let mut rec = record(Verdict::Deny(Reason::NotListed));
         rec.rule = None;
         let v: serde_json::Value =
-            serde_json::from_str(&line(&rec, SystemTime::UNIX_EPOCH)).unwrap();
+            serde_json::from_str(&line(&rec, "default", SystemTime::UNIX_EPOCH)).unwrap();
         assert_eq!(v["verdict"], "deny");
         assert_eq!(v["reason"], "not_listed");
         assert_eq!(v["rule"], serde_json::Value::Null);
@@ -283,7 +290,7 @@ mod tests {
         rec.dst = None;
         rec.name = None;
         let v: serde_json::Value =
-            serde_json::from_str(&line(&rec, SystemTime::UNIX_EPOCH)).unwrap();
+            serde_json::from_str(&line(&rec, "default", SystemTime::UNIX_EPOCH)).unwrap();
         assert_eq!(
             (v["verdict"].as_str(), v["reason"].as_str()),
             (Some("error"), Some("connect_refused"))
@@ -295,7 +302,7 @@ mod tests {
         rec.rule = None;
         rec.would_deny = Some(Reason::NotListed);
         let v: serde_json::Value =
-            serde_json::from_str(&line(&rec, SystemTime::UNIX_EPOCH)).unwrap();
+            serde_json::from_str(&line(&rec, "default", SystemTime::UNIX_EPOCH)).unwrap();
         assert_eq!(
             (v["verdict"].as_str(), v["would_deny"].as_str()),
             (Some("allow"), Some("not_listed"))

@@ -3,7 +3,9 @@
 
 use crate::allowlist::{ReloadSettings, Source};
 use crate::detect::tls::TlsVersion;
+use crate::policy::{Cidr, MAX_POLICIES, PolicyId, PolicyName, SourceTable};
 use serde::Deserialize;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -11,7 +13,11 @@ use std::time::{Duration, SystemTime};
 /// Everything `portcullis run` needs.
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub reload: ReloadSettings,
+    /// The default policy first (the top-level allowlist), then the named
+    /// ones; a policy's index here is its [`PolicyId`].
+    pub policies: Vec<PolicyConfig>,
+    /// Client address → policy.
+    pub sources: SourceTable,
     pub tls_listen: Vec<SocketAddr>,
     pub http_listen: Vec<SocketAddr>,
     pub metrics_listen: SocketAddr,
@@ -21,6 +27,35 @@ pub struct Config {
     pub drain_timeout: Duration,
     pub mode: Mode,
     pub verify_dst: VerifyDst,
+}
+
+/// One policy: its name and how its list is kept current.
+#[derive(Debug, Clone)]
+pub struct PolicyConfig {
+    pub name: PolicyName,
+    pub reload: ReloadSettings,
+}
+
+/// A `[policy.NAME]` table of the config file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct PolicySettings {
+    /// Client address blocks this policy decides for.
+    #[serde(deserialize_with = "blocks")]
+    pub sources: Vec<toml::Spanned<Cidr>>,
+    /// A file path or s3://bucket/key, as the top-level `allowlist`.
+    #[serde(deserialize_with = "parsed")]
+    pub allowlist: Source,
+}
+
+fn blocks<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<toml::Spanned<Cidr>>, D::Error> {
+    let blocks = Vec::<toml::Spanned<Cidr>>::deserialize(d)?;
+    if blocks.is_empty() {
+        return Err(serde::de::Error::custom(
+            "sources is empty: a policy needs at least one address block",
+        ));
+    }
+    Ok(blocks)
 }
 
 /// `--verify-dst`: whether original destinations are checked against DNS.
@@ -144,6 +179,9 @@ pub struct Settings {
     #[serde(default, deserialize_with = "time")]
     pub monitor_until: Option<SystemTime>,
     pub verify_dst: Option<VerifyDst>,
+    /// Per-source policies, `[policy.NAME]`; from the config file only.
+    #[serde(default)]
+    pub policy: BTreeMap<PolicyName, PolicySettings>,
 }
 
 fn time<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<SystemTime>, D::Error> {
@@ -163,8 +201,16 @@ where
     D: serde::Deserializer<'de>,
     T: std::str::FromStr<Err: std::fmt::Display>,
 {
+    parsed(d).map(Some)
+}
+
+fn parsed<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: std::str::FromStr<Err: std::fmt::Display>,
+{
     let s = String::deserialize(d)?;
-    s.parse().map(Some).map_err(serde::de::Error::custom)
+    s.parse().map_err(serde::de::Error::custom)
 }
 
 /// A configuration that cannot be used, in one line.
@@ -181,7 +227,9 @@ pub enum ConfigError {
         line: usize,
         message: String,
     },
-    #[error("no allowlist: give --allowlist or set `allowlist` in the config file")]
+    #[error(
+        "no allowlist: give --allowlist or set `allowlist` in the config file (the default policy's list)"
+    )]
     NoAllowlist,
     #[error(transparent)]
     Source(#[from] crate::allowlist::SourceError),
@@ -195,6 +243,14 @@ pub enum ConfigError {
     NoAddress(&'static str),
     #[error("monitor-until needs mode = monitor")]
     UntilWithoutMonitor,
+    #[error("{block} is in both policy {first} and policy {second}: give each block to one policy")]
+    SharedBlock {
+        block: Cidr,
+        first: PolicyName,
+        second: PolicyName,
+    },
+    #[error("{0} policies: at most {MAX_POLICIES} besides the default")]
+    TooManyPolicies(usize),
 }
 
 impl Settings {
@@ -204,11 +260,53 @@ impl Settings {
             path: path.to_path_buf(),
             error,
         })?;
-        toml::from_str(&text).map_err(|e| ConfigError::Syntax {
+        let at_line = |offset: usize, message: String| ConfigError::Syntax {
             path: path.to_path_buf(),
-            line: e.span().map_or(1, |span| line_of(&text, span.start)),
-            message: e.message().trim().replace('\n', " "),
-        })
+            line: line_of(&text, offset),
+            message,
+        };
+        let settings: Settings = toml::from_str(&text).map_err(|e| {
+            let offset = e.span().map_or(0, |span| span.start);
+            at_line(offset, e.message().trim().replace('\n', " "))
+        })?;
+        // Checked here too, where the blocks' places in the file are known.
+        settings
+            .source_table()
+            .map_err(|(offset, e)| at_line(offset, e.to_string()))?;
+        Ok(settings)
+    }
+
+    /// Client address → policy, ids in `self.policy`'s order from 1. A
+    /// block given twice is refused at its second place in the file.
+    fn source_table(&self) -> Result<SourceTable, (usize, ConfigError)> {
+        let mut blocks = Vec::new();
+        for (i, (name, policy)) in self.policy.iter().enumerate() {
+            if i == MAX_POLICIES {
+                let offset = policy.sources.first().map_or(0, |b| b.span().start);
+                return Err((offset, ConfigError::TooManyPolicies(self.policy.len())));
+            }
+            let id = PolicyId(u16::try_from(i + 1).expect("at most MAX_POLICIES"));
+            blocks.extend(
+                policy
+                    .sources
+                    .iter()
+                    .map(|b| (b.span().start, *b.get_ref(), id, name)),
+            );
+        }
+        blocks.sort_by_key(|(offset, ..)| *offset);
+        let names: Vec<&PolicyName> = self.policy.keys().collect();
+        let mut table = SourceTable::default();
+        for (offset, block, id, name) in blocks {
+            table.insert(block, id).map_err(|taken| {
+                let shared = ConfigError::SharedBlock {
+                    block,
+                    first: names[taken.index() - 1].clone(),
+                    second: name.clone(),
+                };
+                (offset, shared)
+            })?;
+        }
+        Ok(table)
     }
 
     /// `self` with every setting that `over` has replaced by `over`'s.
@@ -231,18 +329,34 @@ impl Settings {
             mode: over.mode.or(self.mode),
             monitor_until: over.monitor_until.or(self.monitor_until),
             verify_dst: over.verify_dst.or(self.verify_dst),
+            policy: if over.policy.is_empty() {
+                self.policy
+            } else {
+                over.policy
+            },
         }
     }
 
-    /// The allowlist source, if one is set.
+    /// The default policy's allowlist source, if one is set.
     pub fn source(&self) -> Result<Source, ConfigError> {
         let raw = self.allowlist.as_deref().ok_or(ConfigError::NoAllowlist)?;
         Ok(raw.parse()?)
     }
 
+    /// Every policy's allowlist source, the default first.
+    pub fn sources(&self) -> Result<Vec<(PolicyName, Source)>, ConfigError> {
+        let default = (PolicyName::default_policy(), self.source()?);
+        let named = self
+            .policy
+            .iter()
+            .map(|(name, p)| (name.clone(), p.allowlist.clone()));
+        Ok(std::iter::once(default).chain(named).collect())
+    }
+
     /// Applies defaults and validates.
     pub fn into_config(self) -> Result<Config, ConfigError> {
-        let source = self.source()?;
+        let sources = self.sources()?;
+        let table = self.source_table().map_err(|(_, e)| e)?;
         let defaults = Limits::default();
         let max_connections = self.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
         if max_connections == 0 {
@@ -288,15 +402,25 @@ impl Settings {
                 Ok(addrs)
             }
         };
+        let cache_dir = self
+            .cache_dir
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_CACHE_DIR));
+        let allow_empty = self.allow_empty.unwrap_or(false);
+        let policies = sources
+            .into_iter()
+            .map(|(name, source)| PolicyConfig {
+                reload: ReloadSettings {
+                    source,
+                    refresh,
+                    cache_dir: policy_cache_dir(&cache_dir, &name),
+                    allow_empty,
+                },
+                name,
+            })
+            .collect();
         Ok(Config {
-            reload: ReloadSettings {
-                source,
-                refresh,
-                cache_dir: self
-                    .cache_dir
-                    .unwrap_or_else(|| PathBuf::from(DEFAULT_CACHE_DIR)),
-                allow_empty: self.allow_empty.unwrap_or(false),
-            },
+            policies,
+            sources: table,
             tls_listen: listen(self.tls_listen, DEFAULT_TLS_LISTEN, "tls-listen")?,
             http_listen: listen(self.http_listen, DEFAULT_HTTP_LISTEN, "http-listen")?,
             metrics_listen: self
@@ -314,6 +438,17 @@ impl Settings {
             mode,
             verify_dst: self.verify_dst.unwrap_or_default(),
         })
+    }
+}
+
+/// Where a policy's last good remote list is kept: the default policy's
+/// in the cache directory itself, each named policy's in a directory of
+/// its own, so two policies never write one file.
+fn policy_cache_dir(base: &Path, policy: &PolicyName) -> PathBuf {
+    if policy.as_str() == crate::policy::DEFAULT_POLICY {
+        base.to_path_buf()
+    } else {
+        base.join("policies").join(policy.as_str())
     }
 }
 
@@ -433,11 +568,14 @@ mod tests {
             .into_config()
             .unwrap();
         assert_eq!(c.limits.hello_timeout, Duration::from_millis(700));
-        assert_eq!(c.reload.refresh, Duration::from_secs(10));
-        assert_eq!(c.reload.source, "s3://b/k".parse().unwrap());
+        assert_eq!(c.policies[0].reload.refresh, Duration::from_secs(10));
+        assert_eq!(c.policies[0].reload.source, "s3://b/k".parse().unwrap());
         assert_eq!(c.limits.idle_timeout, Duration::from_secs(900));
         assert_eq!(c.tls_listen.len(), 2);
-        assert_eq!(c.reload.cache_dir, PathBuf::from(DEFAULT_CACHE_DIR));
+        assert_eq!(
+            c.policies[0].reload.cache_dir,
+            PathBuf::from(DEFAULT_CACHE_DIR)
+        );
     }
 
     #[test]
@@ -464,6 +602,153 @@ mod tests {
             zero.into_config(),
             Err(ConfigError::OutOfRange { .. })
         ));
+    }
+
+    const POLICIES: &str = "\
+allowlist = \"/etc/portcullis/default.txt\"
+cache-dir = \"/var/lib/portcullis\"
+
+[policy.ci]
+sources = [\"192.0.2.128/25\", \"2001:db8:1:0:8000::/65\"]
+allowlist = \"s3://bucket/ci.txt\"
+
+[policy.ci-runner-7]
+sources = [\"192.0.2.131\"]
+allowlist = \"/etc/portcullis/runner-7.txt\"
+";
+
+    #[test]
+    fn policies_get_their_own_lists_and_the_most_specific_block_wins() {
+        let path = file("policies.toml", POLICIES);
+        let c = Settings::from_file(&path).unwrap().into_config().unwrap();
+        let names: Vec<&str> = c.policies.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["default", "ci", "ci-runner-7"]);
+        let sources: Vec<String> = c
+            .policies
+            .iter()
+            .map(|p| p.reload.source.to_string())
+            .collect();
+        assert_eq!(
+            sources,
+            [
+                "/etc/portcullis/default.txt",
+                "s3://bucket/ci.txt",
+                "/etc/portcullis/runner-7.txt"
+            ]
+        );
+        // Each named policy caches in a directory of its own.
+        assert_eq!(
+            c.policies[0].reload.cache_dir,
+            PathBuf::from("/var/lib/portcullis")
+        );
+        assert_eq!(
+            c.policies[1].reload.cache_dir,
+            PathBuf::from("/var/lib/portcullis/policies/ci")
+        );
+        let of = |ip: &str| {
+            c.policies[c.sources.policy_of(ip.parse().unwrap()).index()]
+                .name
+                .as_str()
+        };
+        assert_eq!(of("192.0.2.2"), "default");
+        assert_eq!(of("192.0.2.130"), "ci");
+        assert_eq!(of("192.0.2.131"), "ci-runner-7");
+        assert_eq!(of("2001:db8:1:0:8000::2"), "ci");
+        assert_eq!(of("2001:db8:1::2"), "default");
+    }
+
+    #[test]
+    fn a_bad_policy_is_one_line_naming_the_file_and_its_line() {
+        let cases = [
+            (
+                "sources = [\"192.0.2.128/25\", \"192.0.2.7/24\"]",
+                5,
+                "did you mean 192.0.2.0/24?",
+            ),
+            (
+                "sources = [\"192.0.2.300/32\"]",
+                5,
+                "is not an address block",
+            ),
+            ("sources = []", 5, "sources is empty"),
+            // The block's second place in the file is the one named.
+            (
+                "sources = [\"192.0.2.131\"]",
+                9,
+                "192.0.2.131/32 is in both policy ci and policy ci-runner-7",
+            ),
+            ("sources = [\"192.0.2.128/25\"]\nbogus = 1", 6, "bogus"),
+        ];
+        for (i, (sources, line, message)) in cases.into_iter().enumerate() {
+            let text = POLICIES.replacen(
+                "sources = [\"192.0.2.128/25\", \"2001:db8:1:0:8000::/65\"]",
+                sources,
+                1,
+            );
+            let path = file(&format!("bad-policy-{i}.toml"), &text);
+            let e = Settings::from_file(&path).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("bad-policy-{i}.toml: line {line}: "))
+                    && e.contains(message)
+                    && !e.contains('\n'),
+                "{sources}: {e}"
+            );
+        }
+        for (header, message) in [
+            ("[policy.CI]", "policy name \"CI\""),
+            ("[policy.default]", "policy name \"default\" is taken"),
+        ] {
+            let path = file(
+                "bad-name.toml",
+                &POLICIES.replacen("[policy.ci]", header, 1),
+            );
+            let e = Settings::from_file(&path).unwrap_err().to_string();
+            assert!(
+                e.contains("bad-name.toml: line 4: ") && e.contains(message),
+                "{e}"
+            );
+        }
+        let path = file(
+            "no-list.toml",
+            &POLICIES.replacen("allowlist = \"s3://bucket/ci.txt\"", "", 1),
+        );
+        let e = Settings::from_file(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("no-list.toml: line 4: ") && e.contains("allowlist"),
+            "{e}"
+        );
+        // Policies need a default for everyone else.
+        let path = file("no-default.toml", POLICIES.split_once('\n').unwrap().1);
+        let e = Settings::from_file(&path)
+            .unwrap()
+            .into_config()
+            .unwrap_err();
+        assert!(matches!(e, ConfigError::NoAllowlist), "{e}");
+    }
+
+    #[test]
+    fn policies_are_bounded_in_number() {
+        let policies = |n: usize| {
+            let mut text = String::from("allowlist = \"/l\"\n");
+            for i in 0..n {
+                text.push_str(&format!(
+                    "[policy.p{i}]\nsources = [\"192.0.2.{i}\"]\nallowlist = \"/l{i}\"\n"
+                ));
+            }
+            file(&format!("policies-{n}.toml"), &text)
+        };
+        let e = Settings::from_file(&policies(MAX_POLICIES + 1))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("33 policies: at most 32 besides the default"),
+            "{e}"
+        );
+        let c = Settings::from_file(&policies(MAX_POLICIES))
+            .unwrap()
+            .into_config()
+            .unwrap();
+        assert_eq!(c.policies.len(), MAX_POLICIES + 1);
     }
 
     #[test]

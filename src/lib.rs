@@ -5,6 +5,7 @@
 //! - [`allowlist`]: Squid `dstdomain` list parser and suffix-trie matcher.
 //! - [`detect`]: pure parsers: TLS ClientHello → SNI, HTTP heads and framing.
 //! - [`config`]: run-time settings and their textual forms.
+//! - [`policy`]: per-source policies: client address → which list decides.
 //! - [`verdict`]: what happened to a connection, as values.
 //! - [`net`]: original destination, listeners, splice forwarding.
 //! - [`proxy`]: one connection: detect → decide → refuse or forward.
@@ -25,6 +26,7 @@ pub mod discover;
 pub mod drain;
 pub mod name;
 pub mod net;
+pub mod policy;
 pub mod proxy;
 pub mod server;
 pub mod telemetry;

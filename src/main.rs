@@ -33,9 +33,9 @@ enum Command {
     Run(Box<RunArgs>),
     /// Validate an allowlist: exit 0 if valid, 1 if not (naming the line).
     Check {
-        /// The allowlist: a file or s3://bucket/key [default: the config file's]
+        /// The allowlist: a file or s3://bucket/key [default: every policy's list in the config file]
         source: Option<String>,
-        /// Take the allowlist from this config file.
+        /// Take the allowlists from this config file (and check the file itself).
         #[arg(long)]
         config: Option<PathBuf>,
     },
@@ -135,6 +135,8 @@ impl RunArgs {
             mode: self.mode,
             monitor_until: self.monitor_until,
             verify_dst: self.verify_dst,
+            // Policies are tables: the config file only.
+            policy: Default::default(),
         }
     }
 }
@@ -203,13 +205,20 @@ fn check(source: Option<String>, config: Option<PathBuf>) -> anyhow::Result<Exit
         Some(path) => Settings::from_file(path)?,
         None => Settings::default(),
     };
-    let settings = file.overlaid_with(Settings {
-        allowlist: source,
-        ..Settings::default()
-    });
-    let source = settings.source()?;
-    let list = load(&source)?;
-    println!("{source}: ok, {} entries", list.len());
+    let sources = match source {
+        Some(source) => vec![(None, source.parse()?)],
+        None => {
+            let all = file.sources()?;
+            all.into_iter().map(|(name, s)| (Some(name), s)).collect()
+        }
+    };
+    for (policy, source) in sources {
+        let list = load(&source)?;
+        match policy {
+            Some(policy) => println!("{source}: ok, {} entries (policy {policy})", list.len()),
+            None => println!("{source}: ok, {} entries", list.len()),
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -6,6 +6,7 @@ use crate::audit::{self, AuditLog};
 use crate::config::{Config, Mode, VerifyDst};
 use crate::drain::{Signals, Stop};
 use crate::net::listener;
+use crate::policy::{Policies, Policy};
 use crate::proxy::{self, Context};
 use crate::telemetry::{self, Exporter};
 use crate::verdict::Proto;
@@ -18,6 +19,7 @@ use std::time::{Duration, SystemTime};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio::time::Instant;
+use tracing::Instrument;
 
 /// Pause after an accept error such as EMFILE, so a descriptor shortage
 /// does not spin the accept loop.
@@ -51,17 +53,31 @@ pub enum ServerError {
 /// Runs the gateway until SIGTERM (drain) or SIGINT (now).
 pub async fn run(config: Config) -> Result<(), ServerError> {
     let mut signals = Signals::install().map_err(ServerError::Signals)?;
-    let live = Arc::new(Live::empty());
-    let exporter = Exporter::install(live.clone(), config.reload.source.to_string());
+    let mut all = Vec::with_capacity(config.policies.len());
+    let mut reloaders = Vec::with_capacity(config.policies.len());
+    for policy in &config.policies {
+        let live = Arc::new(Live::empty());
+        let span = tracing::info_span!("policy", name = %policy.name);
+        let reloader = Reloader::start(policy.reload.clone(), live.clone())
+            .instrument(span.clone())
+            .await?;
+        reloaders.push((reloader, span));
+        all.push(Policy {
+            name: policy.name.clone(),
+            source: policy.reload.source.clone(),
+            live,
+        });
+    }
+    let policies = Arc::new(Policies::new(config.sources.clone(), all));
+    let exporter = Exporter::install(&policies);
     let audit = AuditLog::spawn(io::stdout(), audit::QUEUE_RECORDS).map_err(ServerError::Audit)?;
-    let reloader = Reloader::start(config.reload.clone(), live.clone()).await?;
     let listeners = bind_all(&config, worker_count())?;
     let serving = Arc::new(AtomicBool::new(false));
     let ready = {
-        let (live, serving) = (live.clone(), serving.clone());
+        let (policies, serving) = (policies.clone(), serving.clone());
         Arc::new(
-            move || match (live.is_loaded(), serving.load(Ordering::Acquire)) {
-                (false, _) => Err("no allowlist loaded"),
+            move || match (policies.all_loaded(), serving.load(Ordering::Acquire)) {
+                (false, _) => Err("a policy has no allowlist loaded"),
                 (_, false) => Err("listeners not serving"),
                 (true, true) => Ok(()),
             },
@@ -74,7 +90,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     })?;
 
     let ctx = Arc::new(Context {
-        list: live.clone(),
+        policies: policies.clone(),
         limits: config.limits,
         audit: audit.clone(),
         mode: config.mode,
@@ -91,14 +107,28 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         spawn_worker(worker, listeners, ctx, limit, stop).map_err(ServerError::Worker)?;
     }
     serving.store(true, Ordering::Release);
-    if let Some(hangup) = signals.hangup.take() {
-        tokio::spawn(reloader.run(hangup));
+    // SIGHUP reloads every policy's list; each reloader polls on its own.
+    let (reload_tx, reload_rx) = watch::channel(());
+    if let Some(mut hangup) = signals.hangup.take() {
+        tokio::spawn(async move {
+            while hangup.recv().await.is_some() {
+                tracing::info!("SIGHUP: reloading the allowlists");
+                reload_tx.send_replace(());
+            }
+        });
     }
-    tracing::info!(
-        loaded = live.is_loaded(),
-        entries = live.current().list.len(),
-        "portcullis serving"
-    );
+    for (reloader, span) in reloaders {
+        tokio::spawn(reloader.run(reload_rx.clone()).instrument(span));
+    }
+    for policy in policies.iter() {
+        tracing::info!(
+            policy = %policy.name,
+            loaded = policy.live.is_loaded(),
+            entries = policy.live.current().list.len(),
+            "policy in force"
+        );
+    }
+    tracing::info!(policies = config.policies.len(), "portcullis serving");
 
     if signals.next().await == Stop::Now {
         tracing::info!("SIGINT: stopping now");

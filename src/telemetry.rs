@@ -1,7 +1,9 @@
 //! Metrics. Every name, its kind, its labels and its help text are in
 //! [`FAMILIES`]; label values come from closed enums (proto, verdict,
-//! reason, kind), never from a peer, so the series count stays bounded.
-//! A denied name goes to the audit log, never into a label.
+//! reason, kind) or the config (policy names, at most
+//! [`MAX_POLICIES`](crate::policy::MAX_POLICIES) + 1), never from a peer,
+//! so the series count stays bounded. A denied name goes to the audit log,
+//! never into a label.
 //!
 //! Event counts and timings go through the `metrics` facade into the
 //! Prometheus recorder. The allowlist families (entries, reloads, version,
@@ -9,6 +11,7 @@
 //! scrape time, so a rule dropped by a reload stops being exported at once.
 
 use crate::allowlist::Live;
+use crate::policy::{Policies, PolicyName};
 use crate::proxy::Record;
 use crate::verdict::{ErrorKind, Proto, Reason, Verdict};
 use metrics::{Counter, Gauge, Histogram};
@@ -83,19 +86,19 @@ pub const FAMILIES: &[Family] = &[
     family(
         CONNECTIONS,
         Kind::Counter,
-        &["proto", "verdict"],
-        "Connections ended, by listener and verdict (allow, deny, error).",
+        &["policy", "proto", "verdict"],
+        "Connections ended, by source policy, listener and verdict (allow, deny, error).",
     ),
     family(
         DENIED,
         Kind::Counter,
-        &["proto", "reason"],
-        "Connections refused, by reason.",
+        &["policy", "proto", "reason"],
+        "Connections refused, by source policy and reason.",
     ),
     family(
         WOULD_DENY,
         Kind::Counter,
-        &["proto", "reason"],
+        &["policy", "proto", "reason"],
         "Monitor mode: connections forwarded that enforce mode would have refused, by reason.",
     ),
     family(
@@ -167,38 +170,38 @@ pub const FAMILIES: &[Family] = &[
     family(
         LIST_LOADED,
         Kind::Gauge,
-        &[],
-        "1 once an allowlist is in force; 0 while everything is denied for want of one.",
+        &["policy"],
+        "1 once the policy's allowlist is in force; 0 while it denies everything for want of one.",
     ),
     family(
         LIST_ENTRIES,
         Kind::Gauge,
-        &[],
-        "Entries in the allowlist in force.",
+        &["policy"],
+        "Entries in the policy's allowlist in force.",
     ),
     family(
         LIST_RELOADS,
         Kind::Counter,
-        &["result"],
+        &["policy", "result"],
         "Allowlist reload attempts: updated, unchanged, or failed (the list in force was kept).",
     ),
     family(
         LIST_LAST_SUCCESS,
         Kind::Gauge,
-        &[],
+        &["policy"],
         "Unix time the list in force was last confirmed current with its source (0: never).",
     ),
     family(
         LIST_INFO,
         Kind::Gauge,
-        &["source", "etag"],
-        "Always 1; the allowlist source and the version (S3 ETag) in force as labels.",
+        &["policy", "source", "etag"],
+        "Always 1; each policy's allowlist source and the version (S3 ETag) in force as labels.",
     ),
     family(
         RULE_HITS,
         Kind::Counter,
-        &["rule"],
-        "Admissions per allowlist entry (a TLS connection, or an HTTP request); entries no longer in the list are not exported.",
+        &["policy", "rule"],
+        "Admissions per policy and allowlist entry (a TLS connection, or an HTTP request); entries no longer in the list are not exported.",
     ),
 ];
 
@@ -220,25 +223,38 @@ fn family_of(name: &str) -> &'static Family {
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
-/// The Prometheus side of the metrics, and the list whose families are
+/// The Prometheus side of the metrics, and the lists whose families are
 /// rendered at scrape time.
 #[derive(Clone)]
 pub struct Exporter {
     handle: PrometheusHandle,
-    live: Arc<Live>,
+    lists: Arc<[ListView]>,
+}
+
+/// What the list families show of one policy.
+struct ListView {
+    policy: PolicyName,
     source: String,
+    live: Arc<Live>,
 }
 
 impl Exporter {
     /// Installs the process-wide recorder (the first call does; later
-    /// calls share it) and describes every family.
-    pub fn install(live: Arc<Live>, source: String) -> Exporter {
+    /// calls share it, with the first call's policies), describes every
+    /// family and registers the series of every policy.
+    pub fn install(policies: &Policies) -> Exporter {
         let handle = HANDLE.get_or_init(build).clone();
-        Exporter {
-            handle,
-            live,
-            source,
-        }
+        let names: Vec<&PolicyName> = policies.iter().map(|p| &p.name).collect();
+        HANDLES.get_or_init(|| Handles::register(&names));
+        let lists = policies
+            .iter()
+            .map(|p| ListView {
+                policy: p.name.clone(),
+                source: p.source.to_string(),
+                live: p.live.clone(),
+            })
+            .collect();
+        Exporter { handle, lists }
     }
 
     /// Drains histogram samples into their buckets; call it periodically.
@@ -249,7 +265,7 @@ impl Exporter {
     /// The text exposition format (version 0.0.4).
     pub fn render(&self) -> String {
         let mut out = self.handle.render();
-        render_list(&mut out, &self.live, &self.source);
+        render_lists(&mut out, &self.lists);
         out
     }
 }
@@ -270,7 +286,6 @@ fn build() -> PrometheusHandle {
         tracing::warn!("a metrics recorder was already installed; /metrics will miss its events");
     }
     describe();
-    let _ = HANDLES.set(Handles::register());
     handle
 }
 
@@ -292,18 +307,14 @@ fn describe() {
 struct Handles {
     /// By [`Proto`].
     by_proto: [ProtoSeries; 2],
+    /// By [`PolicyId`](crate::policy::PolicyId), then [`Proto`].
+    decisions: Vec<[Decisions; 2]>,
     /// By [`ErrorKind`]; only the upstream kinds have a series.
     upstream_errors: [Option<Counter>; ErrorKind::ALL.len()],
 }
 
 struct ProtoSeries {
     active: Gauge,
-    /// By [`Verdict::index`].
-    connections: [Counter; 3],
-    /// By [`Reason`].
-    denied: [Counter; Reason::ALL.len()],
-    /// By [`Reason`].
-    would_deny: [Counter; Reason::ALL.len()],
     bytes_upstream: Counter,
     bytes_downstream: Counter,
     hello: Histogram,
@@ -312,20 +323,60 @@ struct ProtoSeries {
     duration: [Histogram; 3],
 }
 
+/// The outcomes one policy decided on one listener.
+struct Decisions {
+    /// By [`Verdict::index`].
+    connections: [Counter; 3],
+    /// By [`Reason`].
+    denied: [Counter; Reason::ALL.len()],
+    /// By [`Reason`].
+    would_deny: [Counter; Reason::ALL.len()],
+}
+
+impl Decisions {
+    fn register(policy: &PolicyName, proto: Proto) -> Decisions {
+        let (policy, p) = (policy.to_string(), proto.as_str());
+        let labels = |reason: Reason| {
+            [
+                ("policy", policy.clone()),
+                ("proto", p.to_string()),
+                ("reason", reason.as_str().to_string()),
+            ]
+        };
+        Decisions {
+            connections: Verdict::LABELS.map(|v| {
+                let labels = [
+                    ("policy", policy.clone()),
+                    ("proto", p.into()),
+                    ("verdict", v.into()),
+                ];
+                metrics::counter!(CONNECTIONS, &labels)
+            }),
+            denied: Reason::ALL.map(|r| metrics::counter!(DENIED, &labels(r))),
+            would_deny: Reason::ALL.map(|r| metrics::counter!(WOULD_DENY, &labels(r))),
+        }
+    }
+
+    fn all(&self) -> impl Iterator<Item = &Counter> {
+        self.connections
+            .iter()
+            .chain(&self.denied)
+            .chain(&self.would_deny)
+    }
+}
+
 static HANDLES: OnceLock<Handles> = OnceLock::new();
 
 impl Handles {
-    fn register() -> Handles {
+    fn register(policies: &[&PolicyName]) -> Handles {
+        let decisions: Vec<[Decisions; 2]> = policies
+            .iter()
+            .map(|policy| Proto::ALL.map(|proto| Decisions::register(policy, proto)))
+            .collect();
         let by_proto = Proto::ALL.map(|proto| {
             let p = proto.as_str();
             ProtoSeries {
                 active: metrics::gauge!(ACTIVE, "proto" => p),
-                connections: Verdict::LABELS
-                    .map(|v| metrics::counter!(CONNECTIONS, "proto" => p, "verdict" => v)),
-                denied: Reason::ALL
-                    .map(|r| metrics::counter!(DENIED, "proto" => p, "reason" => r.as_str())),
-                would_deny: Reason::ALL
-                    .map(|r| metrics::counter!(WOULD_DENY, "proto" => p, "reason" => r.as_str())),
                 bytes_upstream: metrics::counter!(BYTES, "proto" => p, "direction" => "upstream"),
                 bytes_downstream: metrics::counter!(BYTES, "proto" => p, "direction" => "downstream"),
                 hello: metrics::histogram!(HELLO_DURATION, "proto" => p),
@@ -338,12 +389,11 @@ impl Handles {
             kind.is_upstream()
                 .then(|| metrics::counter!(UPSTREAM_ERRORS, "kind" => kind.as_str()))
         });
+        for counter in decisions.iter().flatten().flat_map(Decisions::all) {
+            counter.increment(0);
+        }
         for series in &by_proto {
             series.active.set(0.0);
-            let counters = series.connections.iter().chain(&series.denied);
-            for counter in counters.chain(&series.would_deny) {
-                counter.increment(0);
-            }
             series.bytes_upstream.increment(0);
             series.bytes_downstream.increment(0);
         }
@@ -356,6 +406,7 @@ impl Handles {
         metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
         Handles {
             by_proto,
+            decisions,
             upstream_errors,
         }
     }
@@ -372,18 +423,24 @@ pub fn connection_ended(rec: &Record) {
     };
     let series = &handles.by_proto[rec.proto as usize];
     let verdict = rec.verdict.index();
-    series.connections[verdict].increment(1);
-    match rec.verdict {
-        Verdict::Allow => {}
-        Verdict::Deny(reason) => series.denied[reason as usize].increment(1),
-        Verdict::Error(kind) => {
-            if let Some(counter) = &handles.upstream_errors[kind as usize] {
-                counter.increment(1);
-            }
+    // Registered for every policy the exporter was installed with.
+    let decided = handles
+        .decisions
+        .get(rec.policy.index())
+        .map(|d| &d[rec.proto as usize]);
+    if let Some(decided) = decided {
+        decided.connections[verdict].increment(1);
+        if let Verdict::Deny(reason) = rec.verdict {
+            decided.denied[reason as usize].increment(1);
+        }
+        if let Some(reason) = rec.would_deny {
+            decided.would_deny[reason as usize].increment(1);
         }
     }
-    if let Some(reason) = rec.would_deny {
-        series.would_deny[reason as usize].increment(1);
+    if let Verdict::Error(kind) = rec.verdict
+        && let Some(counter) = &handles.upstream_errors[kind as usize]
+    {
+        counter.increment(1);
     }
     series.bytes_upstream.increment(rec.moved.up);
     series.bytes_downstream.increment(rec.moved.down);
@@ -432,46 +489,64 @@ pub fn audit_dropped(records: u64) {
     metrics::counter!(AUDIT_DROPPED).increment(records);
 }
 
-/// Appends the families that describe the list in force.
-fn render_list(out: &mut String, live: &Live, source: &str) {
-    let in_force = live.current();
-    let stats = &live.stats;
+/// Appends the families that describe each policy's list in force.
+fn render_lists(out: &mut String, lists: &[ListView]) {
     let load = |v: &std::sync::atomic::AtomicU64| v.load(Ordering::Relaxed);
-
-    header(out, LIST_LOADED);
-    let _ = writeln!(out, "{LIST_LOADED} {}", u8::from(live.is_loaded()));
-    header(out, LIST_ENTRIES);
-    let _ = writeln!(out, "{LIST_ENTRIES} {}", in_force.list.len());
-    header(out, LIST_RELOADS);
-    for (result, count) in [
-        ("updated", &stats.updated),
-        ("unchanged", &stats.unchanged),
-        ("failed", &stats.failed),
-    ] {
-        let _ = writeln!(out, "{LIST_RELOADS}{{result=\"{result}\"}} {}", load(count));
-    }
-    header(out, LIST_LAST_SUCCESS);
-    let _ = writeln!(
-        out,
-        "{LIST_LAST_SUCCESS} {}",
-        load(&stats.last_success_unix)
-    );
-    header(out, LIST_INFO);
-    let _ = writeln!(
-        out,
-        "{LIST_INFO}{{source=\"{}\",etag=\"{}\"}} 1",
-        Escaped(source),
-        Escaped(in_force.version.as_deref().unwrap_or(""))
-    );
-    header(out, RULE_HITS);
-    for rule in in_force.rules() {
+    // Each policy's snapshot is taken once, so its lines agree.
+    let in_force: Vec<_> = lists.iter().map(|l| l.live.current()).collect();
+    let each = |out: &mut String, name: &str, line: &dyn Fn(&mut String, &ListView, usize)| {
+        header(out, name);
+        for (i, list) in lists.iter().enumerate() {
+            line(out, list, i);
+        }
+    };
+    each(out, LIST_LOADED, &|out, l, _| {
+        let loaded = u8::from(l.live.is_loaded());
+        let _ = writeln!(out, "{LIST_LOADED}{{policy=\"{}\"}} {loaded}", l.policy);
+    });
+    each(out, LIST_ENTRIES, &|out, l, i| {
+        let entries = in_force[i].list.len();
+        let _ = writeln!(out, "{LIST_ENTRIES}{{policy=\"{}\"}} {entries}", l.policy);
+    });
+    each(out, LIST_RELOADS, &|out, l, _| {
+        let stats = &l.live.stats;
+        for (result, count) in [
+            ("updated", &stats.updated),
+            ("unchanged", &stats.unchanged),
+            ("failed", &stats.failed),
+        ] {
+            let _ = writeln!(
+                out,
+                "{LIST_RELOADS}{{policy=\"{}\",result=\"{result}\"}} {}",
+                l.policy,
+                load(count)
+            );
+        }
+    });
+    each(out, LIST_LAST_SUCCESS, &|out, l, _| {
+        let at = load(&l.live.stats.last_success_unix);
+        let _ = writeln!(out, "{LIST_LAST_SUCCESS}{{policy=\"{}\"}} {at}", l.policy);
+    });
+    each(out, LIST_INFO, &|out, l, i| {
         let _ = writeln!(
             out,
-            "{RULE_HITS}{{rule=\"{}\"}} {}",
-            Escaped(&rule.text),
-            rule.hits.load(Ordering::Relaxed)
+            "{LIST_INFO}{{policy=\"{}\",source=\"{}\",etag=\"{}\"}} 1",
+            l.policy,
+            Escaped(&l.source),
+            Escaped(in_force[i].version.as_deref().unwrap_or(""))
         );
-    }
+    });
+    each(out, RULE_HITS, &|out, l, i| {
+        for rule in in_force[i].rules() {
+            let _ = writeln!(
+                out,
+                "{RULE_HITS}{{policy=\"{}\",rule=\"{}\"}} {}",
+                l.policy,
+                Escaped(&rule.text),
+                rule.hits.load(Ordering::Relaxed)
+            );
+        }
+    });
 }
 
 fn header(out: &mut String, name: &str) {
@@ -527,27 +602,52 @@ mod tests {
     }
 
     #[test]
-    fn list_families_follow_the_list_in_force_and_escape_labels() {
-        let live = Live::with(parse(".example.com\nold.example.org\n").unwrap());
+    fn list_families_follow_each_policys_list_in_force_and_escape_labels() {
+        let live = Arc::new(Live::with(
+            parse(".example.com\nold.example.org\n").unwrap(),
+        ));
         live.current().admit("www.example.com");
         live.install(parse(".example.com\n").unwrap(), Some("\"abc\\1\"".into()));
         live.stats.failed.fetch_add(2, Ordering::Relaxed);
+        let lists = [
+            ListView {
+                policy: PolicyName::default_policy(),
+                source: "s3://bucket/list.txt".into(),
+                live,
+            },
+            ListView {
+                policy: "ci".parse().unwrap(),
+                source: "/etc/ci.txt".into(),
+                live: Arc::new(Live::empty()),
+            },
+        ];
         let mut out = String::new();
-        render_list(&mut out, &live, "s3://bucket/list.txt");
+        render_lists(&mut out, &lists);
         let lines: Vec<&str> = out.lines().filter(|l| !l.starts_with('#')).collect();
         assert_eq!(
             lines,
             [
-                "portcullis_allowlist_loaded 1",
-                "portcullis_allowlist_entries 1",
-                "portcullis_allowlist_reloads_total{result=\"updated\"} 0",
-                "portcullis_allowlist_reloads_total{result=\"unchanged\"} 0",
-                "portcullis_allowlist_reloads_total{result=\"failed\"} 2",
-                "portcullis_allowlist_last_success_timestamp_seconds 0",
-                "portcullis_allowlist_info{source=\"s3://bucket/list.txt\",etag=\"\\\"abc\\\\1\\\"\"} 1",
-                "portcullis_rule_hits_total{rule=\".example.com\"} 1",
+                "portcullis_allowlist_loaded{policy=\"default\"} 1",
+                "portcullis_allowlist_loaded{policy=\"ci\"} 0",
+                "portcullis_allowlist_entries{policy=\"default\"} 1",
+                "portcullis_allowlist_entries{policy=\"ci\"} 0",
+                "portcullis_allowlist_reloads_total{policy=\"default\",result=\"updated\"} 0",
+                "portcullis_allowlist_reloads_total{policy=\"default\",result=\"unchanged\"} 0",
+                "portcullis_allowlist_reloads_total{policy=\"default\",result=\"failed\"} 2",
+                "portcullis_allowlist_reloads_total{policy=\"ci\",result=\"updated\"} 0",
+                "portcullis_allowlist_reloads_total{policy=\"ci\",result=\"unchanged\"} 0",
+                "portcullis_allowlist_reloads_total{policy=\"ci\",result=\"failed\"} 0",
+                "portcullis_allowlist_last_success_timestamp_seconds{policy=\"default\"} 0",
+                "portcullis_allowlist_last_success_timestamp_seconds{policy=\"ci\"} 0",
+                "portcullis_allowlist_info{policy=\"default\",source=\"s3://bucket/list.txt\",etag=\"\\\"abc\\\\1\\\"\"} 1",
+                "portcullis_allowlist_info{policy=\"ci\",source=\"/etc/ci.txt\",etag=\"\"} 1",
+                "portcullis_rule_hits_total{policy=\"default\",rule=\".example.com\"} 1",
             ]
         );
-        assert!(out.contains("# TYPE portcullis_rule_hits_total counter\n"));
+        assert_eq!(
+            out.matches("# TYPE portcullis_rule_hits_total counter\n")
+                .count(),
+            1
+        );
     }
 }

@@ -154,3 +154,33 @@ fn check_takes_the_allowlist_from_a_config_file() {
     assert_eq!(lines.len(), 1, "{lines:?}");
     assert!(lines[0].contains("bad-config.toml: line 1"), "{lines:?}");
 }
+
+#[test]
+fn check_with_a_config_checks_every_policys_list_and_names_the_bad_one() {
+    let default = list_file("policy-default.txt", "a.example.com\n");
+    let ci = list_file("policy-ci.txt", "ci.example.com\n.ci.example.org\n");
+    let config = |ci: &PathBuf| {
+        format!(
+            "allowlist = {:?}\n\n[policy.ci]\nsources = [\"192.0.2.128/25\"]\nallowlist = {:?}\n",
+            default.to_str().unwrap(),
+            ci.to_str().unwrap()
+        )
+    };
+    let good = list_file("policies.toml", &config(&ci));
+    let out = portcullis(&["check", "--config", good.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{:?}", stderr_lines(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("ok, 1 entries (policy default)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("ok, 2 entries (policy ci)"), "{stdout}");
+
+    let bad_ci = list_file("policy-ci-bad.txt", "ci.example.com\n192.0.2.1\n");
+    let bad = list_file("policies-bad.toml", &config(&bad_ci));
+    let out = portcullis(&["check", "--config", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let lines = stderr_lines(&out);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].contains("policy-ci-bad.txt: line 2"), "{lines:?}");
+}

@@ -21,6 +21,8 @@ const CURL_HELLO: &[u8] = include_bytes!("../testdata/clienthellos/curl-7.88-ope
 const CHROMIUM_HELLO: &[u8] =
     include_bytes!("../testdata/clienthellos/chromium-156-x25519mlkem768.bin");
 const ALLOWLIST: &str = ".example.test\nexact.allowed.test\n";
+/// The labels of the only policy these tests configure.
+const DEFAULT: &[(&str, &str)] = &[("policy", "default")];
 
 /// Waits until the audit log holds `n` records, and returns them.
 fn audit_records(t: &Topology, n: usize) -> Vec<Value> {
@@ -102,36 +104,88 @@ fn metrics_and_audit_account_for_every_allowed_and_refused_connection() {
         |name: &str, labels: &[(&str, &str)]| after.get(name, labels) - before.get(name, labels);
     let connections = "portcullis_connections_total";
     assert_eq!(
-        delta(connections, &[("proto", "tls"), ("verdict", "allow")]),
+        delta(
+            connections,
+            &[
+                ("policy", "default"),
+                ("proto", "tls"),
+                ("verdict", "allow")
+            ]
+        ),
         4.0
     );
     assert_eq!(
-        delta(connections, &[("proto", "tls"), ("verdict", "deny")]),
+        delta(
+            connections,
+            &[("policy", "default"), ("proto", "tls"), ("verdict", "deny")]
+        ),
         3.0
     );
     assert_eq!(
-        delta(connections, &[("proto", "tls"), ("verdict", "error")]),
+        delta(
+            connections,
+            &[
+                ("policy", "default"),
+                ("proto", "tls"),
+                ("verdict", "error")
+            ]
+        ),
         0.0
     );
     assert_eq!(
-        delta(connections, &[("proto", "http"), ("verdict", "allow")]),
+        delta(
+            connections,
+            &[
+                ("policy", "default"),
+                ("proto", "http"),
+                ("verdict", "allow")
+            ]
+        ),
         1.0
     );
     assert_eq!(
-        delta(connections, &[("proto", "http"), ("verdict", "deny")]),
+        delta(
+            connections,
+            &[
+                ("policy", "default"),
+                ("proto", "http"),
+                ("verdict", "deny")
+            ]
+        ),
         1.0
     );
     let denied = "portcullis_denied_total";
     assert_eq!(
-        delta(denied, &[("proto", "tls"), ("reason", "not_listed")]),
+        delta(
+            denied,
+            &[
+                ("policy", "default"),
+                ("proto", "tls"),
+                ("reason", "not_listed")
+            ]
+        ),
         2.0
     );
     assert_eq!(
-        delta(denied, &[("proto", "tls"), ("reason", "not_tls")]),
+        delta(
+            denied,
+            &[
+                ("policy", "default"),
+                ("proto", "tls"),
+                ("reason", "not_tls")
+            ]
+        ),
         1.0
     );
     assert_eq!(
-        delta(denied, &[("proto", "http"), ("reason", "not_listed")]),
+        delta(
+            denied,
+            &[
+                ("policy", "default"),
+                ("proto", "http"),
+                ("reason", "not_listed")
+            ]
+        ),
         1.0
     );
     // Every (proto, reason) pair is exported from the start, at zero: a
@@ -153,8 +207,17 @@ fn metrics_and_audit_account_for_every_allowed_and_refused_connection() {
         .count();
     assert_eq!(moved, 3, "only the reasons that happened moved");
     let hits = "portcullis_rule_hits_total";
-    assert_eq!(delta(hits, &[("rule", ".example.test")]), 4.0);
-    assert_eq!(delta(hits, &[("rule", "exact.allowed.test")]), 1.0);
+    assert_eq!(
+        delta(hits, &[("policy", "default"), ("rule", ".example.test")]),
+        4.0
+    );
+    assert_eq!(
+        delta(
+            hits,
+            &[("policy", "default"), ("rule", "exact.allowed.test")]
+        ),
+        1.0
+    );
     for direction in ["upstream", "downstream"] {
         let bytes = delta(
             "portcullis_bytes_total",
@@ -182,12 +245,21 @@ fn metrics_and_audit_account_for_every_allowed_and_refused_connection() {
         after.get("portcullis_build_info", &[("version", version)]),
         1.0
     );
-    assert_eq!(after.get("portcullis_allowlist_loaded", &[]), 1.0);
-    assert_eq!(after.get("portcullis_allowlist_entries", &[]), 2.0);
+    assert_eq!(after.get("portcullis_allowlist_loaded", DEFAULT), 1.0);
+    assert_eq!(after.get("portcullis_allowlist_entries", DEFAULT), 2.0);
     let list = t.dir.join("allowlist.txt");
-    let info = [("source", list.to_str().unwrap()), ("etag", "")];
+    let info = [
+        ("policy", "default"),
+        ("source", list.to_str().unwrap()),
+        ("etag", ""),
+    ];
     assert_eq!(after.get("portcullis_allowlist_info", &info), 1.0);
-    assert!(after.get("portcullis_allowlist_last_success_timestamp_seconds", &[]) > 1.7e9);
+    assert!(
+        after.get(
+            "portcullis_allowlist_last_success_timestamp_seconds",
+            DEFAULT
+        ) > 1.7e9
+    );
 
     for r in &records {
         let ts = r["ts"].as_str().unwrap();
@@ -198,7 +270,8 @@ fn metrics_and_audit_account_for_every_allowed_and_refused_connection() {
         let src = r["src"].as_str().unwrap();
         assert!(src.starts_with(&format!("{CLIENT_V4}:")), "{src}");
         assert!(r["duration_ms"].is_u64(), "{r}");
-        assert_eq!(r.as_object().unwrap().len(), 13, "{r}");
+        assert_eq!(r.as_object().unwrap().len(), 14, "{r}");
+        assert_eq!(r["policy"], "default", "{r}");
         assert!(r["would_deny"].is_null(), "enforce mode: {r}");
     }
     let www = about(&records, Some("www.example.test"));
@@ -254,9 +327,12 @@ fn readyz_and_metrics_follow_whether_a_list_is_loaded() {
     let not_ready = t.admin_get("/readyz").unwrap();
     assert!(not_ready.starts_with("HTTP/1.1 503"), "{not_ready}");
     let before = Scrape::take(&t);
-    assert_eq!(before.get("portcullis_allowlist_loaded", &[]), 0.0);
+    assert_eq!(before.get("portcullis_allowlist_loaded", DEFAULT), 0.0);
     assert_eq!(
-        before.get("portcullis_allowlist_last_success_timestamp_seconds", &[]),
+        before.get(
+            "portcullis_allowlist_last_success_timestamp_seconds",
+            DEFAULT
+        ),
         0.0
     );
     assert_eq!(
@@ -273,7 +349,7 @@ fn readyz_and_metrics_follow_whether_a_list_is_loaded() {
         (Some("deny"), Some("no_list"))
     );
 
-    let failed = [("result", "failed")];
+    let failed = [("policy", "default"), ("result", "failed")];
     wait_until("a failed fetch", Duration::from_secs(10), || {
         Scrape::take(&t).get("portcullis_allowlist_reloads_total", &failed) >= 1.0
     });
@@ -281,7 +357,7 @@ fn readyz_and_metrics_follow_whether_a_list_is_loaded() {
 
     let moto = Moto::start(&t);
     put_list(&t.gateway, ALLOWLIST);
-    let updated = [("result", "updated")];
+    let updated = [("policy", "default"), ("result", "updated")];
     wait_until("ready", Duration::from_secs(15), || {
         t.admin_status("/readyz") == Some(200)
     });
@@ -291,8 +367,8 @@ fn readyz_and_metrics_follow_whether_a_list_is_loaded() {
     });
     let after = Scrape::take(&t);
     promtool_check(&after.text);
-    assert_eq!(after.get("portcullis_allowlist_loaded", &[]), 1.0);
-    assert_eq!(after.get("portcullis_allowlist_entries", &[]), 2.0);
+    assert_eq!(after.get("portcullis_allowlist_loaded", DEFAULT), 1.0);
+    assert_eq!(after.get("portcullis_allowlist_entries", DEFAULT), 2.0);
     let info = after.series("portcullis_allowlist_info");
     assert_eq!(info.len(), 1, "one series");
     assert_eq!(info[0]["source"], s3::URL);
@@ -301,7 +377,11 @@ fn readyz_and_metrics_follow_whether_a_list_is_loaded() {
         "the ETag in force: {:?}",
         info[0]
     );
-    let no_list = [("proto", "http"), ("reason", "no_list")];
+    let no_list = [
+        ("policy", "default"),
+        ("proto", "http"),
+        ("reason", "no_list"),
+    ];
     assert_eq!(after.get("portcullis_denied_total", &no_list), 1.0);
     assert_eq!(http_status(&t, "www.example.test", WEB_V4), 200);
     drop(moto);
@@ -373,7 +453,11 @@ fn ten_thousand_distinct_denied_names_add_no_series() {
     let denied = |s: &Scrape, p| {
         s.get(
             "portcullis_denied_total",
-            &[("proto", p), ("reason", "not_listed")],
+            &[
+                ("policy", "default"),
+                ("proto", p),
+                ("reason", "not_listed"),
+            ],
         )
     };
     assert_eq!(

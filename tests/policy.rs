@@ -1,14 +1,15 @@
 //! End-to-end, in namespaces: the policies beyond the allowlist itself
-//! (TLS version floor, ECH and odd hellos, monitor mode, discovery,
-//! destination verification). Needs root; under CI=true a
-//! non-root run fails instead of skipping.
+//! (per-source policies, TLS version floor, ECH and odd hellos, monitor
+//! mode, discovery, destination verification). Needs root; under CI=true
+//! a non-root run fails instead of skipping.
 
 mod support;
 
 use std::io::Write;
 use std::time::{Duration, SystemTime};
-use support::client::{http, text};
-use support::netns::{RAW_V4, Topology, WEB_V4, require_root};
+use support::client::{curl, http, text};
+use support::netns::{RAW_V4, RAW_V6, Topology, WEB_V4, require_root};
+use support::scrape::Scrape;
 use support::servers::{http_server, recorder};
 use support::{addr, hello, read_all, wait_until};
 
@@ -71,7 +72,9 @@ fn hellos_below_the_tls_floor_are_refused_with_protocol_version() {
     assert_eq!(refused["verdict"], "deny");
     let metrics = t.admin_get("/metrics").unwrap();
     assert!(
-        metrics.contains(r#"portcullis_denied_total{proto="tls",reason="tls_version"} 1"#),
+        metrics.contains(
+            r#"portcullis_denied_total{policy="default",proto="tls",reason="tls_version"} 1"#
+        ),
         "{metrics}"
     );
 }
@@ -167,11 +170,11 @@ fn monitor_mode_forwards_and_counts_what_it_would_deny_until_its_time() {
     });
     assert!(metric(
         &t,
-        r#"portcullis_would_deny_total{proto="tls",reason="not_listed"} 1"#
+        r#"portcullis_would_deny_total{policy="default",proto="tls",reason="not_listed"} 1"#
     ));
     assert!(metric(
         &t,
-        r#"portcullis_would_deny_total{proto="http",reason="not_listed"} 1"#
+        r#"portcullis_would_deny_total{policy="default",proto="http",reason="not_listed"} 1"#
     ));
 
     // The date passes: enforce mode, without a restart.
@@ -316,6 +319,196 @@ fn with_verify_dst_an_allowed_name_reaches_only_its_own_addresses() {
     });
     assert!(metric(
         &t,
-        r#"portcullis_denied_total{proto="tls",reason="spoofed"} 2"#
+        r#"portcullis_denied_total{policy="default",proto="tls",reason="spoofed"} 2"#
     ));
+}
+
+/// Client addresses in three policies: the default, `ci`'s /25 (and /65)
+/// and, inside it, `runner`'s one address.
+const DEFAULT_SRC: &str = "192.0.2.2";
+const CI_SRC: &str = "192.0.2.130";
+const CI_SRC6: &str = "2001:db8:1:0:8000::2";
+const RUNNER_SRC: &str = "192.0.2.131";
+
+/// Whether a hello for `name` from `src` was forwarded (the recorder
+/// answers nothing and closes) rather than refused with an alert.
+fn forwarded(t: &Topology, src: &str, dst: &str, name: &str) -> bool {
+    let mut s = t.connect_from(src.parse().unwrap(), addr(dst, 443));
+    s.write_all(&hello::with_server_name(TLS12_HELLO, name))
+        .unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    match read_all(&mut s).as_slice() {
+        [] => true,
+        answer if answer == ALERT_ACCESS_DENIED => false,
+        other => panic!("{name} from {src}: unexpected answer {other:?}"),
+    }
+}
+
+#[test]
+fn each_source_subnet_is_decided_by_its_own_policy_and_list() {
+    if !require_root() {
+        return;
+    }
+    let mut t = Topology::new();
+    for src in [CI_SRC, RUNNER_SRC] {
+        t.client
+            .ip(&["addr", "add", &format!("{src}/24"), "dev", "eth0"]);
+    }
+    t.client.ip(&[
+        "-6",
+        "addr",
+        "add",
+        &format!("{CI_SRC6}/64"),
+        "dev",
+        "eth0",
+        "nodad",
+    ]);
+    let (_raw, _) = recorder(&t.upstream, &[addr(RAW_V4, 443), addr(RAW_V6, 443)]);
+    let (_web, _) = http_server(&t.upstream, &[addr(WEB_V4, 80)]);
+    let list = |name: &str, text: &str| {
+        let path = t.dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let default = list("default.txt", "default.example.test\n");
+    let ci = list("ci.txt", "ci.example.test\n");
+    let runner = list("runner.txt", "runner.example.test\n");
+    let config = t.dir.join("portcullis.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "allowlist = \"{default}\"\nrefresh = \"1h\"\n\n\
+             [policy.ci]\nsources = [\"192.0.2.128/25\", \"2001:db8:1:0:8000::/65\"]\nallowlist = \"{ci}\"\n\n\
+             [policy.runner]\nsources = [\"{RUNNER_SRC}\"]\nallowlist = \"{runner}\"\n"
+        ),
+    )
+    .unwrap();
+    t.launch(&[], &["--config", config.to_str().unwrap()], &[]);
+    assert_eq!(t.admin_status("/readyz"), Some(200));
+
+    // Each client gets its own policy's list, and only that one: the most
+    // specific block wins, lists are not merged.
+    let cases = [
+        (DEFAULT_SRC, "default.example.test", true),
+        (DEFAULT_SRC, "ci.example.test", false),
+        (CI_SRC, "ci.example.test", true),
+        (CI_SRC, "default.example.test", false),
+        (CI_SRC, "runner.example.test", false),
+        (RUNNER_SRC, "runner.example.test", true),
+        (RUNNER_SRC, "ci.example.test", false),
+    ];
+    for (src, name, allowed) in cases {
+        assert_eq!(
+            forwarded(&t, src, RAW_V4, name),
+            allowed,
+            "{name} from {src}"
+        );
+    }
+    assert!(forwarded(&t, CI_SRC6, RAW_V6, "ci.example.test"));
+    assert!(!forwarded(&t, CI_SRC6, RAW_V6, "default.example.test"));
+    // Plain HTTP follows the same policies.
+    let status_from = |src: &str, name: &str| {
+        let resolve = format!("{name}:80:{WEB_V4}");
+        let url = format!("http://{name}/");
+        let out = curl(
+            &t,
+            &[
+                "--interface",
+                src,
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--resolve",
+                &resolve,
+                &url,
+            ],
+        );
+        text(&out.stdout).trim().to_string()
+    };
+    assert_eq!(status_from(CI_SRC, "ci.example.test"), "200");
+    assert_eq!(status_from(CI_SRC, "default.example.test"), "403");
+    assert_eq!(status_from(DEFAULT_SRC, "default.example.test"), "200");
+
+    // Audit lines and metrics name the policy.
+    wait_until("every audit line", Duration::from_secs(5), || {
+        t.audit().len() == 12
+    });
+    let policy_of = |src: &str, name: &str| -> Vec<String> {
+        t.audit()
+            .iter()
+            .filter(|r| r["name"] == name && r["src"].as_str().unwrap().contains(src))
+            .map(|r| r["policy"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(policy_of(RUNNER_SRC, "ci.example.test"), ["runner"]);
+    assert_eq!(policy_of(CI_SRC6, "ci.example.test"), ["ci"]);
+    assert_eq!(policy_of(DEFAULT_SRC, "ci.example.test"), ["default"]);
+    let scrape = Scrape::take(&t);
+    let connections = |policy, verdict| {
+        let labels = [("policy", policy), ("proto", "tls"), ("verdict", verdict)];
+        scrape.get("portcullis_connections_total", &labels)
+    };
+    assert_eq!(
+        (
+            connections("default", "allow"),
+            connections("default", "deny")
+        ),
+        (1.0, 1.0)
+    );
+    assert_eq!(
+        (connections("ci", "allow"), connections("ci", "deny")),
+        (2.0, 3.0)
+    );
+    assert_eq!(
+        (
+            connections("runner", "allow"),
+            connections("runner", "deny")
+        ),
+        (1.0, 1.0)
+    );
+    let hits = |policy, rule| {
+        scrape.get(
+            "portcullis_rule_hits_total",
+            &[("policy", policy), ("rule", rule)],
+        )
+    };
+    assert_eq!(hits("ci", "ci.example.test"), 3.0, "two TLS, one HTTP");
+    assert_eq!(hits("runner", "runner.example.test"), 1.0);
+
+    // Lists reload independently: ci's changes, runner's breaks (and is
+    // kept), default's stays as it is.
+    std::fs::write(t.dir.join("ci.txt"), "ci.example.test\nci2.example.test\n").unwrap();
+    std::fs::write(t.dir.join("runner.txt"), "runner.example.test\n192.0.2.1\n").unwrap();
+    t.signal_portcullis(nix::sys::signal::Signal::SIGHUP);
+    let reloads = |s: &Scrape, policy, result| {
+        s.get(
+            "portcullis_allowlist_reloads_total",
+            &[("policy", policy), ("result", result)],
+        )
+    };
+    wait_until("every policy reloaded", Duration::from_secs(5), || {
+        let s = Scrape::take(&t);
+        reloads(&s, "ci", "updated") == 1.0
+            && reloads(&s, "runner", "failed") == 1.0
+            && reloads(&s, "default", "unchanged") == 1.0
+    });
+    let s = Scrape::take(&t);
+    assert_eq!(reloads(&s, "default", "updated"), 0.0);
+    let entries = |policy| s.get("portcullis_allowlist_entries", &[("policy", policy)]);
+    assert_eq!(
+        (entries("default"), entries("ci"), entries("runner")),
+        (1.0, 2.0, 1.0)
+    );
+    assert!(forwarded(&t, CI_SRC, RAW_V4, "ci2.example.test"));
+    assert!(!forwarded(&t, RUNNER_SRC, RAW_V4, "ci2.example.test"));
+    assert!(forwarded(&t, RUNNER_SRC, RAW_V4, "runner.example.test"));
+    assert!(!forwarded(&t, DEFAULT_SRC, RAW_V4, "ci2.example.test"));
+    let log = t.log();
+    let named =
+        |l: &&str| l.contains("name=runner") && l.contains("line 2") && l.contains("runner.txt");
+    assert!(
+        log.lines().any(|l| named(&l)),
+        "the policy, file and line named"
+    );
 }

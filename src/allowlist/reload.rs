@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
-use tokio::signal::unix::Signal;
+use tokio::sync::watch;
 
 /// First retry delay while no list is loaded; doubles up to the refresh.
 const FIRST_RETRY: Duration = Duration::from_secs(1);
@@ -154,9 +154,9 @@ impl Reloader {
     }
 
     /// Polls until the task is dropped: every refresh interval (jittered),
-    /// on SIGHUP at once, and with backoff while no list is loaded. A
-    /// remote source is fetched immediately on entry.
-    pub async fn run(mut self, mut hangup: Signal) {
+    /// at once when `reload_now` changes (SIGHUP), and with backoff while
+    /// no list is loaded. A remote source is fetched immediately on entry.
+    pub async fn run(mut self, mut reload_now: watch::Receiver<()>) {
         let mut retry = FIRST_RETRY;
         let mut force = matches!(self.settings.source, Source::S3 { .. });
         let mut first = force;
@@ -167,12 +167,11 @@ impl Reloader {
                 } else {
                     retry
                 };
+                // Once the sender is gone the second branch never matches
+                // and only the timer is left.
                 force = tokio::select! {
                     () = tokio::time::sleep(wait) => false,
-                    _ = hangup.recv() => {
-                        tracing::info!("SIGHUP: reloading the allowlist");
-                        true
-                    }
+                    Ok(()) = reload_now.changed() => true,
                 };
             }
             first = false;

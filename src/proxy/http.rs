@@ -362,7 +362,7 @@ async fn admit(
 ) -> Result<(), Refusal> {
     rec.name = Some(head.host.clone());
     rec.rule = None;
-    let decided = match (ctx.check(&head.host), &ctx.verifier) {
+    let decided = match (ctx.check(rec.policy, &head.host), &ctx.verifier) {
         (Ok(rule), Some(verifier)) => verifier.verify(&head.host, dst.0.ip()).await.map(|()| rule),
         (decided, _) => decided,
     };

@@ -5,12 +5,12 @@ mod http;
 mod inbound;
 mod tls;
 
-use crate::allowlist::Live;
 use crate::audit::{self, AuditLog};
 use crate::config::{Limits, Mode};
 use crate::name::HostName;
 use crate::net::forward::{Transferred, read_some, shutdown_write, write_all};
 use crate::net::orig_dst::{OrigDst, is_loop, original_dst};
+use crate::policy::{Policies, PolicyId};
 use crate::telemetry;
 use crate::verdict::{ErrorKind, Proto, Reason, Verdict};
 use crate::verify::Verifier;
@@ -28,7 +28,7 @@ const LINGER_BYTES: usize = 64 * 1024;
 
 /// What every connection shares.
 pub struct Context {
-    pub list: Arc<Live>,
+    pub policies: Arc<Policies>,
     pub limits: Limits,
     pub audit: AuditLog,
     pub mode: Mode,
@@ -42,16 +42,11 @@ impl Context {
         self.mode.enforcing_at(SystemTime::now())
     }
 
-    /// The entry that allows `name`, as written in the list (counted as a
-    /// hit on it).
-    fn check(&self, name: &HostName) -> Result<Arc<str>, Reason> {
-        if !self.list.is_loaded() {
-            return Err(Reason::NoList);
-        }
-        self.list
-            .current()
-            .admit(name.as_str())
-            .ok_or(Reason::NotListed)
+    /// The entry of `policy`'s list that allows `name`, as written in the
+    /// list (counted as a hit on it).
+    fn check(&self, policy: PolicyId, name: &HostName) -> Result<Arc<str>, Reason> {
+        let in_force = self.policies.in_force(policy).ok_or(Reason::NoList)?;
+        in_force.admit(name.as_str()).ok_or(Reason::NotListed)
     }
 }
 
@@ -59,6 +54,8 @@ impl Context {
 #[derive(Debug)]
 pub struct Record {
     pub src: SocketAddr,
+    /// Chosen by `src`: whose list decides.
+    pub policy: PolicyId,
     pub dst: Option<OrigDst>,
     pub proto: Proto,
     pub name: Option<HostName>,
@@ -81,10 +78,12 @@ pub struct Record {
 }
 
 impl Record {
-    /// A connection just accepted from `src` on the `proto` listener.
-    pub fn new(src: SocketAddr, proto: Proto) -> Record {
+    /// A connection just accepted from `src` on the `proto` listener,
+    /// decided by `policy`.
+    pub fn new(src: SocketAddr, policy: PolicyId, proto: Proto) -> Record {
         Record {
             src,
+            policy,
             dst: None,
             proto,
             name: None,
@@ -105,7 +104,7 @@ impl Record {
 /// Serves one accepted connection to the end and reports it.
 pub async fn serve(client: TcpStream, src: SocketAddr, proto: Proto, ctx: &Context) -> Record {
     let _active = telemetry::Active::start(proto);
-    let mut rec = Record::new(src, proto);
+    let mut rec = Record::new(src, ctx.policies.policy_of(src.ip()), proto);
     let dst = destination(&client);
     rec.dst = dst.as_ref().ok().map(|(dst, _)| *dst);
     rec.verdict = match dst {
@@ -143,7 +142,9 @@ fn destination(client: &TcpStream) -> io::Result<(OrigDst, SocketAddr)> {
 /// its metrics.
 fn report(rec: &Record, ctx: &Context) {
     telemetry::connection_ended(rec);
-    ctx.audit.record(audit::line(rec, SystemTime::now()));
+    let policy = ctx.policies.get(rec.policy).name.as_str();
+    ctx.audit
+        .record(audit::line(rec, policy, SystemTime::now()));
 }
 
 /// Opens the upstream connection to the original destination.

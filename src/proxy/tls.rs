@@ -56,7 +56,9 @@ pub(super) async fn serve(
         }
     });
     let policy = policy.and_then(|()| match &rec.name {
-        Some(name) => ctx.check(name).map(|rule| rec.rule = Some(rule)),
+        Some(name) => ctx
+            .check(rec.policy, name)
+            .map(|rule| rec.rule = Some(rule)),
         None => Ok(()),
     });
     // Last, as it may wait for DNS: only a name that is allowed is resolved.

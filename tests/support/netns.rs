@@ -359,6 +359,22 @@ impl Topology {
             s
         })
     }
+
+    /// Connects from the client ns, from its address `src`.
+    pub fn connect_from(&self, src: std::net::IpAddr, addr: SocketAddr) -> std::net::TcpStream {
+        self.client.enter(move || {
+            let domain = socket2::Domain::for_address(addr);
+            let socket = socket2::Socket::new(domain, socket2::Type::STREAM, None).unwrap();
+            socket.bind(&SocketAddr::new(src, 0).into()).expect("bind");
+            socket
+                .connect_timeout(&addr.into(), Duration::from_secs(5))
+                .expect("connect");
+            let s: std::net::TcpStream = socket.into();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+            s
+        })
+    }
 }
 
 impl Drop for Topology {

@@ -32,7 +32,7 @@ data "aws_iam_policy_document" "gateway" {
   statement {
     sid       = "ReadTheAllowlist"
     actions   = ["s3:GetObject"]
-    resources = ["${local.arn_prefix}:s3:::${var.allowlist_bucket}/${var.allowlist_key}"]
+    resources = [for key in concat([var.allowlist_key], [for p in values(var.policies) : p.allowlist_key]) : "${local.arn_prefix}:s3:::${var.allowlist_bucket}/${key}"]
   }
 
   statement {

@@ -25,11 +25,20 @@ locals {
     destination = strcontains(rule, "@") ? split("@", rule)[1] : "0.0.0.0/0"
   }]
 
+  # [policy.NAME] tables for the config file, indented into the user
+  # data's YAML block; no blank lines, which would end the block.
+  policy_tables = join("\n", flatten([for name, policy in var.policies : [
+    "      [policy.${name}]",
+    "      sources = ${jsonencode(policy.sources)}",
+    "      allowlist = \"s3://${var.allowlist_bucket}/${policy.allowlist_key}\"",
+  ]]))
+
   user_data = { for az, subnet in var.public_subnet_ids : az => templatefile(
     "${path.module}/../ami/cloud-init/user-data.yaml.tftpl",
     {
       allowlist_url     = "s3://${var.allowlist_bucket}/${var.allowlist_key}"
       refresh           = var.refresh
+      policy_tables     = local.policy_tables
       max_connections   = var.max_connections
       private_cidrs     = join(" ", local.private_cidrs)
       private_cidrs6    = join(" ", var.private_cidrs6)

@@ -64,6 +64,20 @@ variable "allowlist_file" {
   description = "A local allowlist to upload to allowlist_bucket/allowlist_key. Null: the object is managed elsewhere."
 }
 
+variable "policies" {
+  type = map(object({
+    sources       = list(string)
+    allowlist_key = string
+  }))
+  default     = {}
+  description = "Per-source policies: name => { sources = client CIDRs, allowlist_key = its list's key in allowlist_bucket }. A client is decided by the policy with the most specific block holding its address, else by allowlist_key. Names: a-z, 0-9, - and _; at most 32."
+
+  validation {
+    condition     = length(var.policies) <= 32 && alltrue([for name, _ in var.policies : can(regex("^[a-z0-9][a-z0-9_-]{0,31}$", name)) && name != "default"])
+    error_message = "At most 32 policies, each named with 1 to 32 of a-z, 0-9, - and _ (not \"default\")."
+  }
+}
+
 variable "refresh" {
   type        = string
   default     = "60s"

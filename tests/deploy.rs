@@ -285,12 +285,17 @@ fn written_file(user_data: &str, path: &str) -> String {
         .collect()
 }
 
-pub const USER_DATA_VALUES: [(&str, &str); 10] = [
+pub const USER_DATA_VALUES: [(&str, &str); 11] = [
     (
         "allowlist_url",
         "s3://egress-config/portcullis/allowlist.txt",
     ),
     ("refresh", "60s"),
+    // As terraform/main.tf renders var.policies.
+    (
+        "policy_tables",
+        "      [policy.build-7]\n      sources = [\"10.20.7.7\"]\n      allowlist = \"s3://egress-config/k/b.txt\"\n      [policy.ci]\n      sources = [\"10.20.128.0/17\",\"2001:db8:20:80::/57\"]\n      allowlist = \"s3://egress-config/portcullis/ci.txt\"",
+    ),
     ("max_connections", "50000"),
     ("private_cidrs", "10.20.0.0/16"),
     ("private_cidrs6", "2001:db8:20::/56"),
@@ -322,6 +327,19 @@ fn user_data_is_valid_cloud_config_carrying_a_valid_portcullis_config() {
     assert_eq!(source, "s3://egress-config/portcullis/allowlist.txt");
     let config = settings.into_config().expect("a complete config");
     assert_eq!(config.max_connections, 50_000);
+    let policies: Vec<String> = config
+        .policies
+        .iter()
+        .map(|p| format!("{} {}", p.name, p.reload.source))
+        .collect();
+    assert_eq!(
+        policies,
+        [
+            "default s3://egress-config/portcullis/allowlist.txt",
+            "build-7 s3://egress-config/k/b.txt",
+            "ci s3://egress-config/portcullis/ci.txt",
+        ]
+    );
 
     let filter = written_file(&user_data, "/etc/portcullis/iptables.env");
     assert!(

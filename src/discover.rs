@@ -21,9 +21,14 @@ pub const COLLAPSE_AT: usize = 3;
 #[derive(Debug, Default)]
 pub struct Tally {
     names: HashMap<HostName, u64>,
+    /// Only records of this policy count (a record without a `policy`
+    /// field predates policies and is the default's).
+    policy: Option<String>,
     /// Lines that were not audit records with a name (refusals before a
     /// name was read, other log lines).
     pub skipped: u64,
+    /// Records of other policies.
+    pub other_policies: u64,
 }
 
 /// One proposed allowlist entry.
@@ -37,6 +42,14 @@ pub struct Proposal {
 }
 
 impl Tally {
+    /// A tally of only the records `policy` decided.
+    pub fn for_policy(policy: &str) -> Tally {
+        Tally {
+            policy: Some(policy.to_string()),
+            ..Tally::default()
+        }
+    }
+
     /// Counts the audit records (JSON lines) read from `input`.
     pub fn read(&mut self, input: impl BufRead) -> io::Result<()> {
         for line in input.lines() {
@@ -47,6 +60,13 @@ impl Tally {
 
     fn add_line(&mut self, line: &str) {
         let record: Option<serde_json::Value> = serde_json::from_str(line).ok();
+        if let (Some(wanted), Some(record)) = (&self.policy, &record) {
+            let policy = record.get("policy").and_then(|p| p.as_str());
+            if policy.unwrap_or(crate::policy::DEFAULT_POLICY) != wanted {
+                self.other_policies += 1;
+                return;
+            }
+        }
         let name = record
             .as_ref()
             .and_then(|r| r.get("name")?.as_str())
@@ -198,5 +218,25 @@ mod tests {
         let list = crate::allowlist::parse(&text).unwrap();
         assert_eq!(list.len(), 1, "{text}");
         assert!(text.contains("# 4 connections, 3 names: a.x.test, b.x.test, c.x.test\n.x.test\n"));
+    }
+
+    #[test]
+    fn a_policy_filter_counts_only_that_policys_records() {
+        let log = concat!(
+            "{\"name\":\"ci.x.test\",\"policy\":\"ci\"}\n",
+            "{\"name\":\"web.x.test\",\"policy\":\"default\"}\n",
+            // Written before policies existed: the default's.
+            "{\"name\":\"old.x.test\"}\n",
+        );
+        let mut ci = Tally::for_policy("ci");
+        ci.read(log.as_bytes()).unwrap();
+        assert_eq!(entries(&ci), [("ci.x.test".to_string(), 1)]);
+        assert_eq!(ci.other_policies, 2);
+        let mut default = Tally::for_policy("default");
+        default.read(log.as_bytes()).unwrap();
+        assert_eq!(default.distinct_names(), 2);
+        let mut all = Tally::default();
+        all.read(log.as_bytes()).unwrap();
+        assert_eq!((all.distinct_names(), all.other_policies), (3, 0));
     }
 }

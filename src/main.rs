@@ -44,6 +44,9 @@ enum Command {
         /// Audit logs: files of JSON lines, as `run` writes on stdout.
         #[arg(required = true)]
         logs: Vec<PathBuf>,
+        /// Only connections this per-source policy decided ("default": clients in no policy) [all]
+        #[arg(long)]
+        policy: Option<String>,
     },
     /// Show how an allowlist decides names: exit 0 if all are allowed, 1 if any is denied.
     Match {
@@ -160,7 +163,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run(*args),
         Command::Check { source, config } => check(source, config),
         Command::Match { source, names } => match_names(&source, &names),
-        Command::Discover { logs } => discover(&logs),
+        Command::Discover { logs, policy } => discover(&logs, policy.as_deref()),
     };
     result.unwrap_or_else(|e| {
         eprintln!("portcullis: {e:#}");
@@ -222,8 +225,8 @@ fn check(source: Option<String>, config: Option<PathBuf>) -> anyhow::Result<Exit
     Ok(ExitCode::SUCCESS)
 }
 
-fn discover(logs: &[PathBuf]) -> anyhow::Result<ExitCode> {
-    let mut tally = Tally::default();
+fn discover(logs: &[PathBuf], policy: Option<&str>) -> anyhow::Result<ExitCode> {
+    let mut tally = policy.map_or_else(Tally::default, Tally::for_policy);
     for path in logs {
         let file =
             std::fs::File::open(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
@@ -232,7 +235,10 @@ fn discover(logs: &[PathBuf]) -> anyhow::Result<ExitCode> {
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     }
     if tally.distinct_names() == 0 {
-        anyhow::bail!("no audit record with a name in {} file(s)", logs.len());
+        let of = policy
+            .map(|p| format!(" of policy {p}"))
+            .unwrap_or_default();
+        anyhow::bail!("no audit record{of} with a name in {} file(s)", logs.len());
     }
     if tally.skipped > 0 {
         eprintln!(

@@ -184,3 +184,25 @@ fn check_with_a_config_checks_every_policys_list_and_names_the_bad_one() {
     assert_eq!(lines.len(), 1, "{lines:?}");
     assert!(lines[0].contains("policy-ci-bad.txt: line 2"), "{lines:?}");
 }
+
+#[test]
+fn discover_proposes_a_list_for_one_policy() {
+    let log = list_file(
+        "audit-policies.jsonl",
+        concat!(
+            "{\"name\":\"pypi.org\",\"policy\":\"build-agents\",\"verdict\":\"allow\"}\n",
+            "{\"name\":\"api.payments.test\",\"policy\":\"payments\",\"verdict\":\"allow\"}\n",
+        ),
+    );
+    let out = portcullis(&["discover", "--policy", "build-agents", log.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{:?}", stderr_lines(&out));
+    let proposed = String::from_utf8_lossy(&out.stdout);
+    assert!(proposed.contains("\npypi.org\n"), "{proposed}");
+    assert!(!proposed.contains("payments"), "{proposed}");
+    let out = portcullis(&["discover", "--policy", "nobody", log.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        stderr_lines(&out),
+        ["portcullis: no audit record of policy nobody with a name in 1 file(s)"]
+    );
+}

@@ -194,7 +194,12 @@ fn discover_proposes_a_list_for_one_policy() {
             "{\"name\":\"api.payments.test\",\"policy\":\"payments\",\"verdict\":\"allow\"}\n",
         ),
     );
-    let out = portcullis(&["discover", "--policy", "build-agents", log.to_str().unwrap()]);
+    let out = portcullis(&[
+        "discover",
+        "--policy",
+        "build-agents",
+        log.to_str().unwrap(),
+    ]);
     assert_eq!(out.status.code(), Some(0), "{:?}", stderr_lines(&out));
     let proposed = String::from_utf8_lossy(&out.stdout);
     assert!(proposed.contains("\npypi.org\n"), "{proposed}");

@@ -7,7 +7,7 @@ mod support;
 
 use std::io::Write;
 use std::time::{Duration, SystemTime};
-use support::client::{curl, http, text};
+use support::client::{http, http_status_from, text};
 use support::netns::{RAW_V4, RAW_V6, Topology, WEB_V4, require_root};
 use support::scrape::Scrape;
 use support::servers::{http_server, recorder};
@@ -407,28 +407,10 @@ fn each_source_subnet_is_decided_by_its_own_policy_and_list() {
     assert!(forwarded(&t, CI_SRC6, RAW_V6, "ci.example.test"));
     assert!(!forwarded(&t, CI_SRC6, RAW_V6, "default.example.test"));
     // Plain HTTP follows the same policies.
-    let status_from = |src: &str, name: &str| {
-        let resolve = format!("{name}:80:{WEB_V4}");
-        let url = format!("http://{name}/");
-        let out = curl(
-            &t,
-            &[
-                "--interface",
-                src,
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                "--resolve",
-                &resolve,
-                &url,
-            ],
-        );
-        text(&out.stdout).trim().to_string()
-    };
-    assert_eq!(status_from(CI_SRC, "ci.example.test"), "200");
-    assert_eq!(status_from(CI_SRC, "default.example.test"), "403");
-    assert_eq!(status_from(DEFAULT_SRC, "default.example.test"), "200");
+    let status_from = |src, name| http_status_from(&t, src, name, WEB_V4);
+    assert_eq!(status_from(CI_SRC, "ci.example.test"), 200);
+    assert_eq!(status_from(CI_SRC, "default.example.test"), 403);
+    assert_eq!(status_from(DEFAULT_SRC, "default.example.test"), 200);
 
     // Audit lines and metrics name the policy.
     wait_until("every audit line", Duration::from_secs(5), || {

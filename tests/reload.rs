@@ -9,7 +9,7 @@ use std::io::{Read, Write};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-use support::client::http_status;
+use support::client::{http_status, http_status_from};
 use support::netns::{RAW_V4, Topology, WEB_V4, require_root};
 use support::s3::{self, Moto, put_list, require_moto};
 use support::servers::{Server, http_server};
@@ -371,4 +371,63 @@ fn without_cache_or_s3_everything_is_denied_until_s3_returns() {
             .all(|l| !l.starts_with("b.flip.test"))
     );
     assert!(web.accepted() >= 1);
+}
+
+#[test]
+fn an_s3_policy_loads_caches_and_fails_on_its_own() {
+    if !require_root() || !require_moto() {
+        return;
+    }
+    const CI_SRC: &str = "192.0.2.130";
+    let mut t = Topology::new();
+    t.client
+        .ip(&["addr", "add", &format!("{CI_SRC}/24"), "dev", "eth0"]);
+    let (_web, _) = http_server(&t.upstream, &[addr(WEB_V4, 80)]);
+    let default = t.write_list(LIST_A);
+    let cache = t.dir.join("cache");
+    let config = t.dir.join("portcullis.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "allowlist = {:?}\ncache-dir = {:?}\nrefresh = \"1s\"\n\n\
+             [policy.ci]\nsources = [\"192.0.2.128/25\"]\nallowlist = \"{}\"\n",
+            default.to_str().unwrap(),
+            cache.to_str().unwrap(),
+            s3::URL
+        ),
+    )
+    .unwrap();
+    // S3 is down and nothing is cached: only the ci policy fails closed.
+    t.launch(&[], &["--config", config.to_str().unwrap()], &s3::ENV);
+    assert_eq!(
+        t.admin_status("/readyz"),
+        Some(503),
+        "not every policy has a list"
+    );
+    assert_eq!(http_status_from(&t, CI_SRC, "a.flip.test", WEB_V4), 503);
+    assert_enforcing(&t, LIST_A);
+
+    let mut moto = Moto::start(&t);
+    put_list(&t.gateway, LIST_B);
+    wait_until("ready", Duration::from_secs(15), || {
+        t.admin_status("/readyz") == Some(200)
+    });
+    assert_eq!(http_status_from(&t, CI_SRC, "b.flip.test", WEB_V4), 200);
+    assert_eq!(http_status_from(&t, CI_SRC, "a.flip.test", WEB_V4), 403);
+    assert_enforcing(&t, LIST_A);
+    // Cached in a directory of its own, apart from any default S3 list.
+    let cached = std::fs::read_dir(cache.join("policies/ci"))
+        .unwrap()
+        .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+        .collect::<Vec<_>>();
+    assert_eq!(cached.len(), 1);
+    assert!(cached[0].ends_with(LIST_B), "{}", cached[0]);
+
+    // An outage keeps ci's list, and the default's file still reloads.
+    moto.stop();
+    t.write_list(LIST_B);
+    wait_until("the default list reloaded", Duration::from_secs(10), || {
+        enforces(&t, LIST_B)
+    });
+    assert_eq!(http_status_from(&t, CI_SRC, "b.flip.test", WEB_V4), 200);
 }

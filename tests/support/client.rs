@@ -50,18 +50,26 @@ pub fn text(bytes: &[u8]) -> String {
 
 /// The HTTP status a plain-HTTP request for `name` gets through the gateway.
 pub fn http_status(t: &Topology, name: &str, ip: &str) -> u16 {
+    http_status_with(t, &[], name, ip)
+}
+
+/// Like [`http_status`], sent from the client's address `src`.
+pub fn http_status_from(t: &Topology, src: &str, name: &str, ip: &str) -> u16 {
+    http_status_with(t, &["--interface", src], name, ip)
+}
+
+fn http_status_with(t: &Topology, extra: &[&str], name: &str, ip: &str) -> u16 {
     let resolve = format!("{name}:80:{}", bracketed(ip));
-    let out = curl(
-        t,
-        &[
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "--resolve",
-            &resolve,
-            &format!("http://{name}/"),
-        ],
-    );
+    let url = format!("http://{name}/");
+    let args = [
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "--resolve",
+        &resolve,
+        &url,
+    ];
+    let out = curl(t, &[extra, &args].concat());
     text(&out.stdout).trim().parse().unwrap_or(0)
 }

@@ -369,6 +369,7 @@ impl Policies {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     fn cidr(s: &str) -> Cidr {
         s.parse().unwrap()
@@ -496,5 +497,35 @@ mod tests {
             "default".parse::<PolicyName>(),
             Err(PolicyNameError::Default)
         );
+    }
+
+    proptest! {
+        #[test]
+        fn parsing_never_panics(text in "[0-9a-f:./]{0,48}") {
+            let _ = text.parse::<Cidr>();
+        }
+
+        /// A block prints as it parses, and holds exactly the addresses
+        /// that share its prefix.
+        #[test]
+        fn blocks_round_trip_and_contain_their_prefix(
+            raw in any::<u128>(),
+            v4 in any::<bool>(),
+            prefix in 0u8..=128,
+            probe in any::<u128>(),
+        ) {
+            let (network, prefix, same) = if v4 {
+                let p = prefix % 33;
+                let (n, q) = (raw as u32 & mask32(p), probe as u32);
+                (IpAddr::V4(n.into()), p, q & mask32(p) == n)
+            } else {
+                let (n, q) = (raw & mask128(prefix), probe);
+                (IpAddr::V6(n.into()), prefix, q & mask128(prefix) == n)
+            };
+            let block = Cidr::new(network, prefix).unwrap();
+            prop_assert_eq!(block.to_string().parse::<Cidr>(), Ok(block));
+            let probe = if v4 { IpAddr::V4((probe as u32).into()) } else { IpAddr::V6(probe.into()) };
+            prop_assert_eq!(block.contains(probe), same);
+        }
     }
 }

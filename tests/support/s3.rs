@@ -156,6 +156,7 @@ pub fn put_list(gateway: &Netns, body: &str) {
                     "testing", "testing", None, None, "test",
                 ))
                 .force_path_style(true)
+                .http_client(aws_smithy_http_client::Builder::new().build_http())
                 .build();
             let client = aws_sdk_s3::Client::from_conf(config);
             let _ = client.create_bucket().bucket(BUCKET).send().await;

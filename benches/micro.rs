@@ -1,6 +1,6 @@
 //! Micro-benchmarks of the pure hot paths: allowlist lookup (hit and miss,
 //! 10 to 1M entries), loading a 1M-entry list, ClientHello and request-head
-//! parsing. `cargo bench --bench micro`; `cargo test --benches` runs each
+//! parsing, and writing a connection's audit line. `cargo bench --bench micro`; `cargo test --benches` runs each
 //! once so they cannot rot. Targets (README, Performance): lookup < 200 ns
 //! at 1M entries, 1M-entry load < 1 s, a typical hello well under 1 µs.
 
@@ -139,5 +139,37 @@ fn request_heads(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, lookup, decide, load, hellos, request_heads);
+fn audit_line(c: &mut Criterion) {
+    use portcullis::policy::PolicyId;
+    use portcullis::proxy::Record;
+    use portcullis::verdict::{Proto, Verdict};
+    let mut rec = Record::new(
+        "192.0.2.10:40512".parse().unwrap(),
+        PolicyId::DEFAULT,
+        Proto::Tls,
+    );
+    rec.dst = Some(portcullis::net::orig_dst::OrigDst(
+        "203.0.113.20:443".parse().unwrap(),
+    ));
+    rec.name = Some(HostName::from_wire(b"api.example.com").unwrap());
+    rec.rule = Some(".example.com".into());
+    rec.verdict = Verdict::Allow;
+    rec.moved.up = 2245;
+    rec.moved.down = 48213;
+    rec.duration = Duration::from_millis(311);
+    let at = std::time::SystemTime::now();
+    c.bench_function("audit-line/allowed-tls", |b| {
+        b.iter(|| portcullis::audit::line(black_box(&rec), "default", at))
+    });
+}
+
+criterion_group!(
+    benches,
+    lookup,
+    decide,
+    load,
+    hellos,
+    request_heads,
+    audit_line
+);
 criterion_main!(benches);

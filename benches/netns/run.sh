@@ -15,6 +15,10 @@
 #
 # Every proxy gets the same redirect (iptables/portcullis-iptables.sh) and
 # the same allowlist; the client sends a real ClientHello before any data.
+# Every proxy also writes one log line per connection, as a gateway kept
+# for an audit must: portcullis its JSON audit line, nginx an access_log
+# with the SNI (buffered), HAProxy its tcplog on stdout, Squid its
+# access.log; all of them to /dev/null.
 #
 #   benches/netns/run.sh           full run, about 3 minutes
 #   benches/netns/run.sh --short   a second per workload: checks every gateway carries traffic
@@ -114,6 +118,7 @@ redirect() {
 
 start_portcullis() {
   redirect
+  # The audit log is stdout.
   ip netns exec $G "$portcullis" run --allowlist "$work/allowlist.txt" --metrics-listen 127.0.0.1:9090 \
     --tls-listen 0.0.0.0:15443 --http-listen 0.0.0.0:15080 >/dev/null 2>"$work/portcullis.log" &
   disown # killed with the namespace, not reported
@@ -129,6 +134,9 @@ error_log $work/nginx.log warn;
 daemon off;
 events { worker_connections 16384; }
 stream {
+  log_format egress '\$time_iso8601 \$remote_addr:\$remote_port \$ssl_preread_server_name '
+                    '\$upstream_addr \$status \$bytes_received \$bytes_sent \$session_time';
+  access_log /dev/null egress buffer=64k flush=1s;
   # The allowlist: SNI -> upstream (in production, a resolver and
   # \$ssl_preread_server_name:443; here a map stands in for DNS).
   map \$ssl_preread_server_name \$upstream {
@@ -154,8 +162,11 @@ start_haproxy() {
 global
   # Two descriptors a connection: within the descriptor limit.
   maxconn 8000
+  log stdout format raw local0
 defaults
   mode tcp
+  log global
+  option tcplog
   timeout connect 10s
   timeout client 15m
   timeout server 15m
@@ -174,7 +185,8 @@ backend sink
 backend source
   server s 203.0.113.12:443
 EOF
-  ip netns exec $G haproxy -W -db -f "$work/haproxy.cfg" &
+  # Its log is stdout.
+  ip netns exec $G haproxy -W -db -f "$work/haproxy.cfg" >/dev/null &
   disown # killed with the namespace, not reported
 }
 
@@ -200,7 +212,7 @@ ssl_bump terminate all
 http_access allow all
 cache deny all
 cache_mem 8 MB
-access_log none
+access_log stdio:/dev/null
 cache_log $work/squid.log
 debug_options ALL,1
 pid_filename none

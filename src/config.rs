@@ -249,6 +249,8 @@ pub enum ConfigError {
         first: PolicyName,
         second: PolicyName,
     },
+    #[error("{block} is given twice in policy {policy}")]
+    RepeatedBlock { block: Cidr, policy: PolicyName },
     #[error("{0} policies: at most {MAX_POLICIES} besides the default")]
     TooManyPolicies(usize),
 }
@@ -298,12 +300,19 @@ impl Settings {
         let mut table = SourceTable::default();
         for (offset, block, id, name) in blocks {
             table.insert(block, id).map_err(|taken| {
-                let shared = ConfigError::SharedBlock {
-                    block,
-                    first: names[taken.index() - 1].clone(),
-                    second: name.clone(),
+                let error = if taken == id {
+                    ConfigError::RepeatedBlock {
+                        block,
+                        policy: name.clone(),
+                    }
+                } else {
+                    ConfigError::SharedBlock {
+                        block,
+                        first: names[taken.index() - 1].clone(),
+                        second: name.clone(),
+                    }
                 };
-                (offset, shared)
+                (offset, error)
             })?;
         }
         Ok(table)
@@ -678,6 +687,11 @@ allowlist = \"/etc/portcullis/runner-7.txt\"
                 "192.0.2.131/32 is in both policy ci and policy ci-runner-7",
             ),
             ("sources = [\"192.0.2.128/25\"]\nbogus = 1", 6, "bogus"),
+            (
+                "sources = [\"192.0.2.128/25\",\n  \"192.0.2.128/25\"]",
+                6,
+                "192.0.2.128/25 is given twice in policy ci",
+            ),
         ];
         for (i, (sources, line, message)) in cases.into_iter().enumerate() {
             let text = POLICIES.replacen(

@@ -145,15 +145,18 @@ async fn forward_to_end(
     if copy_small(src, dst, activity, count).await? {
         return Ok(());
     }
+    // The bulk loops are boxed: their states are larger than copy_small's
+    // and would otherwise size every connection's task, idle ones too,
+    // for the one allocation a bulk flow makes when it starts.
     let before = count.load(Ordering::Relaxed);
     let result = match Pipe::new() {
-        Ok(pipe) => splice_loop(src, dst, &pipe, activity, count).await,
+        Ok(pipe) => Box::pin(splice_loop(src, dst, &pipe, activity, count)).await,
         // Out of descriptors for a pipe: still serve the connection.
-        Err(_) => copy_loop(src, dst, activity, count).await,
+        Err(_) => Box::pin(copy_loop(src, dst, activity, count)).await,
     };
     match result {
         Err(e) if is_splice_unsupported(&e) && count.load(Ordering::Relaxed) == before => {
-            copy_loop(src, dst, activity, count).await
+            Box::pin(copy_loop(src, dst, activity, count)).await
         }
         other => other,
     }
@@ -168,7 +171,7 @@ async fn copy_small(
     count: &AtomicU64,
 ) -> io::Result<bool> {
     loop {
-        src.readable().await?;
+        read_ready(src).await?;
         let (n, unsent) = match relay_once(src, dst) {
             Ok(Some(moved)) => moved,
             Ok(None) => return Ok(true),
@@ -298,11 +301,27 @@ async fn copy_loop(
     }
 }
 
+/// Waits until `s` has something to read (or an error or end of stream).
+///
+/// Through the socket's own waker slot, not a `readable()` future: that
+/// future holds a waiter node of about 150 bytes, and every wait on the
+/// data path would add it to every connection's task, idle ones too. The
+/// slot keeps one waker per direction, which is enough: a connection's
+/// sockets are only ever waited on from that connection's one task.
+pub async fn read_ready(s: &TcpStream) -> io::Result<()> {
+    std::future::poll_fn(|cx| s.poll_read_ready(cx)).await
+}
+
+/// Waits until `s` can take bytes; see [`read_ready`].
+pub async fn write_ready(s: &TcpStream) -> io::Result<()> {
+    std::future::poll_fn(|cx| s.poll_write_ready(cx)).await
+}
+
 /// Reads at least one byte (0 at end of stream) through a shared reference,
 /// so both directions can use one socket at once.
 pub async fn read_some(src: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
     loop {
-        src.readable().await?;
+        read_ready(src).await?;
         match try_read_draining(src, buf) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             other => return other,
@@ -337,7 +356,7 @@ pub fn try_read_draining(src: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
 /// Writes all of `buf` through a shared reference.
 pub async fn write_all(dst: &TcpStream, mut buf: &[u8]) -> io::Result<()> {
     while !buf.is_empty() {
-        dst.writable().await?;
+        write_ready(dst).await?;
         match dst.try_write(buf) {
             Ok(n) => buf = &buf[n..],
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,

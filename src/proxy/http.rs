@@ -363,7 +363,10 @@ async fn admit(
     rec.name = Some(head.host.clone());
     rec.rule = None;
     let decided = match (ctx.check(rec.policy, &head.host), &ctx.verifier) {
-        (Ok(rule), Some(verifier)) => verifier.verify(&head.host, dst.0.ip()).await.map(|()| rule),
+        // Boxed, as in tls::serve: a lookup's state is large.
+        (Ok(rule), Some(verifier)) => Box::pin(verifier.verify(&head.host, dst.0.ip()))
+            .await
+            .map(|()| rule),
         (decided, _) => decided,
     };
     match decided {

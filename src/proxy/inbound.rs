@@ -2,7 +2,7 @@
 //! detectors look at them, then they are replayed upstream byte for byte.
 
 use crate::detect::Detect;
-use crate::net::forward::{Activity, forward, try_read_draining, write_all};
+use crate::net::forward::{Activity, forward, read_ready, try_read_draining, write_all};
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::net::TcpStream;
@@ -99,7 +99,7 @@ impl<'a> Inbound<'a> {
         loop {
             // Room is made only once there is something to read: a client
             // that connects and stays silent costs no buffer.
-            self.stream.readable().await?;
+            read_ready(self.stream).await?;
             self.buf.resize(len + room, 0);
             let result = try_read_draining(self.stream, &mut self.buf[len..]);
             self.buf.truncate(len + *result.as_ref().unwrap_or(&0));

@@ -201,3 +201,33 @@ async fn linger(client: &TcpStream) {
 fn reset(stream: &TcpStream) {
     let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A connection's task is allocated whole when it is accepted and
+    /// lives as long as the connection, so its size is the memory of an
+    /// idle connection. Rare, large states (a DNS lookup, a bulk flow's
+    /// loops) are boxed to keep it small; this catches one that is not.
+    #[tokio::test]
+    async fn a_connections_task_stays_small() {
+        let ctx = Context {
+            policies: Arc::new(crate::policy::Policies::single(
+                crate::allowlist::Source::File("/nonexistent".into()),
+                Arc::new(crate::allowlist::Live::empty()),
+            )),
+            limits: Limits::default(),
+            audit: AuditLog::spawn(io::sink(), 1).unwrap(),
+            mode: Mode::Enforce,
+            verifier: None,
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (accepted, peer) = listener.accept().await.unwrap();
+        let task = serve(accepted, peer, Proto::Tls, &ctx);
+        let size = std::mem::size_of_val(&task);
+        assert!(size <= 2048, "a connection's task takes {size} bytes");
+    }
+}

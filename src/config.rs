@@ -204,7 +204,9 @@ where
     parsed(d).map(Some)
 }
 
-fn parsed<'de, D, T>(d: D) -> Result<T, D::Error>
+/// A value read from its text through `FromStr`, so that a bad one is
+/// reported at its line of the config file.
+pub(crate) fn parsed<'de, D, T>(d: D) -> Result<T, D::Error>
 where
     D: serde::Deserializer<'de>,
     T: std::str::FromStr<Err: std::fmt::Display>,

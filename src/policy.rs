@@ -90,19 +90,6 @@ pub enum CidrError {
 }
 
 impl Cidr {
-    pub fn new(network: IpAddr, prefix: u8) -> Option<Cidr> {
-        let cidr = Cidr { network, prefix };
-        let max = match network {
-            IpAddr::V4(_) => 32,
-            IpAddr::V6(_) => 128,
-        };
-        (prefix <= max && cidr.masked(network) == network).then_some(cidr)
-    }
-
-    pub fn prefix(&self) -> u8 {
-        self.prefix
-    }
-
     /// `ip` with the bits after this block's prefix cleared.
     fn masked(&self, ip: IpAddr) -> IpAddr {
         match ip {
@@ -110,8 +97,22 @@ impl Cidr {
             IpAddr::V6(a) => IpAddr::V6(Ipv6Addr::from(u128::from(a) & mask128(self.prefix))),
         }
     }
+}
 
-    pub fn contains(&self, ip: IpAddr) -> bool {
+/// The plain reading of a block, which the tests hold [`SourceTable`] to.
+#[cfg(test)]
+impl Cidr {
+    fn new(network: IpAddr, prefix: u8) -> Option<Cidr> {
+        let cidr = Cidr { network, prefix };
+        let max = if network.is_ipv4() { 32 } else { 128 };
+        (prefix <= max && cidr.masked(network) == network).then_some(cidr)
+    }
+
+    fn prefix(&self) -> u8 {
+        self.prefix
+    }
+
+    fn contains(&self, ip: IpAddr) -> bool {
         let ip = ip.to_canonical();
         ip.is_ipv4() == self.network.is_ipv4() && self.masked(ip) == self.network
     }
@@ -168,26 +169,17 @@ impl fmt::Display for Cidr {
     }
 }
 
-/// Both read from a config file through their `FromStr`, so a bad value
-/// is reported at its line.
-fn parsed<'de, D, T>(d: D) -> Result<T, D::Error>
-where
-    D: Deserializer<'de>,
-    T: FromStr<Err: fmt::Display>,
-{
-    let s = String::deserialize(d)?;
-    s.parse().map_err(serde::de::Error::custom)
-}
-
+// Both are read from a config file through their `FromStr`, so a bad
+// value is reported at its line.
 impl<'de> Deserialize<'de> for PolicyName {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        parsed(d)
+        crate::config::parsed(d)
     }
 }
 
 impl<'de> Deserialize<'de> for Cidr {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        parsed(d)
+        crate::config::parsed(d)
     }
 }
 
@@ -250,10 +242,6 @@ impl SourceTable {
             IpAddr::V6(a) => find(&self.v6, u128::from(a)),
         };
         found.unwrap_or(PolicyId::DEFAULT)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.v4.is_empty() && self.v6.is_empty()
     }
 }
 

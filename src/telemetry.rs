@@ -335,25 +335,21 @@ struct Decisions {
 
 impl Decisions {
     fn register(policy: &PolicyName, proto: Proto) -> Decisions {
-        let (policy, p) = (policy.to_string(), proto.as_str());
-        let labels = |reason: Reason| {
+        let labels = |key: &'static str, value: &str| {
             [
-                ("policy", policy.clone()),
-                ("proto", p.to_string()),
-                ("reason", reason.as_str().to_string()),
+                ("policy", policy.to_string()),
+                ("proto", proto.as_str().to_string()),
+                (key, value.to_string()),
             ]
         };
+        let by_reason = |family: &'static str| {
+            Reason::ALL.map(|r| metrics::counter!(family, &labels("reason", r.as_str())))
+        };
         Decisions {
-            connections: Verdict::LABELS.map(|v| {
-                let labels = [
-                    ("policy", policy.clone()),
-                    ("proto", p.into()),
-                    ("verdict", v.into()),
-                ];
-                metrics::counter!(CONNECTIONS, &labels)
-            }),
-            denied: Reason::ALL.map(|r| metrics::counter!(DENIED, &labels(r))),
-            would_deny: Reason::ALL.map(|r| metrics::counter!(WOULD_DENY, &labels(r))),
+            connections: Verdict::LABELS
+                .map(|v| metrics::counter!(CONNECTIONS, &labels("verdict", v))),
+            denied: by_reason(DENIED),
+            would_deny: by_reason(WOULD_DENY),
         }
     }
 

@@ -362,13 +362,7 @@ async fn admit(
 ) -> Result<(), Refusal> {
     rec.name = Some(head.host.clone());
     rec.rule = None;
-    let decided = match (ctx.check(rec.policy, &head.host), &ctx.verifier) {
-        // Boxed, as in tls::serve: a lookup's state is large.
-        (Ok(rule), Some(verifier)) => Box::pin(verifier.verify(&head.host, dst.0.ip()))
-            .await
-            .map(|()| rule),
-        (decided, _) => decided,
-    };
+    let decided = ctx.admit(rec.policy, &head.host, dst.0.ip()).await;
     match decided {
         Ok(rule) => rec.rule = Some(rule),
         // Monitor mode: the first request enforce mode would refuse is

@@ -15,7 +15,7 @@ use crate::telemetry;
 use crate::verdict::{ErrorKind, Proto, Reason, Verdict};
 use crate::verify::Verifier;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::net::TcpStream;
@@ -42,11 +42,24 @@ impl Context {
         self.mode.enforcing_at(SystemTime::now())
     }
 
-    /// The entry of `policy`'s list that allows `name`, as written in the
-    /// list (counted as a hit on it).
-    fn check(&self, policy: PolicyId, name: &HostName) -> Result<Arc<str>, Reason> {
+    /// The rule that admits `name` to `dst`: the entry of `policy`'s list
+    /// that allows it, as written in the list (counted as a hit on it),
+    /// once `--verify-dst` agrees that `name` lives at `dst`. Only an
+    /// allowed name is resolved, so a refused one never waits for DNS.
+    async fn admit(
+        &self,
+        policy: PolicyId,
+        name: &HostName,
+        dst: IpAddr,
+    ) -> Result<Arc<str>, Reason> {
         let in_force = self.policies.in_force(policy).ok_or(Reason::NoList)?;
-        in_force.admit(name.as_str()).ok_or(Reason::NotListed)
+        let rule = in_force.admit(name.as_str()).ok_or(Reason::NotListed)?;
+        if let Some(verifier) = &self.verifier {
+            // Boxed: a lookup's state is about 2 KiB, and inline it would
+            // size every connection's task, with --verify-dst off too.
+            Box::pin(verifier.verify(name, dst)).await?;
+        }
+        Ok(rule)
     }
 }
 

@@ -55,18 +55,14 @@ pub(super) async fn serve(
             Ok(())
         }
     });
-    let policy = policy.and_then(|()| match &rec.name {
-        Some(name) => ctx
-            .check(rec.policy, name)
+    // Last, as it may wait for DNS. The rule is noted only once the name
+    // is admitted, as on the HTTP port.
+    let policy = match (policy, &rec.name) {
+        (Ok(()), Some(name)) => ctx
+            .admit(rec.policy, name, dst.0.ip())
+            .await
             .map(|rule| rec.rule = Some(rule)),
-        None => Ok(()),
-    });
-    // Last, as it may wait for DNS: only a name that is allowed is resolved.
-    // Boxed: a lookup's state is about 2 KiB, and inline it would size
-    // every connection's task, with --verify-dst off too.
-    let policy = match (policy, &ctx.verifier, &rec.name) {
-        (Ok(()), Some(verifier), Some(name)) => Box::pin(verifier.verify(name, dst.0.ip())).await,
-        (policy, ..) => policy,
+        (policy, _) => policy,
     };
     if let Err(reason) = policy {
         if ctx.enforcing() {

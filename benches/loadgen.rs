@@ -32,6 +32,9 @@ const ANSWER: [u8; 1024] = [0x5a; 1024];
 const GREETING: [u8; 64] = [0x16; 64];
 const CHUNK: usize = 256 * 1024;
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Threads serving the answering address: more than the rate workload's
+/// 64 clients, so none waits for a free one.
+const ANSWER_THREADS: usize = 128;
 
 fn main() {
     // `cargo bench` adds `--bench`; it means nothing here.
@@ -83,20 +86,36 @@ fn read_hello(s: &mut TcpStream) -> io::Result<()> {
     s.read_exact(&mut payload)
 }
 
-type Role = fn(TcpStream) -> io::Result<()>;
-
 /// What an upstream address does, by its last octet (IPv4) or group
 /// (IPv6): 10 answers, 11 sinks, 12 sources (`::10`, `::11`, `::12`).
-fn role_of(addr: SocketAddr) -> Option<Role> {
-    let last = match addr {
-        SocketAddr::V4(a) => u16::from(a.ip().octets()[3]),
-        SocketAddr::V6(a) => a.ip().segments()[7],
-    };
-    match last {
-        10 | 0x10 => Some(answer),
-        11 | 0x11 => Some(sink),
-        12 | 0x12 => Some(source),
-        _ => None,
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Answer,
+    Sink,
+    Source,
+}
+
+impl Role {
+    fn of(addr: SocketAddr) -> Option<Role> {
+        let last = match addr {
+            SocketAddr::V4(a) => u16::from(a.ip().octets()[3]),
+            SocketAddr::V6(a) => a.ip().segments()[7],
+        };
+        match last {
+            10 | 0x10 => Some(Role::Answer),
+            11 | 0x11 => Some(Role::Sink),
+            12 | 0x12 => Some(Role::Source),
+            _ => None,
+        }
+    }
+
+    fn serve(self, s: TcpStream) -> io::Result<()> {
+        s.set_nodelay(true)?;
+        match self {
+            Role::Answer => answer(s),
+            Role::Sink => sink(s),
+            Role::Source => source(s),
+        }
     }
 }
 
@@ -104,15 +123,27 @@ fn serve(addrs: &[&str]) -> io::Result<()> {
     let mut threads = Vec::new();
     for addr in addrs {
         let addr: SocketAddr = addr.parse().map_err(io::Error::other)?;
-        let role = role_of(addr)
+        let role = Role::of(addr)
             .ok_or_else(|| io::Error::other(format!("{addr}: no role for this address")))?;
         let listener = TcpListener::bind(addr)?;
+        if role == Role::Answer {
+            // Short connections at a high rate: a standing pool, each thread
+            // serving one connection at a time, so the rate workload measures
+            // the gateway rather than the cost of starting a thread per
+            // connection here.
+            for _ in 0..ANSWER_THREADS {
+                let listener = listener.try_clone()?;
+                threads.push(std::thread::spawn(move || {
+                    for stream in listener.incoming().flatten() {
+                        let _ = role.serve(stream);
+                    }
+                }));
+            }
+            continue;
+        }
         threads.push(std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
-                std::thread::spawn(move || {
-                    let _ = stream.set_nodelay(true);
-                    let _ = role(stream);
-                });
+                std::thread::spawn(move || role.serve(stream));
             }
         }));
     }
@@ -123,6 +154,8 @@ fn serve(addrs: &[&str]) -> io::Result<()> {
 }
 
 fn answer(mut s: TcpStream) -> io::Result<()> {
+    // A pool thread must not wait forever on a peer that went silent.
+    s.set_read_timeout(Some(IO_TIMEOUT))?;
     read_hello(&mut s)?;
     s.write_all(&ANSWER)?;
     s.shutdown(Shutdown::Write)?;

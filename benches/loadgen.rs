@@ -9,6 +9,7 @@
 //! loadgen bulk DOWN|UP ADDR STREAMS SECONDS NAME
 //! loadgen rate ADDR CLIENTS SECONDS NAME
 //! loadgen idle ADDR COUNT SECONDS NAME
+//! loadgen relay ADDR               the reference "gateway": see [`relay`]
 //! ```
 //!
 //! Every client first sends a real ClientHello (curl's, renamed to NAME),
@@ -56,6 +57,7 @@ fn main() {
         ["rate", addr, clients, seconds, name] => {
             rate(addr.parse().unwrap(), num(clients), secs(seconds), name)
         }
+        ["relay", addr] => relay(addr.parse().unwrap()),
         ["idle", addr, count, seconds, name] => {
             idle(addr.parse().unwrap(), num(count), secs(seconds), name)
         }
@@ -287,4 +289,56 @@ fn idle(addr: SocketAddr, count: usize, time: Duration, name: &str) -> io::Resul
     io::stdout().flush()?;
     std::thread::sleep(time);
     Ok(())
+}
+
+/// The least any gateway that terminates TCP must do, as a reference for
+/// the stream workloads: accept on ADDR (behind the same iptables
+/// redirect), connect to the original destination and splice both ways
+/// through 1 MiB pipes, a blocking thread per direction. No hello is read,
+/// nothing is decided or logged. What it reaches is the ceiling for a
+/// proxy on this machine, as the kernel's own forwarding is for routing.
+fn relay(addr: SocketAddr) -> io::Result<()> {
+    let listener = TcpListener::bind(addr)?;
+    for client in listener.incoming().flatten() {
+        std::thread::spawn(move || -> io::Result<()> {
+            let dst =
+                nix::sys::socket::getsockopt(&client, nix::sys::socket::sockopt::OriginalDst)?;
+            let dst = SocketAddr::from((
+                u32::from_be(dst.sin_addr.s_addr).to_be_bytes(),
+                u16::from_be(dst.sin_port),
+            ));
+            let upstream = TcpStream::connect_timeout(&dst, IO_TIMEOUT)?;
+            let (client2, upstream2) = (client.try_clone()?, upstream.try_clone()?);
+            let up = std::thread::spawn(move || splice_until_end(&client2, &upstream2));
+            let down = splice_until_end(&upstream, &client);
+            let _ = up.join();
+            down
+        });
+    }
+    Ok(())
+}
+
+/// Moves `src` to `dst` through a pipe until end of stream, then passes the
+/// half-close on.
+fn splice_until_end(src: &TcpStream, dst: &TcpStream) -> io::Result<()> {
+    use nix::fcntl::{FcntlArg, OFlag, SpliceFFlags, fcntl, splice};
+    const PIPE: usize = 1 << 20;
+    let (pipe_out, pipe_in) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+    let _ = fcntl(&pipe_in, FcntlArg::F_SETPIPE_SZ(PIPE as i32));
+    loop {
+        let mut left = splice(src, None, &pipe_in, None, PIPE, SpliceFFlags::SPLICE_F_MOVE)?;
+        if left == 0 {
+            return dst.shutdown(Shutdown::Write);
+        }
+        while left > 0 {
+            left -= splice(
+                &pipe_out,
+                None,
+                dst,
+                None,
+                left,
+                SpliceFFlags::SPLICE_F_MOVE,
+            )?;
+        }
+    }
 }

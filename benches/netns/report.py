@@ -14,8 +14,8 @@ METRICS = [
     ("up1", "1 stream, client to server", "MiB/s", True),
     ("down8", "8 streams, server to client", "MiB/s", True),
     ("conn_per_s", "connections (hello + 1 KiB answer, 64 clients)", "conn/s", True),
-    ("ttfb_p50_ms", "time to first byte, p50", "ms", False),
-    ("ttfb_p99_ms", "time to first byte, p99", "ms", False),
+    ("ttfb_p50_ms", "time to first byte, one client, p50", "ms", False),
+    ("ttfb_p99_ms", "time to first byte, one client, p99", "ms", False),
     ("cpu_s_per_gib", "gateway CPU per GiB moved", "s", False),
     ("cpu_s_per_10k_conn", "gateway CPU per 10k connections", "s", False),
     ("kib_per_idle_conn", "gateway memory per idle connection (RSS)", "KiB", False),
@@ -23,6 +23,13 @@ METRICS = [
 # The kernel alone has no process to charge: its forwarding runs in the
 # senders' softirq context, and its memory is not in any RSS.
 NOT_ATTRIBUTABLE = {"cpu_s_per_gib", "cpu_s_per_10k_conn", "kib_per_idle_conn"}
+# Not proxies under test but limits: routing alone, and the least a proxy
+# can do (which runs only some workloads).
+REFERENCES = ("kernel", "relay")
+
+
+def measured(runs, gateway, key):
+    return key in runs[gateway] and not (gateway == "kernel" and key in NOT_ATTRIBUTABLE)
 
 
 def main():
@@ -37,18 +44,22 @@ def main():
     runs = {g: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for g, rs in rounds.items()}
     n_rounds = min(len(rs) for rs in rounds.values())
     gateways = list(runs)
-    peers = [g for g in gateways if g not in ("kernel", "portcullis")]
+    peers = [g for g in gateways if g not in REFERENCES + ("portcullis",)]
     with open(svg, "w") as out:
         out.write(chart(runs, f"Linux {kernel}, {cpu}"))
 
     def cell(gw, key):
-        if gw == "kernel" and key in NOT_ATTRIBUTABLE:
+        if not measured(runs, gw, key):
             return "n/a"
         return f"{runs[gw][key]:g}"
 
     print(f"Run on Linux {kernel}, {cpu}. Every gateway carried the same traffic in the same run;")
     print(f"each number is the median of {n_rounds} rounds that take the gateways in turn.")
-    print("Every proxy wrote one log line per connection (to /dev/null), as an audited gateway must.\n")
+    print("Every proxy wrote one log line per connection (to /dev/null), as an audited gateway must.")
+    if "relay" in runs:
+        print("relay is a bare splice relay (no parsing, policy or log): the most any proxy that")
+        print("terminates TCP can do here. It runs the stream workloads only.")
+    print()
     print("| workload | unit | " + " | ".join(gateways) + " |")
     print("|---|---|" + "---|" * len(gateways))
     for key, label, unit, _ in METRICS:
@@ -58,14 +69,14 @@ def main():
         return
     p = runs["portcullis"]
     print("\nportcullis relative to each: above 1.00 means portcullis is better.\n")
-    others = [g for g in ["kernel"] + peers if g in runs]
+    others = [g for g in list(REFERENCES) + peers if g in runs]
     print("| workload | " + " | ".join(f"vs {g}" for g in others) + " |")
     print("|---|" + "---|" * len(others))
     for key, label, _, higher in METRICS:
         cells = []
         for g in others:
-            x = runs[g][key]
-            if (g == "kernel" and key in NOT_ATTRIBUTABLE) or x == 0 or p[key] == 0:
+            x = runs[g].get(key, 0)
+            if not measured(runs, g, key) or x == 0 or p.get(key, 0) == 0:
                 cells.append("n/a")
             else:
                 cells.append(f"{(p[key] / x if higher else x / p[key]):.2f}")
@@ -74,11 +85,11 @@ def main():
         busy = [f"{g} {runs[g]['busy_pct_down1']:.0f}%" for g in gateways]
         print("\nMachine CPU busy during the single stream (client, server and gateway share it): " + ", ".join(busy) + ".")
     if "kernel" in runs:
-        added = [f"{g} +{runs[g]['ttfb_p50_ms'] - runs['kernel']['ttfb_p50_ms']:.3f} ms" for g in gateways if g != "kernel"]
+        added = [f"{g} +{runs[g]['ttfb_p50_ms'] - runs['kernel']['ttfb_p50_ms']:.3f} ms" for g in gateways if g != "kernel" and "ttfb_p50_ms" in runs[g]]
         print("\nTime to first byte added over the kernel alone (p50): " + ", ".join(added) + ".")
 
 
-COLOURS = {"kernel": "#9e9e9e", "portcullis": "#1565c0", "nginx": "#2e7d32", "haproxy": "#ef6c00", "squid": "#6a1b9a"}
+COLOURS = {"kernel": "#9e9e9e", "relay": "#bdbdbd", "portcullis": "#1565c0", "nginx": "#2e7d32", "haproxy": "#ef6c00", "squid": "#6a1b9a"}
 
 
 def chart(runs, machine):
@@ -95,7 +106,9 @@ def chart(runs, machine):
     ]
     y = 60
     for key, label, unit, higher in METRICS:
-        shown = [g for g in gateways if not (g == "kernel" and key in NOT_ATTRIBUTABLE) and runs[g][key] > 0]
+        shown = [g for g in gateways if measured(runs, g, key) and runs[g][key] > 0]
+        if not shown:
+            continue
         values = {g: runs[g][key] for g in shown}
         best = max(values.values()) if higher else min(values.values())
         parts.append(f'<text x="10" y="{y + 12}" font-weight="bold">{html.escape(label)} ({unit})</text>')

@@ -7,6 +7,10 @@
 #                                                     .11 sinks, .12 sources
 #
 #   (a) kernel    plain routing, no proxy: the limit of this machine
+#       relay     a bare splice relay (loadgen relay): no parsing, no policy,
+#                 no log; the limit for any proxy that terminates TCP.
+#                 Stream workloads only: a thread per connection says
+#                 nothing about connection rates
 #   (b) portcullis
 #   (c) nginx     stream + ssl_preread, a map of allowed names
 #   (d) haproxy   req.ssl_sni, a backend per allowed name
@@ -114,6 +118,12 @@ start_kernel() { ip netns exec $G "$repo/iptables/portcullis-iptables.sh" remove
 
 redirect() {
   ip netns exec $G env PRIVATE_CIDRS=192.0.2.0/24 PRIVATE_CIDRS6= "$repo/iptables/portcullis-iptables.sh" apply
+}
+
+start_relay() {
+  redirect
+  ip netns exec $G "$loadgen" relay 0.0.0.0:15443 2>"$work/relay.log" &
+  disown # killed with the namespace, not reported
 }
 
 start_portcullis() {
@@ -265,7 +275,7 @@ busy_since() {
   fi
 }
 
-read -r -a gateways <<<"${GATEWAYS:-kernel portcullis nginx haproxy squid}"
+read -r -a gateways <<<"${GATEWAYS:-kernel relay portcullis nginx haproxy squid}"
 # Rounds interleave the gateways (kernel, portcullis, nginx, …, then again),
 # so a noisy moment on a shared machine hits one round, not one gateway;
 # the report takes each number's median over the rounds.
@@ -281,27 +291,37 @@ for round in $(seq "$ROUNDS"); do
     up1=$(client bulk up 203.0.113.11:443 1 "$SECONDS_PER" $SINK)
     down8=$(client bulk down 203.0.113.12:443 8 "$SECONDS_PER" $SOURCE)
     cpu1=$(gateway_cpu)
-    rate=$(client rate 203.0.113.10:443 64 "$SECONDS_PER" $ANSWER)
-    cpu2=$(gateway_cpu)
-    rss0=$(gateway_rss)
-    client idle 203.0.113.11:443 "$IDLE" 3 $SINK >"$work/idle.out" &
-    idle_pid=$!
-    for _ in $(seq 100); do grep -q held= "$work/idle.out" && break; sleep 0.1; done
-    sleep 1
-    rss1=$(gateway_rss)
-    wait "$idle_pid"
     bytes=$(($(field bytes "$down1") + $(field bytes "$up1") + $(field bytes "$down8")))
-    conns=$(field connections "$rate")
-    if [ "$bytes" -le 0 ] || [ "$conns" -le 0 ] || [ "$(field held "$(cat "$work/idle.out")")" != "$IDLE" ]; then
-      echo "bench: $gw carried no traffic ($bytes bytes, $conns connections)" >&2
+    line="gateway=$gw down1=$(field mib_per_s "$down1") up1=$(field mib_per_s "$up1") down8=$(field mib_per_s "$down8")"
+    line+=" cpu_s_per_gib=$(awk -v c="$cpu1" -v c0="$cpu0" -v b="$bytes" 'BEGIN { printf "%.3f", (c - c0) / (b / 2^30) }')"
+    line+=" busy_pct_down1=$busy1"
+    if [ "$bytes" -le 0 ]; then
+      echo "bench: $gw carried no traffic" >&2
       exit 1
     fi
-    line="gateway=$gw down1=$(field mib_per_s "$down1") up1=$(field mib_per_s "$up1") down8=$(field mib_per_s "$down8")"
-    line+=" conn_per_s=$(field conn_per_s "$rate") ttfb_p50_ms=$(field ttfb_p50_ms "$rate") ttfb_p99_ms=$(field ttfb_p99_ms "$rate")"
-    line+=" cpu_s_per_gib=$(awk -v c="$cpu1" -v c0="$cpu0" -v b="$bytes" 'BEGIN { printf "%.3f", (c - c0) / (b / 2^30) }')"
-    line+=" cpu_s_per_10k_conn=$(awk -v c="$cpu2" -v c1="$cpu1" -v n="$conns" 'BEGIN { printf "%.3f", (c - c1) / (n / 10000) }')"
-    line+=" kib_per_idle_conn=$(awk -v a="$rss1" -v b="$rss0" -v n="$IDLE" 'BEGIN { printf "%.1f", (a - b) / n }')"
-    line+=" busy_pct_down1=$busy1"
+    if [ "$gw" != relay ]; then
+      rate=$(client rate 203.0.113.10:443 64 "$SECONDS_PER" $ANSWER)
+      cpu2=$(gateway_cpu)
+      # Latency is measured apart, one client at a time: at 64 clients a
+      # saturated gateway's time to first byte is only its rate restated
+      # (64 / rate), not the delay it adds to a connection.
+      lat=$(client rate 203.0.113.10:443 1 "$SECONDS_PER" $ANSWER)
+      rss0=$(gateway_rss)
+      client idle 203.0.113.11:443 "$IDLE" 3 $SINK >"$work/idle.out" &
+      idle_pid=$!
+      for _ in $(seq 100); do grep -q held= "$work/idle.out" && break; sleep 0.1; done
+      sleep 1
+      rss1=$(gateway_rss)
+      wait "$idle_pid"
+      conns=$(field connections "$rate")
+      if [ "$conns" -le 0 ] || [ "$(field held "$(cat "$work/idle.out")")" != "$IDLE" ]; then
+        echo "bench: $gw carried no traffic ($conns connections)" >&2
+        exit 1
+      fi
+      line+=" conn_per_s=$(field conn_per_s "$rate") ttfb_p50_ms=$(field ttfb_p50_ms "$lat") ttfb_p99_ms=$(field ttfb_p99_ms "$lat")"
+      line+=" cpu_s_per_10k_conn=$(awk -v c="$cpu2" -v c1="$cpu1" -v n="$conns" 'BEGIN { printf "%.3f", (c - c1) / (n / 10000) }')"
+      line+=" kib_per_idle_conn=$(awk -v a="$rss1" -v b="$rss0" -v n="$IDLE" 'BEGIN { printf "%.1f", (a - b) / n }')"
+    fi
     echo "$line" | tee -a "$raw"
     stop_gateway
   done

@@ -6,7 +6,6 @@
 
 use crate::proxy::Record;
 use crate::telemetry;
-use std::fmt::Write as _;
 use std::io::{self, BufWriter, Write};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -33,17 +32,17 @@ const LINE_CAPACITY: usize = 384;
 /// Written by hand, field by field into one presized string: it runs once
 /// per connection, and a generic serialiser took several times as long.
 /// The fields and their order are those of the README's table.
-pub fn line(rec: &Record, policy: &str, at: SystemTime) -> String {
+pub fn line(rec: &Record, policy: &str, at: SystemTime) -> Vec<u8> {
     use crate::verdict::Verdict;
     let reason = match rec.verdict {
         Verdict::Allow => None,
         Verdict::Deny(reason) => Some(reason.as_str()),
         Verdict::Error(kind) => Some(kind.as_str()),
     };
-    let mut out = Json(String::with_capacity(LINE_CAPACITY));
-    out.0.push_str("{\"ts\":\"");
+    let mut out = Json(Vec::with_capacity(LINE_CAPACITY));
+    out.0.extend_from_slice(b"{\"ts\":\"");
     rfc3339_millis(&mut out.0, at);
-    out.0.push('"');
+    out.0.push(b'"');
     out.address("src", Some(rec.src));
     out.address("dst", rec.dst.map(|d| d.0));
     out.string("proto", Some(rec.proto.as_str()));
@@ -58,46 +57,52 @@ pub fn line(rec: &Record, policy: &str, at: SystemTime) -> String {
     let duration_ms = u64::try_from(rec.duration.as_millis()).unwrap_or(u64::MAX);
     out.number("duration_ms", duration_ms);
     out.key("ech");
-    out.0.push_str(if rec.ech { "true" } else { "false" });
-    out.0.push_str("}\n");
+    let ech: &[u8] = if rec.ech { b"true" } else { b"false" };
+    out.0.extend_from_slice(ech);
+    out.0.extend_from_slice(b"}\n");
     out.0
 }
 
-/// A JSON object being written, after its first field.
-struct Json(String);
+/// A JSON object being written, as bytes: everything written is ASCII or
+/// copied whole from a `&str`, so the line is UTF-8 without a check.
+struct Json(Vec<u8>);
 
 impl Json {
     fn key(&mut self, key: &str) {
-        self.0.push_str(",\"");
-        self.0.push_str(key);
-        self.0.push_str("\":");
+        self.0.extend_from_slice(b",\"");
+        self.0.extend_from_slice(key.as_bytes());
+        self.0.extend_from_slice(b"\":");
     }
 
     /// A string value, escaped, or null.
     fn string(&mut self, key: &str, value: Option<&str>) {
         self.key(key);
         let Some(value) = value else {
-            return self.0.push_str("null");
+            return self.0.extend_from_slice(b"null");
         };
-        self.0.push('"');
+        self.0.push(b'"');
         // Names, rules and policies are plain ASCII by construction, so
         // almost always nothing needs escaping; the escaping keeps the line
-        // valid JSON whatever they hold.
-        if !value.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
-            self.0.push_str(value);
-            return self.0.push('"');
+        // valid JSON whatever they hold. Bytes of multi-byte characters are
+        // all 0x80 or above and pass through whole.
+        if !value.bytes().any(needs_escape) {
+            self.0.extend_from_slice(value.as_bytes());
+            return self.0.push(b'"');
         }
-        for c in value.chars() {
-            match c {
-                '"' => self.0.push_str("\\\""),
-                '\\' => self.0.push_str("\\\\"),
-                c if u32::from(c) < 0x20 => {
-                    let _ = write!(self.0, "\\u{:04x}", u32::from(c));
+        for b in value.bytes() {
+            match b {
+                b'"' => self.0.extend_from_slice(b"\\\""),
+                b'\\' => self.0.extend_from_slice(b"\\\\"),
+                b if b < 0x20 => {
+                    const HEX: &[u8; 16] = b"0123456789abcdef";
+                    self.0.extend_from_slice(b"\\u00");
+                    self.0.push(HEX[usize::from(b >> 4)]);
+                    self.0.push(HEX[usize::from(b & 0xf)]);
                 }
-                c => self.0.push(c),
+                b => self.0.push(b),
             }
         }
-        self.0.push('"');
+        self.0.push(b'"');
     }
 
     /// An address as `ip:port` (`[ip]:port` for IPv6), quoted, or null.
@@ -105,21 +110,21 @@ impl Json {
         self.key(key);
         match value {
             Some(SocketAddr::V4(a)) => {
-                self.0.push('"');
+                self.0.push(b'"');
                 for (i, octet) in a.ip().octets().into_iter().enumerate() {
                     if i > 0 {
-                        self.0.push('.');
+                        self.0.push(b'.');
                     }
                     digits(&mut self.0, octet.into(), 1);
                 }
-                self.0.push(':');
+                self.0.push(b':');
                 digits(&mut self.0, a.port().into(), 1);
-                self.0.push('"');
+                self.0.push(b'"');
             }
             Some(a) => {
                 let _ = write!(self.0, "\"{a}\"");
             }
-            None => self.0.push_str("null"),
+            None => self.0.extend_from_slice(b"null"),
         }
     }
 
@@ -129,9 +134,13 @@ impl Json {
     }
 }
 
+fn needs_escape(b: u8) -> bool {
+    b < 0x20 || b == b'"' || b == b'\\'
+}
+
 /// `n` in decimal, zero-padded to at least `width` digits. The formatting
 /// machinery costs more than the digits for the dozen numbers of a line.
-fn digits(out: &mut String, mut n: u64, width: usize) {
+fn digits(out: &mut Vec<u8>, mut n: u64, width: usize) {
     let mut buf = [b'0'; 20];
     let mut at = buf.len();
     while n > 0 || buf.len() - at < width.max(1) {
@@ -139,12 +148,11 @@ fn digits(out: &mut String, mut n: u64, width: usize) {
         buf[at] = b'0' + (n % 10) as u8;
         n /= 10;
     }
-    // Only ASCII digits were written.
-    out.push_str(std::str::from_utf8(&buf[at..]).unwrap_or_default());
+    out.extend_from_slice(&buf[at..]);
 }
 
 /// `at` as RFC 3339 in UTC with milliseconds: `2026-11-26T08:36:49.512Z`.
-fn rfc3339_millis(out: &mut String, at: SystemTime) {
+fn rfc3339_millis(out: &mut Vec<u8>, at: SystemTime) {
     let since = at
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap_or_default();
@@ -152,13 +160,13 @@ fn rfc3339_millis(out: &mut String, at: SystemTime) {
     let (days, of_day) = (secs / 86_400, secs % 86_400);
     let (year, month, day) = civil_from_days(days);
     let parts = [
-        (year, 4, '-'),
-        (month, 2, '-'),
-        (day, 2, 'T'),
-        (of_day / 3600, 2, ':'),
-        (of_day / 60 % 60, 2, ':'),
-        (of_day % 60, 2, '.'),
-        (since.subsec_millis().into(), 3, 'Z'),
+        (year, 4, b'-'),
+        (month, 2, b'-'),
+        (day, 2, b'T'),
+        (of_day / 3600, 2, b':'),
+        (of_day / 60 % 60, 2, b':'),
+        (of_day % 60, 2, b'.'),
+        (since.subsec_millis().into(), 3, b'Z'),
     ];
     for (value, width, then) in parts {
         digits(out, value, width);
@@ -183,7 +191,7 @@ fn civil_from_days(days: u64) -> (u64, u64, u64) {
 }
 
 enum Message {
-    Line(String),
+    Line(Vec<u8>),
     /// Answered once everything queued before it is written.
     Flush(mpsc::Sender<()>),
 }
@@ -212,7 +220,7 @@ impl AuditLog {
     }
 
     /// Queues a record without ever waiting; a full queue drops it.
-    pub fn record(&self, line: String) {
+    pub fn record(&self, line: Vec<u8>) {
         if self.queue.try_send(Message::Line(line)).is_err() {
             count_dropped(&self.dropped);
         }
@@ -270,7 +278,7 @@ impl<W: Write> Writer<W> {
             let mut next = Some(first);
             while let Some(message) = next {
                 match message {
-                    Message::Line(line) => self.write(line.as_bytes()),
+                    Message::Line(line) => self.write(&line),
                     Message::Flush(done) => flushes.push(done),
                 }
                 next = received.try_recv().ok();
@@ -323,6 +331,11 @@ mod tests {
     use crate::verdict::{ErrorKind, Proto, Reason, Verdict};
     use std::sync::Mutex;
 
+    /// The line as text; it must be UTF-8.
+    fn text(rec: &Record, policy: &str, at: SystemTime) -> String {
+        String::from_utf8(line(rec, policy, at)).unwrap()
+    }
+
     fn record(verdict: Verdict) -> Record {
         let mut rec = Record::new(
             "192.0.2.10:40000".parse().unwrap(),
@@ -347,7 +360,7 @@ mod tests {
     #[test]
     fn a_record_is_one_json_line_with_every_field() {
         let at = SystemTime::UNIX_EPOCH + Duration::from_millis(1_790_000_000_123);
-        let text = line(&record(Verdict::Allow), "build-agents", at);
+        let text = text(&record(Verdict::Allow), "build-agents", at);
         assert!(text.ends_with('\n') && text.matches('\n').count() == 1);
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
         assert_eq!(
@@ -376,7 +389,7 @@ mod tests {
         let mut rec = record(Verdict::Deny(Reason::NotListed));
         rec.rule = None;
         let v: serde_json::Value =
-            serde_json::from_str(&line(&rec, "default", SystemTime::UNIX_EPOCH)).unwrap();
+            serde_json::from_str(&text(&rec, "default", SystemTime::UNIX_EPOCH)).unwrap();
         assert_eq!(v["verdict"], "deny");
         assert_eq!(v["reason"], "not_listed");
         assert_eq!(v["rule"], serde_json::Value::Null);
@@ -385,7 +398,7 @@ mod tests {
         rec.dst = None;
         rec.name = None;
         let v: serde_json::Value =
-            serde_json::from_str(&line(&rec, "default", SystemTime::UNIX_EPOCH)).unwrap();
+            serde_json::from_str(&text(&rec, "default", SystemTime::UNIX_EPOCH)).unwrap();
         assert_eq!(
             (v["verdict"].as_str(), v["reason"].as_str()),
             (Some("error"), Some("connect_refused"))
@@ -397,7 +410,7 @@ mod tests {
         rec.rule = None;
         rec.would_deny = Some(Reason::NotListed);
         let v: serde_json::Value =
-            serde_json::from_str(&line(&rec, "default", SystemTime::UNIX_EPOCH)).unwrap();
+            serde_json::from_str(&text(&rec, "default", SystemTime::UNIX_EPOCH)).unwrap();
         assert_eq!(
             (v["verdict"].as_str(), v["would_deny"].as_str()),
             (Some("allow"), Some("not_listed"))
@@ -417,9 +430,10 @@ mod tests {
             times.push(SystemTime::UNIX_EPOCH + Duration::from_millis(ms));
         }
         for at in times {
-            let mut ours = String::new();
+            let mut ours = Vec::new();
             rfc3339_millis(&mut ours, at);
-            assert_eq!(ours, humantime::format_rfc3339_millis(at).to_string());
+            let theirs = humantime::format_rfc3339_millis(at).to_string();
+            assert_eq!(ours, theirs.as_bytes());
         }
     }
 
@@ -428,7 +442,7 @@ mod tests {
         let odd = "q\"b\\n\n\u{1}\u{7f}é\u{2028}";
         let mut rec = record(Verdict::Allow);
         rec.rule = Some(odd.into());
-        let text = line(&rec, odd, SystemTime::UNIX_EPOCH);
+        let text = text(&rec, odd, SystemTime::UNIX_EPOCH);
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
         assert_eq!(
             (v["rule"].as_str(), v["policy"].as_str()),
@@ -465,14 +479,14 @@ mod tests {
         let out = Stalled::default();
         let held = out.gate.lock().unwrap();
         let log = AuditLog::spawn(out.clone(), 4).unwrap();
-        log.record("first\n".into());
+        log.record(b"first\n".to_vec());
         while !out.reached.load(Ordering::SeqCst) {
             std::thread::sleep(Duration::from_millis(1));
         }
         // The writer is stuck in the output: four more fit in the queue.
         let start = Instant::now();
         for i in 0..100 {
-            log.record(format!("{i}\n"));
+            log.record(format!("{i}\n").into_bytes());
         }
         assert!(
             start.elapsed() < Duration::from_secs(1),
@@ -491,7 +505,7 @@ mod tests {
         let log = AuditLog::spawn(out.clone(), 1024).unwrap();
         let mut expected = String::new();
         for i in 0..500 {
-            log.record(format!("{i}\n"));
+            log.record(format!("{i}\n").into_bytes());
             expected.push_str(&format!("{i}\n"));
         }
         assert!(log.flush(Duration::from_secs(5)));

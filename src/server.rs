@@ -259,10 +259,14 @@ async fn accept_loop(
 ) {
     let mut refused = Throttled::default();
     let mut accept_errors = Throttled::default();
+    // One wait for the stop signal across every accept, rather than a
+    // new one registered and dropped per connection.
+    let stopped = stop.changed();
+    tokio::pin!(stopped);
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
-            _ = stop.changed() => return,
+            _ = &mut stopped => return,
         };
         match accepted {
             Ok((stream, peer)) => {
@@ -275,10 +279,13 @@ async fn accept_loop(
                     continue;
                 };
                 let ctx = ctx.clone();
-                tokio::spawn(async move {
+                // Boxed, so the task holds a pointer: tokio moves a task's
+                // future by value several times as it spawns and finishes
+                // it, and a connection's state is about 1.7 KiB to copy.
+                tokio::spawn(Box::pin(async move {
                     proxy::serve(stream, peer, proto, &ctx).await;
                     drop(permit);
-                });
+                }));
             }
             Err(e) => {
                 telemetry::accept_error();

@@ -18,11 +18,13 @@ METRICS = [
     ("ttfb_p99_ms", "time to first byte, one client, p99", "ms", False),
     ("cpu_s_per_gib", "gateway CPU per GiB moved", "s", False),
     ("cpu_s_per_10k_conn", "gateway CPU per 10k connections", "s", False),
+    ("user_cpu_s_per_10k_conn", "of which in user space (the proxy's own code)", "s", False),
+    ("packets_per_conn", "packets through the gateway per connection", "count", False),
     ("kib_per_idle_conn", "gateway memory per idle connection (RSS)", "KiB", False),
 ]
 # The kernel alone has no process to charge: its forwarding runs in the
 # senders' softirq context, and its memory is not in any RSS.
-NOT_ATTRIBUTABLE = {"cpu_s_per_gib", "cpu_s_per_10k_conn", "kib_per_idle_conn"}
+NOT_ATTRIBUTABLE = {"cpu_s_per_gib", "cpu_s_per_10k_conn", "user_cpu_s_per_10k_conn", "kib_per_idle_conn"}
 # Not proxies under test but limits: routing alone, and the least a proxy
 # can do (which runs only some workloads).
 REFERENCES = ("kernel", "relay")

@@ -96,6 +96,20 @@ gateway_cpu() {
   done
   awk -v t="$total" -v hz="$(getconf CLK_TCK)" 'BEGIN { printf "%.3f", t / hz }'
 }
+# Of that, the part spent in user space: the proxies' own code. The rest
+# (the kernel's TCP, conntrack and NAT) is much the same for each.
+gateway_user_cpu() {
+  local total=0 pid ticks
+  for pid in $(ip netns pids $G); do
+    ticks=$(awk '{print $14}' "/proc/$pid/stat" 2>/dev/null || echo 0)
+    total=$((total + ticks))
+  done
+  awk -v t="$total" -v hz="$(getconf CLK_TCK)" 'BEGIN { printf "%.3f", t / hz }'
+}
+# Packets received and sent on the gateway's two links so far.
+gateway_packets() {
+  ip netns exec $G cat /proc/net/dev | awk 'NR > 2 && $1 != "lo:" { n += $3 + $11 } END { print n }'
+}
 # Gateway resident memory in KiB, all its processes.
 gateway_rss() {
   local total=0 pid kib
@@ -300,8 +314,12 @@ for round in $(seq "$ROUNDS"); do
       exit 1
     fi
     if [ "$gw" != relay ]; then
+      user1=$(gateway_user_cpu)
+      packets1=$(gateway_packets)
       rate=$(client rate 203.0.113.10:443 64 "$SECONDS_PER" $ANSWER)
       cpu2=$(gateway_cpu)
+      user2=$(gateway_user_cpu)
+      packets2=$(gateway_packets)
       # Latency is measured apart, one client at a time: at 64 clients a
       # saturated gateway's time to first byte is only its rate restated
       # (64 / rate), not the delay it adds to a connection.
@@ -320,6 +338,8 @@ for round in $(seq "$ROUNDS"); do
       fi
       line+=" conn_per_s=$(field conn_per_s "$rate") ttfb_p50_ms=$(field ttfb_p50_ms "$lat") ttfb_p99_ms=$(field ttfb_p99_ms "$lat")"
       line+=" cpu_s_per_10k_conn=$(awk -v c="$cpu2" -v c1="$cpu1" -v n="$conns" 'BEGIN { printf "%.3f", (c - c1) / (n / 10000) }')"
+      line+=" user_cpu_s_per_10k_conn=$(awk -v c="$user2" -v c1="$user1" -v n="$conns" 'BEGIN { printf "%.3f", (c - c1) / (n / 10000) }')"
+      line+=" packets_per_conn=$(awk -v p="$packets2" -v p1="$packets1" -v n="$conns" 'BEGIN { printf "%.1f", (p - p1) / n }')"
       line+=" kib_per_idle_conn=$(awk -v a="$rss1" -v b="$rss0" -v n="$IDLE" 'BEGIN { printf "%.1f", (a - b) / n }')"
     fi
     echo "$line" | tee -a "$raw"

@@ -43,7 +43,7 @@ pub(super) async fn serve(
 ) -> Verdict {
     let limits = ctx.limits;
     let mut from_client = Inbound::new(client);
-    let deadline = Instant::now() + limits.hello_timeout;
+    let deadline = rec.accepted + limits.hello_timeout;
     let first = match read_request(&mut from_client, limits, deadline).await {
         Ok(Some(head)) => head,
         Ok(None) => return Verdict::Error(ErrorKind::ClientClosed),

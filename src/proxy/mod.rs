@@ -167,7 +167,7 @@ async fn connect(
     rec: &mut Record,
 ) -> Result<TcpStream, ErrorKind> {
     let start = Instant::now();
-    match tokio::time::timeout(timeout, TcpStream::connect(dst.0)).await {
+    match tokio::time::timeout_at(start + timeout, TcpStream::connect(dst.0)).await {
         Ok(Ok(stream)) => {
             rec.connect = Some(start.elapsed());
             let _ = stream.set_nodelay(true);

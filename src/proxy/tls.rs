@@ -9,7 +9,6 @@ use crate::net::forward::{forward_both, write_all};
 use crate::net::orig_dst::OrigDst;
 use crate::verdict::{ErrorKind, Reason, Verdict};
 use tokio::net::TcpStream;
-use tokio::time::Instant;
 
 pub(super) async fn serve(
     client: &TcpStream,
@@ -18,7 +17,7 @@ pub(super) async fn serve(
     rec: &mut Record,
 ) -> Verdict {
     let limits = ctx.limits;
-    let deadline = Instant::now() + limits.hello_timeout;
+    let deadline = rec.accepted + limits.hello_timeout;
     let cap = limits.max_hello_bytes;
     let mut inbound = Inbound::new(client);
     let parse = |buf: &[u8]| parse_client_hello(buf, cap);

@@ -294,9 +294,11 @@ fn idle(addr: SocketAddr, count: usize, time: Duration, name: &str) -> io::Resul
 /// The least any gateway that terminates TCP must do, as a reference for
 /// the stream workloads: accept on ADDR (behind the same iptables
 /// redirect), connect to the original destination and splice both ways
-/// through 1 MiB pipes, a blocking thread per direction. No hello is read,
-/// nothing is decided or logged. What it reaches is the ceiling for a
-/// proxy on this machine, as the kernel's own forwarding is for routing.
+/// through 1 MiB pipes, a blocking thread per direction (IPv4, as the
+/// benchmark's traffic is). No hello is read, nothing is decided or
+/// logged: what it reaches is what a proxy reaches on this machine once
+/// everything but moving the bytes is taken away, as the kernel's own
+/// forwarding is the limit for routing.
 fn relay(addr: SocketAddr) -> io::Result<()> {
     let listener = TcpListener::bind(addr)?;
     for client in listener.incoming().flatten() {

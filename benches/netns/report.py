@@ -59,8 +59,8 @@ def main():
     print(f"each number is the median of {n_rounds} rounds that take the gateways in turn.")
     print("Every proxy wrote one log line per connection (to /dev/null), as an audited gateway must.")
     if "relay" in runs:
-        print("relay is a bare splice relay (no parsing, policy or log): the most any proxy that")
-        print("terminates TCP can do here. It runs the stream workloads only.")
+        print("relay is a bare splice relay (no parsing, policy or log): what a proxy that does")
+        print("nothing but move the bytes reaches here. It runs the stream workloads only.")
     print()
     print("| workload | unit | " + " | ".join(gateways) + " |")
     print("|---|---|" + "---|" * len(gateways))

@@ -87,21 +87,14 @@ disown # killed with the namespace, not reported
 ANSWER=answer.bench.example SINK=sink.bench.example SOURCE=source.bench.example
 printf '.bench.example\n' >"$work/allowlist.txt"
 
-# Gateway CPU seconds so far: every process in the gateway namespace.
+# Gateway CPU seconds so far, over every process in the gateway namespace;
+# `gateway_cpu user` only the part in user space: the proxies' own code.
+# The rest (the kernel's TCP, conntrack and NAT) is much the same for each.
 gateway_cpu() {
-  local total=0 pid ticks
+  local user_only=0 total=0 pid ticks
+  [ "${1:-}" = user ] && user_only=1
   for pid in $(ip netns pids $G); do
-    ticks=$(awk '{print $14 + $15}' "/proc/$pid/stat" 2>/dev/null || echo 0)
-    total=$((total + ticks))
-  done
-  awk -v t="$total" -v hz="$(getconf CLK_TCK)" 'BEGIN { printf "%.3f", t / hz }'
-}
-# Of that, the part spent in user space: the proxies' own code. The rest
-# (the kernel's TCP, conntrack and NAT) is much the same for each.
-gateway_user_cpu() {
-  local total=0 pid ticks
-  for pid in $(ip netns pids $G); do
-    ticks=$(awk '{print $14}' "/proc/$pid/stat" 2>/dev/null || echo 0)
+    ticks=$(awk -v u=$user_only '{print u ? $14 : $14 + $15}' "/proc/$pid/stat" 2>/dev/null || echo 0)
     total=$((total + ticks))
   done
   awk -v t="$total" -v hz="$(getconf CLK_TCK)" 'BEGIN { printf "%.3f", t / hz }'
@@ -314,11 +307,11 @@ for round in $(seq "$ROUNDS"); do
       exit 1
     fi
     if [ "$gw" != relay ]; then
-      user1=$(gateway_user_cpu)
+      user1=$(gateway_cpu user)
       packets1=$(gateway_packets)
       rate=$(client rate 203.0.113.10:443 64 "$SECONDS_PER" $ANSWER)
       cpu2=$(gateway_cpu)
-      user2=$(gateway_user_cpu)
+      user2=$(gateway_cpu user)
       packets2=$(gateway_packets)
       # Latency is measured apart, one client at a time: at 64 clients a
       # saturated gateway's time to first byte is only its rate restated

@@ -36,7 +36,7 @@ macro_rules! key {
 /// the policy that decided it, `at` when it ended. `reason` is the refusal
 /// reason for a deny and the error kind for an error.
 ///
-/// Written by hand, field by field into one presized string: it runs once
+/// Written by hand, field by field into one presized buffer: it runs once
 /// per connection, and a generic serialiser took several times as long.
 /// The fields and their order are those of the README's table.
 pub fn line(rec: &Record, policy: &str, at: SystemTime) -> Vec<u8> {

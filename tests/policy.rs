@@ -317,10 +317,16 @@ fn with_verify_dst_an_allowed_name_reaches_only_its_own_addresses() {
     wait_until("three spoofed audit lines", Duration::from_secs(5), || {
         audited(&t, "spoofed").len() == 3
     });
-    // The name matched an entry, but no entry admitted the connection.
+    // The name matched an entry, but no entry admitted the connection:
+    // no rule in the audit, no hit on it. One TLS connection and one HTTP
+    // request were admitted.
     for line in audited(&t, "spoofed") {
         assert!(line["rule"].is_null(), "{line}");
     }
+    assert!(metric(
+        &t,
+        r#"portcullis_rule_hits_total{policy="default",rule=".example.test"} 2"#
+    ));
     assert!(metric(
         &t,
         r#"portcullis_denied_total{policy="default",proto="tls",reason="spoofed"} 2"#

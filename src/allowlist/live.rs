@@ -19,10 +19,18 @@ pub struct ReloadStats {
 }
 
 /// One rule as written (normalised) and how many connections it admitted.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Rule {
     pub text: Arc<str>,
     pub hits: Arc<AtomicU64>,
+}
+
+impl Rule {
+    /// Counts an admission by this rule; the rule as written.
+    pub fn admitted(&self) -> Arc<str> {
+        self.hits.fetch_add(1, Ordering::Relaxed);
+        self.text.clone()
+    }
 }
 
 /// A list with what belongs to it: its version and its rules' hit counts.
@@ -72,10 +80,14 @@ impl InForce {
 
     /// The rule that allows `name` (normalised), counting the hit.
     pub fn admit(&self, name: &str) -> Option<Arc<str>> {
+        self.rule_for(name).map(Rule::admitted)
+    }
+
+    /// The rule that allows `name` (normalised), not yet counted: for an
+    /// admission that still depends on another check.
+    pub fn rule_for(&self, name: &str) -> Option<&Rule> {
         let entry = self.list.lookup_index(name)?;
-        let rule = &self.rules[self.rule_of_entry[entry] as usize];
-        rule.hits.fetch_add(1, Ordering::Relaxed);
-        Some(rule.text.clone())
+        Some(&self.rules[self.rule_of_entry[entry] as usize])
     }
 
     /// Distinct rules in list order, with their hit counters.

@@ -43,9 +43,10 @@ impl Context {
     }
 
     /// The rule that admits `name` to `dst`: the entry of `policy`'s list
-    /// that allows it, as written in the list (counted as a hit on it),
-    /// once `--verify-dst` agrees that `name` lives at `dst`. Only an
-    /// allowed name is resolved, so a refused one never waits for DNS.
+    /// that allows it, as written in the list, once `--verify-dst` agrees
+    /// that `name` lives at `dst`. Only then is it counted as the rule's
+    /// hit. Only an allowed name is resolved, so a refused one never waits
+    /// for DNS.
     async fn admit(
         &self,
         policy: PolicyId,
@@ -53,13 +54,17 @@ impl Context {
         dst: IpAddr,
     ) -> Result<Arc<str>, Reason> {
         let in_force = self.policies.in_force(policy).ok_or(Reason::NoList)?;
-        let rule = in_force.admit(name.as_str()).ok_or(Reason::NotListed)?;
-        if let Some(verifier) = &self.verifier {
-            // Boxed: a lookup's state is about 2 KiB, and inline it would
-            // size every connection's task, with --verify-dst off too.
-            Box::pin(verifier.verify(name, dst)).await?;
-        }
-        Ok(rule)
+        let rule = in_force.rule_for(name.as_str()).ok_or(Reason::NotListed)?;
+        let Some(verifier) = &self.verifier else {
+            return Ok(rule.admitted());
+        };
+        // The list snapshot is not held across the lookup.
+        let rule = rule.clone();
+        drop(in_force);
+        // Boxed: a lookup's state is about 2 KiB, and inline it would size
+        // every connection's task, with --verify-dst off too.
+        Box::pin(verifier.verify(name, dst)).await?;
+        Ok(rule.admitted())
     }
 }
 

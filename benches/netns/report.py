@@ -25,8 +25,8 @@ METRICS = [
 # The kernel alone has no process to charge: its forwarding runs in the
 # senders' softirq context, and its memory is not in any RSS.
 NOT_ATTRIBUTABLE = {"cpu_s_per_gib", "cpu_s_per_10k_conn", "user_cpu_s_per_10k_conn", "kib_per_idle_conn"}
-# Not proxies under test but limits: routing alone, and the least a proxy
-# can do (which runs only some workloads).
+# Not proxies under test but references: routing alone, and a proxy that
+# only moves the bytes (which runs only the stream workloads).
 REFERENCES = ("kernel", "relay")
 
 

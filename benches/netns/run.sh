@@ -8,7 +8,7 @@
 #
 #   (a) kernel    plain routing, no proxy: the limit of this machine
 #       relay     a bare splice relay (loadgen relay): no parsing, no policy,
-#                 no log; the limit for any proxy that terminates TCP.
+#                 no log; what a proxy that only moves the bytes reaches.
 #                 Stream workloads only: a thread per connection says
 #                 nothing about connection rates
 #   (b) portcullis

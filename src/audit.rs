@@ -63,7 +63,7 @@ pub fn line(rec: &Record, policy: &str, at: SystemTime) -> Vec<u8> {
     out.number(key!("bytes_down"), rec.moved.down);
     let duration_ms = u64::try_from(rec.duration.as_millis()).unwrap_or(u64::MAX);
     out.number(key!("duration_ms"), duration_ms);
-    out.0.extend_from_slice(key!("ech").as_bytes());
+    out.key(key!("ech"));
     let ech: &[u8] = if rec.ech { b"true" } else { b"false" };
     out.0.extend_from_slice(ech);
     out.0.extend_from_slice(b"}\n");

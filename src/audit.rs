@@ -52,6 +52,7 @@ pub fn line(rec: &Record, policy: &str, at: SystemTime) -> Vec<u8> {
     out.0.push(b'"');
     out.address(key!("src"), Some(rec.src));
     out.address(key!("dst"), rec.dst.map(|d| d.0));
+    out.address(key!("upstream"), rec.upstream);
     out.string(key!("proto"), Some(rec.proto.as_str()));
     out.string(key!("name"), rec.name.as_ref().map(|n| n.as_str()));
     out.string(key!("verdict"), Some(rec.verdict.as_str()));
@@ -351,6 +352,7 @@ mod tests {
         rec.dst = Some(crate::net::orig_dst::OrigDst(
             "[2001:db8:3::20]:443".parse().unwrap(),
         ));
+        rec.upstream = Some("[2001:db8:3::10]:443".parse().unwrap());
         rec.name = Some(HostName::from_wire(b"www.example.test").unwrap());
         rec.rule = Some(".example.test".into());
         rec.ech = true;
@@ -375,6 +377,7 @@ mod tests {
                 "ts": "2026-09-21T14:13:20.123Z",
                 "src": "192.0.2.10:40000",
                 "dst": "[2001:db8:3::20]:443",
+                "upstream": "[2001:db8:3::10]:443",
                 "proto": "tls",
                 "name": "www.example.test",
                 "verdict": "allow",

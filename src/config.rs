@@ -58,13 +58,22 @@ fn blocks<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<toml::Spanned<Ci
     Ok(blocks)
 }
 
-/// `--verify-dst`: whether original destinations are checked against DNS.
+/// `--verify-dst`: what an admitted name's DNS says about where its bytes
+/// may go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum VerifyDst {
+    /// To the original destination when it is one of the name's
+    /// addresses, else to one of the name's own addresses: a spoofed
+    /// destination is never contacted, and DNS rotation never refuses.
     #[default]
-    Off,
+    Pin,
+    /// Refuse when the original destination is not one of the name's
+    /// addresses.
     Dns,
+    /// Trust the client's destination: any host can send bytes anywhere
+    /// by naming an allowed host.
+    Off,
 }
 
 /// Whether policy refusals are carried out.

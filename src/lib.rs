@@ -15,15 +15,20 @@
 //! - [`audit`]: the JSON audit log on stdout, behind a bounded queue.
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, on their own thread.
 //! - [`discover`]: audit logs → a proposed allowlist.
-//! - [`verify`]: `--verify-dst dns`, original destinations checked against DNS.
+//! - [`decide`]: the one decision of both ports, as a pure function.
+//! - [`dns`]: admitted names' addresses: a coalescing, bounded TTL cache.
+//! - [`guard`]: destinations never contacted (loopback, link-local, own).
 
 pub mod admin;
 pub mod allowlist;
 pub mod audit;
 pub mod config;
+pub mod decide;
 pub mod detect;
 pub mod discover;
+pub mod dns;
 pub mod drain;
+pub mod guard;
 pub mod name;
 pub mod net;
 pub mod policy;
@@ -31,4 +36,3 @@ pub mod proxy;
 pub mod server;
 pub mod telemetry;
 pub mod verdict;
-pub mod verify;

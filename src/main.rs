@@ -112,7 +112,7 @@ struct RunArgs {
     /// With --mode monitor: enforce from this date (midnight UTC) or RFC 3339 time on [never]
     #[arg(long, value_parser = parse_time)]
     monitor_until: Option<SystemTime>,
-    /// dns: forward an allowed name only to an address it resolves to (system resolver, /etc/hosts) [off]
+    /// pin: an allowed name goes only to its own addresses (the dialled one if it is one, else one it resolves to); dns: refuse a dialled address the name does not resolve to; off: trust the client's address [pin]
     #[arg(long, value_enum)]
     verify_dst: Option<VerifyDst>,
 }

@@ -10,7 +10,8 @@ use crate::policy::{Policies, Policy};
 use crate::proxy::{self, Context};
 use crate::telemetry::{self, Exporter};
 use crate::verdict::Proto;
-use crate::verify::Verifier;
+use crate::dns::Resolver;
+use crate::guard::Guard;
 use std::io;
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::sync::Arc;
@@ -38,8 +39,10 @@ pub enum ServerError {
     Admin { addr: SocketAddr, source: io::Error },
     #[error("cannot install signal handlers: {0}")]
     Signals(io::Error),
-    #[error("--verify-dst dns: cannot read the system's resolver configuration: {0}")]
+    #[error("--verify-dst: cannot read the system's resolver configuration: {0}")]
     Resolver(hickory_resolver::ResolveError),
+    #[error("cannot read the host's own addresses: {0}")]
+    Interfaces(io::Error),
     #[error("cannot start a connection worker: {0}")]
     Worker(io::Error),
     #[error("cannot start the audit log writer: {0}")]
@@ -89,17 +92,24 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         source,
     })?;
 
+    let guard = Arc::new(Guard::from_host().map_err(ServerError::Interfaces)?);
+    tokio::spawn(refresh_own_addresses(guard.clone()));
     let ctx = Arc::new(Context {
         policies: policies.clone(),
         limits: config.limits,
         audit: audit.clone(),
         mode: config.mode,
-        verifier: match config.verify_dst {
+        verify: config.verify_dst,
+        resolver: match config.verify_dst {
             VerifyDst::Off => None,
-            VerifyDst::Dns => Some(Verifier::from_system().map_err(ServerError::Resolver)?),
+            VerifyDst::Pin | VerifyDst::Dns => {
+                Some(Resolver::from_system().map_err(ServerError::Resolver)?)
+            }
         },
+        guard: guard.clone(),
     });
     announce_mode(config.mode);
+    announce_verify(config.verify_dst);
     let limit = Arc::new(Semaphore::new(config.max_connections));
     let (stop_tx, stop_rx) = watch::channel(false);
     for (worker, listeners) in listeners.into_iter().enumerate() {
@@ -150,6 +160,29 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
 
 /// Logs and exports the mode, and in monitor mode with an end, the switch
 /// to enforce mode when it comes (connections check the time themselves).
+/// How often the host's own addresses, never to be connected to, are read
+/// again (an interface attached, an address renewed).
+const OWN_ADDRESSES_EVERY: Duration = Duration::from_secs(5);
+
+async fn refresh_own_addresses(guard: Arc<Guard>) {
+    let mut every = tokio::time::interval(OWN_ADDRESSES_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        if let Err(e) = guard.refresh() {
+            tracing::warn!("cannot read the host's own addresses, keeping the last ones: {e}");
+        }
+    }
+}
+
+fn announce_verify(verify: VerifyDst) {
+    if verify == VerifyDst::Off {
+        tracing::warn!(
+            "--verify-dst off: any client can send bytes to any address on the proxied ports by naming an allowed host (curl --resolve allowed.example:443:ANY-ADDRESS); use pin, the default"
+        );
+    }
+}
+
 fn announce_mode(mode: Mode) {
     let now = SystemTime::now();
     telemetry::set_enforcing(mode.enforcing_at(now));

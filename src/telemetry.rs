@@ -11,6 +11,7 @@
 //! scrape time, so a rule dropped by a reload stops being exported at once.
 
 use crate::allowlist::Live;
+use crate::dns::LookupResult;
 use crate::policy::{Policies, PolicyName};
 use crate::proxy::Record;
 use crate::verdict::{ErrorKind, Proto, Reason, Verdict};
@@ -40,6 +41,9 @@ pub const LIST_RELOADS: &str = "portcullis_allowlist_reloads_total";
 pub const LIST_LAST_SUCCESS: &str = "portcullis_allowlist_last_success_timestamp_seconds";
 pub const LIST_INFO: &str = "portcullis_allowlist_info";
 pub const RULE_HITS: &str = "portcullis_rule_hits_total";
+pub const REPINNED: &str = "portcullis_repinned_total";
+pub const DNS_LOOKUPS: &str = "portcullis_dns_lookups_total";
+pub const DNS_CACHE_HITS: &str = "portcullis_dns_cache_hits_total";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -203,6 +207,24 @@ pub const FAMILIES: &[Family] = &[
         &["policy", "rule"],
         "Admissions per policy and allowlist entry (a TLS connection, or an HTTP request); entries no longer in the list are not exported.",
     ),
+    family(
+        REPINNED,
+        Kind::Counter,
+        &["proto"],
+        "--verify-dst pin: connections sent to one of the name's own addresses instead of the address the client dialled.",
+    ),
+    family(
+        DNS_LOOKUPS,
+        Kind::Counter,
+        &["result"],
+        "Queries the gateway sent for admitted names (A and AAAA), by result: ok, nxdomain, no_addresses, error, timeout.",
+    ),
+    family(
+        DNS_CACHE_HITS,
+        Kind::Counter,
+        &[],
+        "Admitted names answered from the gateway's DNS cache (addresses or a recent failure) without a query.",
+    ),
 ];
 
 /// Seconds, for the phases of a connection before data flows.
@@ -311,6 +333,11 @@ struct Handles {
     decisions: Vec<[Decisions; 2]>,
     /// By [`ErrorKind`]; only the upstream kinds have a series.
     upstream_errors: [Option<Counter>; ErrorKind::ALL.len()],
+    /// By [`Proto`].
+    repinned: [Counter; 2],
+    /// By [`LookupResult::index`].
+    dns_lookups: [Counter; LookupResult::ALL.len()],
+    dns_cache_hits: Counter,
 }
 
 struct ProtoSeries {
@@ -396,6 +423,14 @@ impl Handles {
         for counter in upstream_errors.iter().flatten() {
             counter.increment(0);
         }
+        let repinned = Proto::ALL.map(|p| metrics::counter!(REPINNED, "proto" => p.as_str()));
+        let dns_lookups =
+            LookupResult::ALL.map(|r| metrics::counter!(DNS_LOOKUPS, "result" => r.as_str()));
+        let dns_cache_hits = metrics::counter!(DNS_CACHE_HITS);
+        for counter in repinned.iter().chain(&dns_lookups) {
+            counter.increment(0);
+        }
+        dns_cache_hits.increment(0);
         metrics::counter!(ACCEPT_ERRORS).increment(0);
         metrics::counter!(LIMIT_REJECTIONS).increment(0);
         metrics::counter!(AUDIT_DROPPED).increment(0);
@@ -404,6 +439,9 @@ impl Handles {
             by_proto,
             decisions,
             upstream_errors,
+            repinned,
+            dns_lookups,
+            dns_cache_hits,
         }
     }
 
@@ -438,6 +476,11 @@ pub fn connection_ended(rec: &Record) {
     {
         counter.increment(1);
     }
+    if let (Some(upstream), Some(dst)) = (rec.upstream, rec.dst)
+        && upstream != dst.0
+    {
+        handles.repinned[rec.proto as usize].increment(1);
+    }
     series.bytes_upstream.increment(rec.moved.up);
     series.bytes_downstream.increment(rec.moved.down);
     if let Some(hello) = rec.hello {
@@ -447,6 +490,20 @@ pub fn connection_ended(rec: &Record) {
         series.connect.record(connect);
     }
     series.duration[verdict].record(rec.duration);
+}
+
+/// Counts a query the gateway sent to its resolver.
+pub fn dns_lookup(result: LookupResult) {
+    if let Some(handles) = HANDLES.get() {
+        handles.dns_lookups[result.index()].increment(1);
+    }
+}
+
+/// Counts a name answered from the DNS cache.
+pub fn dns_cache_hit() {
+    if let Some(handles) = HANDLES.get() {
+        handles.dns_cache_hits.increment(1);
+    }
 }
 
 /// Counts a connection being served for as long as it lives.

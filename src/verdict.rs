@@ -28,13 +28,20 @@ pub enum Reason {
     Method,
     /// The ClientHello's highest version is below `--min-tls`.
     TlsVersion,
-    /// `--verify-dst dns`: the original destination is not an address the
-    /// name resolves to (or the name does not resolve).
+    /// The destination is not an address the name resolves to: with
+    /// `--verify-dst dns`, the original destination; with `pin`, the
+    /// upstream a kept-alive HTTP connection has, for a later request.
     Spoofed,
+    /// `--verify-dst dns` or `pin`: the allowed name has no address
+    /// (NXDOMAIN, no records, a failed or timed-out lookup).
+    Unresolvable,
+    /// The destination is one the gateway never reaches, in any mode
+    /// (loopback, link-local, multicast, its own addresses, …).
+    ForbiddenDst,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 13] = [
+    pub const ALL: [Reason; 15] = [
         Reason::NotListed,
         Reason::NoList,
         Reason::NoName,
@@ -48,6 +55,8 @@ impl Reason {
         Reason::Method,
         Reason::TlsVersion,
         Reason::Spoofed,
+        Reason::Unresolvable,
+        Reason::ForbiddenDst,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -65,6 +74,8 @@ impl Reason {
             Reason::Method => "method",
             Reason::TlsVersion => "tls_version",
             Reason::Spoofed => "spoofed",
+            Reason::Unresolvable => "unresolvable",
+            Reason::ForbiddenDst => "forbidden_dst",
         }
     }
 }

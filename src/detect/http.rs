@@ -61,6 +61,8 @@ pub struct RequestHead {
     pub upgrade: bool,
     /// HEAD: the response has no body whatever its headers say.
     pub is_head: bool,
+    /// Offers `Upgrade: h2c`: see [`without_h2c`].
+    pub h2c: bool,
 }
 
 /// A parsed response head.
@@ -100,6 +102,7 @@ pub fn parse_request_head(buf: &[u8], max_len: usize) -> Detect<RequestHead, Htt
             body,
             upgrade,
             is_head: method == "HEAD",
+            h2c: header_has_token(headers, "upgrade", "h2c"),
         }),
         Err(e) => Detect::Invalid(e),
     }
@@ -138,10 +141,15 @@ fn read_request(
 }
 
 /// The authority of an absolute-form target (`http://host:port/path`).
+/// Only a target that starts with a scheme is one: `://` later on, as in
+/// `/login?next=http://other.example/`, is part of a path or query.
 fn absolute_form_authority(target: &str) -> Result<Option<&str>, HttpError> {
     let Some((scheme, rest)) = target.split_once("://") else {
         return Ok(None);
     };
+    if !is_scheme(scheme) {
+        return Ok(None);
+    }
     if !(scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("https")) {
         return Err(HttpError::Malformed);
     }
@@ -151,6 +159,13 @@ fn absolute_form_authority(target: &str) -> Result<Option<&str>, HttpError> {
         return Err(HttpError::Malformed);
     }
     Ok(Some(authority))
+}
+
+/// RFC 3986 §3.1: `ALPHA *( ALPHA / DIGIT / "+" / "-" / "." )`.
+fn is_scheme(s: &str) -> bool {
+    let mut bytes = s.bytes();
+    bytes.next().is_some_and(|b| b.is_ascii_alphabetic())
+        && bytes.all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'))
 }
 
 /// Host header value → name: port stripped, lowercased, validated.
@@ -203,6 +218,72 @@ fn body_framing(headers: &[httparse::Header<'_>], version: u8) -> Result<BodyLen
         length = Some(n);
     }
     Ok(length.map_or(BodyLength::UntilClose, BodyLength::Exact))
+}
+
+/// The request head `head` (complete, as [`parse_request_head`] accepted
+/// it) without its offer to upgrade to cleartext HTTP/2: the `h2c` token
+/// of `Upgrade`, the `HTTP2-Settings` header, and the `Connection` tokens
+/// that named them. A server that took the offer would speak HTTP/2 on the
+/// connection from then on, where requests are no longer checked one by
+/// one. Other upgrades (WebSocket) are kept. `None` if nothing offers h2c.
+pub fn without_h2c(head: &[u8]) -> Option<Vec<u8>> {
+    let lines: Vec<&[u8]> = head.split_inclusive(|&b| b == b'\n').collect();
+    let (request_line, fields) = lines.split_first()?;
+    let name_of = |line: &[u8]| -> Vec<u8> {
+        let colon = line.iter().position(|&b| b == b':').unwrap_or(0);
+        line[..colon].to_ascii_lowercase()
+    };
+    let value_of = |line: &'_ [u8]| -> Vec<Vec<u8>> {
+        let line = line.strip_suffix(b"\n").unwrap_or(line);
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let colon = line.iter().position(|&b| b == b':').map_or(line.len(), |c| c + 1);
+        line[colon..]
+            .split(|&b| b == b',')
+            .map(|t| trim_ows(t).to_vec())
+            .filter(|t| !t.is_empty())
+            .collect()
+    };
+    let is = |token: &[u8], name: &[u8]| token.eq_ignore_ascii_case(name);
+    let upgrades: Vec<Vec<u8>> = fields
+        .iter()
+        .filter(|l| name_of(l) == b"upgrade")
+        .flat_map(|l| value_of(l))
+        .collect();
+    if !upgrades.iter().any(|t| is(t, b"h2c")) {
+        return None;
+    }
+    let upgrade_left = upgrades.iter().any(|t| !is(t, b"h2c"));
+    let mut out = Vec::with_capacity(head.len());
+    out.extend_from_slice(request_line);
+    let write = |out: &mut Vec<u8>, name: &[u8], tokens: Vec<Vec<u8>>| {
+        if !tokens.is_empty() {
+            out.extend_from_slice(name);
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(&tokens.join(&b", "[..]));
+            out.extend_from_slice(b"\r\n");
+        }
+    };
+    for line in fields {
+        match name_of(line).as_slice() {
+            b"http2-settings" => {}
+            b"upgrade" => {
+                let kept = value_of(line).into_iter().filter(|t| !is(t, b"h2c")).collect();
+                write(&mut out, b"Upgrade", kept);
+            }
+            b"connection" => {
+                let kept = value_of(line)
+                    .into_iter()
+                    .filter(|t| !is(t, b"http2-settings") && (upgrade_left || !is(t, b"upgrade")))
+                    .collect();
+                write(&mut out, b"Connection", kept);
+            }
+            _ => {
+                // Field lines, and the empty line that ends the head.
+                out.extend_from_slice(line);
+            }
+        }
+    }
+    Some(out)
 }
 
 /// Parses a response head at the start of `buf`. `request_was_head`: the
@@ -507,6 +588,76 @@ mod tests {
             request("GET http://user@example.com/ HTTP/1.1\r\nHost: example.com\r\n\r\n"),
             Err(HttpError::Malformed)
         );
+    }
+
+    #[test]
+    fn a_url_in_the_path_or_query_is_not_an_absolute_form_target() {
+        for target in [
+            "/login?next=http://example.com/",
+            "/redirect?to=https://evil.example/x",
+            "/a/http://b.example/",
+            "/?u=ftp://x.example",
+            "*",
+        ] {
+            let head = request(&format!(
+                "GET {target} HTTP/1.1\r\nHost: www.example.test\r\n\r\n"
+            ));
+            assert_eq!(
+                head.map(|h| h.host.as_str().to_string()),
+                Ok("www.example.test".to_string()),
+                "{target}"
+            );
+        }
+        // A real absolute form with a query naming another host is still
+        // decided by its own authority.
+        let ok = request(
+            "GET http://www.example.test/?next=http://evil.example/ HTTP/1.1\r\nHost: www.example.test\r\n\r\n",
+        );
+        assert!(ok.is_ok(), "{ok:?}");
+        assert_eq!(
+            request("GET ftp://www.example.test/ HTTP/1.1\r\nHost: www.example.test\r\n\r\n"),
+            Err(HttpError::Malformed)
+        );
+        assert_eq!(
+            request("GET HTTP://evil.example/?x HTTP/1.1\r\nHost: www.example.test\r\n\r\n"),
+            Err(HttpError::HostMismatch)
+        );
+    }
+
+    #[test]
+    fn an_h2c_upgrade_is_taken_out_and_the_request_stays_http_1() {
+        let curl = "GET /x HTTP/1.1\r\nHost: www.example.test\r\nUser-Agent: curl/8\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n";
+        let head = request(curl).unwrap();
+        assert!(head.h2c && head.upgrade);
+        let stripped = without_h2c(curl.as_bytes()).unwrap();
+        assert_eq!(
+            String::from_utf8(stripped.clone()).unwrap(),
+            "GET /x HTTP/1.1\r\nHost: www.example.test\r\nUser-Agent: curl/8\r\n\r\n"
+        );
+        let again = match parse_request_head(&stripped, 16 * 1024) {
+            Detect::Done(h) => h,
+            other => panic!("{other:?}"),
+        };
+        assert!(!again.h2c && !again.upgrade);
+        assert_eq!(again.len, stripped.len());
+        assert_eq!(without_h2c(&stripped), None);
+
+        // Other tokens stay, and so does the upgrade they ask for.
+        let both = "GET / HTTP/1.1\r\nHost: a.example.test\r\nconnection: keep-alive, upgrade, http2-settings\r\nupgrade: H2C, websocket\r\nhttp2-settings: AA\r\nSec-WebSocket-Version: 13\r\n\r\n";
+        let stripped = String::from_utf8(without_h2c(both.as_bytes()).unwrap()).unwrap();
+        assert_eq!(
+            stripped,
+            "GET / HTTP/1.1\r\nHost: a.example.test\r\nConnection: keep-alive, upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        );
+        assert!(request(&stripped).unwrap().upgrade);
+        // A WebSocket upgrade alone is not touched.
+        let ws = "GET /ws HTTP/1.1\r\nHost: a.example.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n";
+        assert!(!request(ws).unwrap().h2c);
+        assert_eq!(without_h2c(ws.as_bytes()), None);
+        // Bare LF line ends, as httparse accepts them.
+        let lf = "GET / HTTP/1.1\nHost: a.example.test\nUpgrade: h2c\nConnection: upgrade\n\n";
+        let stripped = without_h2c(lf.as_bytes()).unwrap();
+        assert_eq!(stripped, b"GET / HTTP/1.1\nHost: a.example.test\n\n");
     }
 
     #[test]

@@ -10,15 +10,17 @@
 //! connection to plain forwarding.
 
 use super::inbound::{Inbound, ReadError};
-use super::{Context, Record, connect, refuse_with};
+use super::{Ask, Context, Record, connect, refuse_with};
 use crate::config::Limits;
+use crate::detect::Detect;
 use crate::detect::http::{
-    BodyLength, HttpError, RequestHead, parse_request_head, parse_response_head,
+    BodyLength, HttpError, RequestHead, parse_request_head, parse_response_head, without_h2c,
 };
 use crate::name::{HostName, NameError};
 use crate::net::forward::{Activity, Transferred, shutdown_write};
 use crate::net::orig_dst::OrigDst;
 use crate::verdict::{ErrorKind, Reason, Verdict};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -51,10 +53,11 @@ pub(super) async fn serve(
         Err(Ok(refusal)) => return deny(client, rec, refusal, None).await,
     };
     rec.hello = Some(rec.accepted.elapsed());
-    if let Err(refusal) = admit(ctx, &first, rec, dst).await {
-        return deny(client, rec, refusal, Some(&first.host)).await;
-    }
-    let upstream = match connect(dst, limits.connect_timeout, rec).await {
+    let upstream_addr = match admit(ctx, &first, rec, dst, None).await {
+        Ok(upstream) => upstream,
+        Err(refusal) => return deny(client, rec, refusal, Some(&first.host)).await,
+    };
+    let upstream = match connect(upstream_addr, limits.connect_timeout, rec).await {
         Ok(upstream) => upstream,
         Err(kind) => {
             let status = if kind == ErrorKind::ConnectTimeout {
@@ -78,6 +81,7 @@ pub(super) async fn serve(
     let conn = Connection {
         client,
         upstream: &upstream,
+        upstream_addr,
         dst,
         activity: &activity,
     };
@@ -119,6 +123,9 @@ struct Pending {
 struct Connection<'a> {
     client: &'a TcpStream,
     upstream: &'a TcpStream,
+    /// Where `upstream` is connected: every later request must name a
+    /// host with this address.
+    upstream_addr: SocketAddr,
     dst: OrigDst,
     activity: &'a Activity,
 }
@@ -185,8 +192,8 @@ impl Connection<'_> {
                 Err(_) => return Verdict::Error(ErrorKind::Io),
             };
             let refusal = match next {
-                Ok(Some(next)) => match admit(ctx, &next, rec, self.dst).await {
-                    Ok(()) => {
+                Ok(Some(next)) => match admit(ctx, &next, rec, self.dst, Some(self.upstream_addr)).await {
+                    Ok(_) => {
                         head = next;
                         continue;
                     }
@@ -325,6 +332,7 @@ async fn read_request(
         .read_message(cap, deadline, parse, HttpError::TooLarge)
         .await
     {
+        Ok(head) if head.h2c => without_h2c_upgrade(from_client, &head, cap).map(Some),
         Ok(head) => Ok(Some(head)),
         Err(ReadError::Invalid(e)) => Err(Ok(refusal_for(e))),
         Err(ReadError::Timeout) => Err(Ok(Refusal {
@@ -335,6 +343,25 @@ async fn read_request(
         Err(ReadError::Closed { .. }) => Err(Err(ErrorKind::ClientClosed)),
         Err(ReadError::Io) => Err(Err(ErrorKind::Io)),
     }
+}
+
+/// Rewrites a buffered head that offers `Upgrade: h2c` so that the server
+/// cannot switch the connection to HTTP/2, where later requests would pass
+/// unchecked; the request itself goes on as HTTP/1.1.
+fn without_h2c_upgrade(
+    from_client: &mut Inbound<'_>,
+    head: &RequestHead,
+    cap: usize,
+) -> Result<RequestHead, Result<Refusal, ErrorKind>> {
+    let malformed = || Err(Ok(refusal_for(HttpError::Malformed)));
+    let Some(rewritten) = without_h2c(&from_client.buffered()[..head.len]) else {
+        return malformed();
+    };
+    let Detect::Done(stripped) = parse_request_head(&rewritten, cap) else {
+        return malformed();
+    };
+    from_client.replace_front(head.len, &rewritten);
+    Ok(stripped)
 }
 
 fn refusal_for(e: HttpError) -> Refusal {
@@ -352,33 +379,45 @@ fn refusal_for(e: HttpError) -> Refusal {
     Refusal { reason, status }
 }
 
-/// Checks a request's Host against the list (and with `--verify-dst dns`,
-/// the destination against the Host's addresses) and notes the outcome.
+/// Decides on a request's Host and notes the outcome; where to forward it.
+/// `connected`: the upstream of a kept-alive connection, which a later
+/// request must be for.
 async fn admit(
     ctx: &Context,
     head: &RequestHead,
     rec: &mut Record,
     dst: OrigDst,
-) -> Result<(), Refusal> {
+    connected: Option<SocketAddr>,
+) -> Result<SocketAddr, Refusal> {
     rec.name = Some(head.host.clone());
     rec.rule = None;
-    let decided = ctx.admit(rec.policy, &head.host, dst.0.ip()).await;
-    match decided {
-        Ok(rule) => rec.rule = Some(rule),
-        // Monitor mode: the first request enforce mode would refuse is
-        // what the connection's record notes.
-        Err(reason) if !ctx.enforcing() => {
-            rec.would_deny.get_or_insert(reason);
+    let ask = Ask {
+        policy: rec.policy,
+        name: Ok(&head.host),
+        below_tls_floor: false,
+        dst,
+        connected,
+    };
+    match ctx.admit(ask).await {
+        Ok(admitted) => {
+            rec.rule = admitted.rule;
+            // Monitor mode: the first request enforce mode would refuse is
+            // what the connection's record notes.
+            if let Some(reason) = admitted.would_deny {
+                rec.would_deny.get_or_insert(reason);
+            }
+            Ok(admitted.upstream)
         }
-        Err(reason) => {
-            return Err(Refusal {
-                reason,
-                // Temporary: the client may retry once the gateway has a list.
-                status: if reason == Reason::NoList { 503 } else { 403 },
-            });
-        }
+        Err(reason) => Err(Refusal {
+            reason,
+            // Temporary: the client may retry once the gateway has a list
+            // or its resolver answers.
+            status: match reason {
+                Reason::NoList | Reason::Unresolvable => 503,
+                _ => 403,
+            },
+        }),
     }
-    Ok(())
 }
 
 async fn deny(
@@ -416,7 +455,9 @@ fn explain(reason: Reason) -> &'static str {
         Reason::HostMismatch => "the request target and the Host header disagree",
         Reason::Method => "CONNECT is not allowed through this gateway",
         Reason::TlsVersion => "the TLS version is below this gateway's floor",
-        Reason::Spoofed => "the address is not one the host resolves to",
+        Reason::Spoofed => "the host does not resolve to the server this connection goes to",
+        Reason::Unresolvable => "the host could not be resolved",
+        Reason::ForbiddenDst => "the destination is one this gateway never connects to",
     }
 }
 

@@ -45,6 +45,11 @@ impl<'a> Inbound<'a> {
         &self.buf
     }
 
+    /// Replaces the first `n` buffered bytes with `with` (a rewritten head).
+    pub fn replace_front(&mut self, n: usize, with: &[u8]) {
+        self.buf.splice(..n, with.iter().copied());
+    }
+
     /// Reads until `parse` accepts or refuses the buffered bytes, never
     /// holding more than `cap` bytes and never waiting past `deadline`.
     /// Waiting is on socket readiness: no polling.

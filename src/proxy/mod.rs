@@ -6,16 +6,18 @@ mod inbound;
 mod tls;
 
 use crate::audit::{self, AuditLog};
-use crate::config::{Limits, Mode};
+use crate::config::{Limits, Mode, VerifyDst};
+use crate::decide::{Decision, Facts, Step, decide};
+use crate::dns::{LookupError, Resolver};
+use crate::guard::Guard;
 use crate::name::HostName;
 use crate::net::forward::{Transferred, read_some, shutdown_write, write_all};
 use crate::net::orig_dst::{OrigDst, is_loop, original_dst};
 use crate::policy::{Policies, PolicyId};
 use crate::telemetry;
 use crate::verdict::{ErrorKind, Proto, Reason, Verdict};
-use crate::verify::Verifier;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::net::TcpStream;
@@ -32,8 +34,28 @@ pub struct Context {
     pub limits: Limits,
     pub audit: AuditLog,
     pub mode: Mode,
-    /// `--verify-dst dns`.
-    pub verifier: Option<Verifier>,
+    pub verify: VerifyDst,
+    /// Looks admitted names up; `None` only with `--verify-dst off`.
+    pub resolver: Option<Resolver>,
+    /// Destinations never contacted.
+    pub guard: Arc<Guard>,
+}
+
+/// What a port knows when it asks [`Context::admit`].
+pub struct Ask<'a> {
+    pub policy: PolicyId,
+    pub name: Result<&'a HostName, Reason>,
+    pub below_tls_floor: bool,
+    pub dst: OrigDst,
+    /// A later HTTP request: the upstream already connected to.
+    pub connected: Option<SocketAddr>,
+}
+
+/// An admission as the ports use it: the rule already counted.
+pub struct Admitted {
+    pub upstream: SocketAddr,
+    pub rule: Option<Arc<str>>,
+    pub would_deny: Option<Reason>,
 }
 
 impl Context {
@@ -42,29 +64,52 @@ impl Context {
         self.mode.enforcing_at(SystemTime::now())
     }
 
-    /// The rule that admits `name` to `dst`: the entry of `policy`'s list
-    /// that allows it, as written in the list, once `--verify-dst` agrees
-    /// that `name` lives at `dst`. Only then is it counted as the rule's
-    /// hit. Only an allowed name is resolved, so a refused one never waits
-    /// for DNS.
-    async fn admit(
-        &self,
-        policy: PolicyId,
-        name: &HostName,
-        dst: IpAddr,
-    ) -> Result<Arc<str>, Reason> {
-        let in_force = self.policies.in_force(policy).ok_or(Reason::NoList)?;
-        let rule = in_force.rule_for(name.as_str()).ok_or(Reason::NotListed)?;
-        let Some(verifier) = &self.verifier else {
-            return Ok(rule.admitted());
+    /// The one decision of both ports ([`decide`]), with the I/O it needs:
+    /// the list in force and, for a listed name, its addresses. A rule's
+    /// hit is counted only once it admits.
+    async fn admit(&self, ask: Ask<'_>) -> Result<Admitted, Reason> {
+        let enforcing = self.enforcing();
+        let pick = fastrand::usize(..);
+        let step = |addresses: Option<Result<&crate::dns::Addresses, LookupError>>| {
+            // The list snapshot is never held across a lookup.
+            let list = self.policies.in_force(ask.policy);
+            decide(&Facts {
+                name: ask.name,
+                below_tls_floor: ask.below_tls_floor,
+                list: list.as_deref().map(|l| &**l),
+                dst: ask.dst.0,
+                connected: ask.connected,
+                verify: self.verify,
+                enforcing,
+                addresses,
+                guard: &self.guard,
+                now: std::time::Instant::now(),
+                pick,
+            })
         };
-        // The list snapshot is not held across the lookup.
-        let rule = rule.clone();
-        drop(in_force);
-        // Boxed: a lookup's state is about 2 KiB, and inline it would size
-        // every connection's task, with --verify-dst off too.
-        Box::pin(verifier.verify(name, dst)).await?;
-        Ok(rule.admitted())
+        let decision = match step(None) {
+            Step::Done(decision) => decision,
+            Step::Resolve => {
+                let (Ok(name), Some(resolver)) = (ask.name, &self.resolver) else {
+                    return Err(Reason::Unresolvable);
+                };
+                // Boxed: a lookup's state would otherwise size every
+                // connection's task, answered from the cache or not.
+                let addresses = Box::pin(resolver.resolve(name)).await;
+                match step(Some(addresses.as_deref().map_err(|e| *e))) {
+                    Step::Done(decision) => decision,
+                    Step::Resolve => Decision::Refuse(Reason::Unresolvable),
+                }
+            }
+        };
+        match decision {
+            Decision::Refuse(reason) => Err(reason),
+            Decision::Admit(a) => Ok(Admitted {
+                upstream: a.upstream,
+                rule: a.rule.map(|r| r.admitted()),
+                would_deny: a.would_deny,
+            }),
+        }
     }
 }
 
@@ -75,6 +120,9 @@ pub struct Record {
     /// Chosen by `src`: whose list decides.
     pub policy: PolicyId,
     pub dst: Option<OrigDst>,
+    /// Where the gateway connected: `dst`, or the name's own address it
+    /// was pinned to instead.
+    pub upstream: Option<SocketAddr>,
     pub proto: Proto,
     pub name: Option<HostName>,
     pub rule: Option<Arc<str>>,
@@ -103,6 +151,7 @@ impl Record {
             src,
             policy,
             dst: None,
+            upstream: None,
             proto,
             name: None,
             rule: None,
@@ -165,14 +214,15 @@ fn report(rec: &Record, ctx: &Context) {
         .record(audit::line(rec, policy, SystemTime::now()));
 }
 
-/// Opens the upstream connection to the original destination.
+/// Opens the upstream connection.
 async fn connect(
-    dst: OrigDst,
+    upstream: SocketAddr,
     timeout: Duration,
     rec: &mut Record,
 ) -> Result<TcpStream, ErrorKind> {
     let start = Instant::now();
-    match tokio::time::timeout_at(start + timeout, TcpStream::connect(dst.0)).await {
+    rec.upstream = Some(upstream);
+    match tokio::time::timeout_at(start + timeout, TcpStream::connect(upstream)).await {
         Ok(Ok(stream)) => {
             rec.connect = Some(start.elapsed());
             let _ = stream.set_nodelay(true);
@@ -237,7 +287,9 @@ mod tests {
             limits: Limits::default(),
             audit: AuditLog::spawn(io::sink(), 1).unwrap(),
             mode: Mode::Enforce,
-            verifier: None,
+            verify: VerifyDst::Pin,
+            resolver: None,
+            guard: Arc::new(Guard::with_addresses([])),
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let _client = TcpStream::connect(listener.local_addr().unwrap())

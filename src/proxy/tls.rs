@@ -2,7 +2,7 @@
 //! the hello and everything after it untouched. No TLS is terminated.
 
 use super::inbound::{Inbound, ReadError};
-use super::{Context, Record, connect, refuse_with, reset};
+use super::{Ask, Context, Record, connect, refuse_with, reset};
 use crate::detect::tls::{AlertDescription, ServerName, TlsError, fatal_alert, parse_client_hello};
 use crate::name::NameError;
 use crate::net::forward::{forward_both, write_all};
@@ -35,41 +35,26 @@ pub(super) async fn serve(
         Err(ReadError::Io) => return Verdict::Error(ErrorKind::Io),
     };
     rec.ech = hello.ech;
-    // Each policy check either refuses (enforce mode) or notes what it
-    // would have refused and lets the connection through (monitor mode).
-    let policy = match hello.server_name {
-        ServerName::Name(name) => {
-            rec.name = Some(name);
-            Ok(())
-        }
+    let name = match hello.server_name {
+        ServerName::Name(name) => Ok(rec.name.insert(name) as &_),
         ServerName::Absent => Err(Reason::NoName),
         ServerName::Invalid(NameError::IpLiteral) => Err(Reason::IpLiteral),
         ServerName::Invalid(_) => return deny(client, rec, Reason::Malformed).await,
     };
-    // Below the floor is refused whatever the name (and is no rule's hit).
-    let policy = policy.and_then(|()| {
-        if hello.max_version < limits.min_tls {
-            Err(Reason::TlsVersion)
-        } else {
-            Ok(())
-        }
-    });
-    // Last, as it may wait for DNS. The rule is noted only once the name
-    // is admitted, as on the HTTP port.
-    let policy = match (policy, &rec.name) {
-        (Ok(()), Some(name)) => ctx
-            .admit(rec.policy, name, dst.0.ip())
-            .await
-            .map(|rule| rec.rule = Some(rule)),
-        (policy, _) => policy,
+    let ask = Ask {
+        policy: rec.policy,
+        name,
+        below_tls_floor: hello.max_version < limits.min_tls,
+        dst,
+        connected: None,
     };
-    if let Err(reason) = policy {
-        if ctx.enforcing() {
-            return deny(client, rec, reason).await;
-        }
-        rec.would_deny = Some(reason);
-    }
-    let upstream = match connect(dst, limits.connect_timeout, rec).await {
+    let admitted = match ctx.admit(ask).await {
+        Ok(admitted) => admitted,
+        Err(reason) => return deny(client, rec, reason).await,
+    };
+    rec.rule = admitted.rule;
+    rec.would_deny = admitted.would_deny;
+    let upstream = match connect(admitted.upstream, limits.connect_timeout, rec).await {
         Ok(upstream) => upstream,
         Err(kind) => {
             reset(client);
@@ -116,7 +101,9 @@ pub(super) async fn refuse(client: &TcpStream, reason: Reason) -> bool {
         | Reason::IpLiteral
         | Reason::Loop
         | Reason::Method
-        | Reason::Spoofed => AlertDescription::AccessDenied,
+        | Reason::Spoofed
+        | Reason::Unresolvable
+        | Reason::ForbiddenDst => AlertDescription::AccessDenied,
         Reason::Malformed | Reason::NotTls | Reason::TooLarge | Reason::HostMismatch => {
             AlertDescription::DecodeError
         }

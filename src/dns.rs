@@ -1,0 +1,581 @@
+//! The gateway's own view of DNS, for `--verify-dst pin` and `dns`: the
+//! addresses an admitted name really has.
+//!
+//! Done the way a production resolver client does it:
+//! - A and AAAA are always both asked for, so a dual-stack name's IPv6
+//!   clients are checked against its IPv6 addresses.
+//! - One query in flight per name, however many connections wait on it
+//!   (coalesced across workers).
+//! - Answers are cached for their TTL ([`MIN_TTL`] at least) in a bounded
+//!   table whose eviction is O(1) (oldest name first), and every address a
+//!   name was seen with counts until its TTL plus [`GRACE`]: DNS
+//!   round-robin and CDN rotation hand clients other answers than ours,
+//!   and the union is what a client may have been told.
+//! - A name whose answer is three quarters through its TTL is refreshed in
+//!   the background on its next use, so steady traffic never waits.
+//! - Failures are cached briefly, in a table of their own, so repeated
+//!   made-up names cannot hammer the resolver nor push real names out;
+//!   at most [`MAX_IN_FLIGHT`] queries run at once.
+//! - The resolver is the system's (`/etc/resolv.conf`, `/etc/hosts`): on
+//!   AWS, the VPC resolver the clients use too.
+//!
+//! [`Cache`] is pure (time is passed in); [`Resolver`] does the I/O.
+
+use crate::name::HostName;
+use crate::telemetry;
+use hickory_resolver::config::{LookupIpStrategy, ResolverConfig, ResolverOpts};
+use hickory_resolver::name_server::TokioConnectionProvider;
+use hickory_resolver::{ResolveError, TokioResolver};
+use std::cell::OnceCell;
+use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{Semaphore, watch};
+
+/// How long an address stays valid for its name past its answer's TTL.
+pub const GRACE: Duration = Duration::from_secs(60);
+/// Answers are kept at least this long, however short their TTL.
+pub const MIN_TTL: Duration = Duration::from_secs(1);
+/// And at most this long.
+pub const MAX_TTL: Duration = Duration::from_secs(3600);
+/// How long a name that does not exist (or has no address) stays so.
+pub const NEGATIVE_TTL: Duration = Duration::from_secs(5);
+/// How long a failed or timed-out lookup is not retried.
+pub const FAILURE_TTL: Duration = Duration::from_secs(1);
+/// Names with addresses remembered, at most.
+pub const MAX_NAMES: usize = 10_000;
+/// Names remembered as failing, at most.
+pub const MAX_NEGATIVE: usize = 4_096;
+/// Queries to the resolver at once, at most.
+pub const MAX_IN_FLIGHT: usize = 256;
+/// How long one lookup may take, queueing included; past it the name is
+/// unresolvable for this connection.
+pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Why a name has no address to go to. A closed set: a metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LookupError {
+    /// NXDOMAIN.
+    NxDomain,
+    /// The name exists but has no A or AAAA record.
+    NoAddresses,
+    /// SERVFAIL, REFUSED, no server reachable, a bad answer.
+    Failed,
+    /// No answer within [`LOOKUP_TIMEOUT`].
+    Timeout,
+}
+
+/// What a query to the resolver came to, as `portcullis_dns_lookups_total`
+/// counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LookupResult {
+    Ok,
+    Failed(LookupError),
+}
+
+impl LookupResult {
+    pub const ALL: [LookupResult; 5] = [
+        LookupResult::Ok,
+        LookupResult::Failed(LookupError::NxDomain),
+        LookupResult::Failed(LookupError::NoAddresses),
+        LookupResult::Failed(LookupError::Failed),
+        LookupResult::Failed(LookupError::Timeout),
+    ];
+
+    pub fn index(self) -> usize {
+        match self {
+            LookupResult::Ok => 0,
+            LookupResult::Failed(LookupError::NxDomain) => 1,
+            LookupResult::Failed(LookupError::NoAddresses) => 2,
+            LookupResult::Failed(LookupError::Failed) => 3,
+            LookupResult::Failed(LookupError::Timeout) => 4,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LookupResult::Ok => "ok",
+            LookupResult::Failed(LookupError::NxDomain) => "nxdomain",
+            LookupResult::Failed(LookupError::NoAddresses) => "no_addresses",
+            LookupResult::Failed(LookupError::Failed) => "error",
+            LookupResult::Failed(LookupError::Timeout) => "timeout",
+        }
+    }
+}
+
+/// A name's addresses: its latest answer, and every address seen within
+/// TTL + grace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Addresses {
+    /// The latest answer, in the resolver's order: where to pin to.
+    current: Box<[IpAddr]>,
+    /// Each address seen and until when it counts.
+    seen: Box<[(IpAddr, Instant)]>,
+    fetched: Instant,
+    fresh_until: Instant,
+}
+
+impl Addresses {
+    /// An answer of `current`, valid for `ttl` from `now`, merged with
+    /// what `previous` still counts.
+    pub fn new(
+        current: Vec<IpAddr>,
+        ttl: Duration,
+        now: Instant,
+        previous: Option<&Addresses>,
+    ) -> Addresses {
+        let fresh_until = now + ttl.clamp(MIN_TTL, MAX_TTL);
+        let until = fresh_until + GRACE;
+        let mut seen: Vec<(IpAddr, Instant)> = previous
+            .map(|p| p.seen.iter().copied().filter(|&(_, u)| u > now).collect())
+            .unwrap_or_default();
+        for &ip in &current {
+            match seen.iter_mut().find(|(a, _)| *a == ip) {
+                Some((_, u)) => *u = (*u).max(until),
+                None => seen.push((ip, until)),
+            }
+        }
+        Addresses {
+            current: current.into(),
+            seen: seen.into(),
+            fetched: now,
+            fresh_until,
+        }
+    }
+
+    /// Whether `ip` is an address of the name at `now`.
+    pub fn contains(&self, ip: IpAddr, now: Instant) -> bool {
+        self.seen.iter().any(|&(a, until)| a == ip && until > now)
+    }
+
+    /// The latest answer.
+    pub fn current(&self) -> &[IpAddr] {
+        &self.current
+    }
+
+    fn is_fresh(&self, now: Instant) -> bool {
+        now < self.fresh_until
+    }
+
+    /// Three quarters through its TTL: time to ask again in the background.
+    fn wants_refresh(&self, now: Instant) -> bool {
+        let ttl = self.fresh_until.saturating_duration_since(self.fetched);
+        now >= self.fetched + ttl * 3 / 4
+    }
+}
+
+/// A map of at most `cap` names that forgets the oldest name first: a
+/// name is queued once when it enters, so eviction is one pop.
+#[derive(Debug)]
+struct Bounded<V> {
+    map: HashMap<Arc<str>, V>,
+    order: VecDeque<Arc<str>>,
+    cap: usize,
+}
+
+impl<V> Bounded<V> {
+    fn new(cap: usize) -> Bounded<V> {
+        Bounded {
+            map: HashMap::new(),
+            order: VecDeque::new(),
+            cap,
+        }
+    }
+
+    fn get(&self, key: &str) -> Option<&V> {
+        self.map.get(key)
+    }
+
+    fn insert(&mut self, key: &str, value: V) {
+        if let Some(slot) = self.map.get_mut(key) {
+            *slot = value;
+            return;
+        }
+        if self.map.len() >= self.cap
+            && let Some(oldest) = self.order.pop_front()
+        {
+            self.map.remove(&oldest);
+        }
+        let key: Arc<str> = key.into();
+        self.order.push_back(key.clone());
+        self.map.insert(key, value);
+    }
+
+    fn len(&self) -> usize {
+        self.map.len()
+    }
+}
+
+/// What the cache knows of a name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cached {
+    /// Addresses within their TTL; `refresh`: ask again in the background.
+    Fresh {
+        addresses: Arc<Addresses>,
+        refresh: bool,
+    },
+    /// A recent failure, still standing.
+    Negative(LookupError),
+    Miss,
+}
+
+/// Answers and failures by name, each table bounded.
+#[derive(Debug)]
+pub struct Cache {
+    positive: Bounded<Arc<Addresses>>,
+    negative: Bounded<(LookupError, Instant)>,
+}
+
+impl Default for Cache {
+    fn default() -> Self {
+        Cache::with_capacity(MAX_NAMES, MAX_NEGATIVE)
+    }
+}
+
+impl Cache {
+    pub fn with_capacity(names: usize, negative: usize) -> Cache {
+        Cache {
+            positive: Bounded::new(names),
+            negative: Bounded::new(negative),
+        }
+    }
+
+    pub fn get(&self, name: &str, now: Instant) -> Cached {
+        if let Some(addresses) = self.positive.get(name)
+            && addresses.is_fresh(now)
+        {
+            return Cached::Fresh {
+                addresses: addresses.clone(),
+                refresh: addresses.wants_refresh(now),
+            };
+        }
+        match self.negative.get(name) {
+            Some(&(error, until)) if until > now => Cached::Negative(error),
+            _ => Cached::Miss,
+        }
+    }
+
+    /// Records an answer of `ips` with `ttl`; the name's addresses now.
+    pub fn store(
+        &mut self,
+        name: &str,
+        ips: Vec<IpAddr>,
+        ttl: Duration,
+        now: Instant,
+    ) -> Arc<Addresses> {
+        let merged = Arc::new(Addresses::new(
+            ips,
+            ttl,
+            now,
+            self.positive.get(name).map(|a| &**a),
+        ));
+        self.positive.insert(name, merged.clone());
+        // A name that resolves again is no longer failing.
+        if let Some((_, until)) = self.negative.map.get_mut(name) {
+            *until = now;
+        }
+        merged
+    }
+
+    /// Records a failure. An answer still within its TTL stands: a failed
+    /// background refresh does not take a name's addresses away early.
+    pub fn store_failure(&mut self, name: &str, error: LookupError, now: Instant) -> Cached {
+        if let Cached::Fresh { addresses, .. } = self.get(name, now) {
+            return Cached::Fresh {
+                addresses,
+                refresh: false,
+            };
+        }
+        let ttl = match error {
+            LookupError::NxDomain | LookupError::NoAddresses => NEGATIVE_TTL,
+            LookupError::Failed | LookupError::Timeout => FAILURE_TTL,
+        };
+        self.negative.insert(name, (error, now + ttl));
+        Cached::Negative(error)
+    }
+
+    pub fn names(&self) -> usize {
+        self.positive.len()
+    }
+}
+
+/// What a finished lookup hands its waiters.
+type Outcome = Result<Arc<Addresses>, LookupError>;
+
+struct Shared {
+    config: ResolverConfig,
+    options: ResolverOpts,
+    state: Mutex<State>,
+    queries: Semaphore,
+}
+
+#[derive(Default)]
+struct State {
+    cache: Cache,
+    /// Names being looked up now, each with the channel its result comes on.
+    in_flight: HashMap<Arc<str>, watch::Receiver<Option<Outcome>>>,
+}
+
+thread_local! {
+    /// One hickory resolver per worker thread: its sockets belong to that
+    /// worker's runtime.
+    static RESOLVER: OnceCell<TokioResolver> = const { OnceCell::new() };
+}
+
+/// Looks names up for every worker; cheap to clone.
+#[derive(Clone)]
+pub struct Resolver {
+    shared: Arc<Shared>,
+}
+
+impl Resolver {
+    /// Uses the system's resolver configuration (an error if it cannot be
+    /// read: pinning cannot work without it).
+    pub fn from_system() -> Result<Resolver, ResolveError> {
+        let (config, mut options) = hickory_resolver::system_conf::read_system_conf()?;
+        // Both families always: the default asks for AAAA only when a
+        // name has no A record, which refuses every IPv6 client of a
+        // dual-stack name.
+        options.ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
+        // Caching, coalescing and refresh are ours.
+        options.cache_size = 0;
+        Ok(Resolver {
+            shared: Arc::new(Shared {
+                config,
+                options,
+                state: Mutex::new(State::default()),
+                queries: Semaphore::new(MAX_IN_FLIGHT),
+            }),
+        })
+    }
+
+    /// `name`'s addresses, from the cache when it has them, else from one
+    /// query shared with every other connection asking meanwhile. Never
+    /// waits longer than about [`LOOKUP_TIMEOUT`].
+    pub async fn resolve(&self, name: &HostName) -> Result<Arc<Addresses>, LookupError> {
+        let now = Instant::now();
+        let mut result = {
+            let mut state = self.state();
+            match state.cache.get(name.as_str(), now) {
+                Cached::Fresh { addresses, refresh } => {
+                    if refresh && !state.in_flight.contains_key(name.as_str()) {
+                        self.start(&mut state, name);
+                    }
+                    telemetry::dns_cache_hit();
+                    return Ok(addresses);
+                }
+                Cached::Negative(error) => {
+                    telemetry::dns_cache_hit();
+                    return Err(error);
+                }
+                Cached::Miss => match state.in_flight.get(name.as_str()) {
+                    Some(result) => result.clone(),
+                    None => self.start(&mut state, name),
+                },
+            }
+        };
+        // The lookup task has a deadline of its own; this one only guards
+        // against a task that never reports.
+        let wait = result.wait_for(Option::is_some);
+        match tokio::time::timeout(LOOKUP_TIMEOUT + Duration::from_millis(200), wait).await {
+            Ok(Ok(outcome)) => outcome.clone().unwrap_or(Err(LookupError::Failed)),
+            Ok(Err(_)) => Err(LookupError::Failed),
+            Err(_) => Err(LookupError::Timeout),
+        }
+    }
+
+    /// Starts a lookup of `name` on this worker; its result comes on the
+    /// channel returned (and noted in the cache).
+    fn start(&self, state: &mut State, name: &HostName) -> watch::Receiver<Option<Outcome>> {
+        let (tx, rx) = watch::channel(None);
+        let key: Arc<str> = name.as_str().into();
+        state.in_flight.insert(key.clone(), rx.clone());
+        let me = self.clone();
+        tokio::spawn(async move {
+            let looked_up = me.query(&key).await;
+            telemetry::dns_lookup(match &looked_up {
+                Ok(_) => LookupResult::Ok,
+                Err(e) => LookupResult::Failed(*e),
+            });
+            let now = Instant::now();
+            let outcome = {
+                let mut state = me.state();
+                state.in_flight.remove(&key);
+                match looked_up {
+                    Ok((ips, ttl)) => Ok(state.cache.store(&key, ips, ttl, now)),
+                    Err(error) => match state.cache.store_failure(&key, error, now) {
+                        Cached::Fresh { addresses, .. } => Ok(addresses),
+                        _ => Err(error),
+                    },
+                }
+            };
+            tx.send_replace(Some(outcome));
+        });
+        rx
+    }
+
+    /// One query for A and AAAA: the addresses and their TTL.
+    async fn query(&self, name: &str) -> Result<(Vec<IpAddr>, Duration), LookupError> {
+        let deadline = tokio::time::Instant::now() + LOOKUP_TIMEOUT;
+        let Ok(Ok(_permit)) =
+            tokio::time::timeout_at(deadline, self.shared.queries.acquire()).await
+        else {
+            return Err(LookupError::Timeout);
+        };
+        let resolver = RESOLVER.with(|r| r.get_or_init(|| self.build()).clone());
+        // Fully qualified: the search domains of resolv.conf must not turn
+        // a client's name into one of ours.
+        let fqdn = format!("{name}.");
+        match tokio::time::timeout_at(deadline, resolver.lookup_ip(fqdn.as_str())).await {
+            Err(_) => Err(LookupError::Timeout),
+            Ok(Err(e)) if e.is_nx_domain() => Err(LookupError::NxDomain),
+            Ok(Err(e)) if e.is_no_records_found() => Err(LookupError::NoAddresses),
+            Ok(Err(_)) => Err(LookupError::Failed),
+            Ok(Ok(answer)) => {
+                let ips: Vec<IpAddr> = answer.iter().collect();
+                if ips.is_empty() {
+                    return Err(LookupError::NoAddresses);
+                }
+                let ttl = answer.valid_until().saturating_duration_since(Instant::now());
+                Ok((ips, ttl))
+            }
+        }
+    }
+
+    fn build(&self) -> TokioResolver {
+        TokioResolver::builder_with_config(
+            self.shared.config.clone(),
+            TokioConnectionProvider::default(),
+        )
+        .with_options(self.shared.options.clone())
+        .build()
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while the lock was held leaves at worst an entry missing
+        // or a lookup noted that never reports (its waiters time out):
+        // every state is a usable one.
+        self.shared
+            .state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    const NAME: &str = "a.example.test";
+
+    #[test]
+    fn every_address_seen_counts_until_its_ttl_and_grace() {
+        let t0 = Instant::now();
+        let mut cache = Cache::default();
+        // Round-robin: two answers, each with one address.
+        cache.store(NAME, vec![ip("192.0.2.1")], Duration::from_secs(30), t0);
+        let a = cache.store(NAME, vec![ip("192.0.2.2")], Duration::from_secs(60), t0);
+        assert!(a.contains(ip("192.0.2.1"), t0));
+        assert!(a.contains(ip("192.0.2.2"), t0));
+        assert!(!a.contains(ip("198.51.100.7"), t0));
+        assert_eq!(a.current(), [ip("192.0.2.2")]);
+        let later = t0 + Duration::from_secs(30) + GRACE + Duration::from_secs(1);
+        assert!(!a.contains(ip("192.0.2.1"), later));
+        assert!(a.contains(ip("192.0.2.2"), later));
+    }
+
+    #[test]
+    fn an_answer_is_fresh_for_its_ttl_and_asks_for_refresh_late_in_it() {
+        let t0 = Instant::now();
+        let mut cache = Cache::default();
+        cache.store(NAME, vec![ip("192.0.2.1")], Duration::from_secs(8), t0);
+        let at = |s: u64| cache.get(NAME, t0 + Duration::from_secs(s));
+        assert!(matches!(at(0), Cached::Fresh { refresh: false, .. }));
+        assert!(matches!(at(5), Cached::Fresh { refresh: false, .. }));
+        assert!(matches!(at(6), Cached::Fresh { refresh: true, .. }));
+        assert_eq!(at(8), Cached::Miss);
+        // A TTL of 0 still holds for MIN_TTL.
+        cache.store("b.example.test", vec![ip("192.0.2.1")], Duration::ZERO, t0);
+        assert!(matches!(
+            cache.get("b.example.test", t0 + MIN_TTL / 2),
+            Cached::Fresh { .. }
+        ));
+        assert_eq!(cache.get("b.example.test", t0 + MIN_TTL), Cached::Miss);
+    }
+
+    #[test]
+    fn failures_are_remembered_briefly_and_never_hide_a_fresh_answer() {
+        let t0 = Instant::now();
+        let mut cache = Cache::default();
+        assert_eq!(
+            cache.store_failure(NAME, LookupError::NxDomain, t0),
+            Cached::Negative(LookupError::NxDomain)
+        );
+        assert_eq!(
+            cache.get(NAME, t0 + NEGATIVE_TTL / 2),
+            Cached::Negative(LookupError::NxDomain)
+        );
+        assert_eq!(cache.get(NAME, t0 + NEGATIVE_TTL), Cached::Miss);
+        cache.store_failure("t.example.test", LookupError::Timeout, t0);
+        assert_eq!(cache.get("t.example.test", t0 + FAILURE_TTL), Cached::Miss);
+        // A name that resolves again is no longer negative.
+        cache.store(NAME, vec![ip("192.0.2.1")], Duration::from_secs(10), t0);
+        assert!(matches!(cache.get(NAME, t0), Cached::Fresh { .. }));
+        // A refresh that fails keeps the answer until its TTL ends.
+        let t1 = t0 + Duration::from_secs(8);
+        assert!(matches!(
+            cache.store_failure(NAME, LookupError::Failed, t1),
+            Cached::Fresh { .. }
+        ));
+        assert!(matches!(cache.get(NAME, t1), Cached::Fresh { .. }));
+        let t2 = t0 + Duration::from_secs(10);
+        cache.store_failure(NAME, LookupError::Failed, t2);
+        assert_eq!(cache.get(NAME, t2), Cached::Negative(LookupError::Failed));
+    }
+
+    #[test]
+    fn both_tables_are_bounded_and_forget_the_oldest_first() {
+        let t0 = Instant::now();
+        let mut cache = Cache::with_capacity(100, 10);
+        for i in 0..250 {
+            let name = format!("n{i}.example.test");
+            cache.store(&name, vec![ip("192.0.2.1")], Duration::from_secs(60), t0);
+            cache.store_failure(&format!("x{i}.example.test"), LookupError::NxDomain, t0);
+            assert!(cache.names() <= 100);
+            assert!(cache.negative.len() <= 10);
+            assert!(cache.positive.order.len() <= 100);
+        }
+        assert_eq!(cache.get("n149.example.test", t0), Cached::Miss);
+        assert!(matches!(
+            cache.get("n150.example.test", t0),
+            Cached::Fresh { .. }
+        ));
+        // A flood of failing names never pushes out an answer.
+        assert!(matches!(
+            cache.get("n249.example.test", t0),
+            Cached::Fresh { .. }
+        ));
+        // Updating a name does not queue it twice.
+        for _ in 0..1000 {
+            cache.store(
+                "n249.example.test",
+                vec![ip("192.0.2.2")],
+                Duration::from_secs(60),
+                t0,
+            );
+        }
+        assert!(cache.positive.order.len() <= 100);
+    }
+
+    #[test]
+    fn lookup_results_are_indexed_in_order() {
+        for (i, r) in LookupResult::ALL.iter().enumerate() {
+            assert_eq!(r.index(), i, "{}", r.as_str());
+        }
+    }
+}

@@ -8,7 +8,8 @@ mod support;
 use std::io::Write;
 use std::time::{Duration, SystemTime};
 use support::client::{http, http_status_from, text};
-use support::netns::{RAW_V4, RAW_V6, Topology, WEB_V4, require_root};
+use support::dns::{Answer, DnsServer};
+use support::netns::{NAMESERVER, RAW_V4, RAW_V6, Topology, WEB_V4, require_root};
 use support::scrape::Scrape;
 use support::servers::{http_server, recorder};
 use support::{addr, hello, read_all, wait_until};
@@ -251,46 +252,19 @@ fn discover_turns_a_monitored_audit_log_into_a_list_that_check_accepts() {
 }
 
 #[test]
-fn with_verify_dst_an_allowed_name_reaches_only_its_own_addresses() {
+fn with_verify_dst_dns_an_allowed_name_reaches_only_its_own_addresses() {
     if !require_root() {
         return;
     }
     let mut t = Topology::new();
     let (server, _) = recorder(&t.upstream, &[addr(RAW_V4, 443), addr(WEB_V4, 443)]);
     let (_web, requests) = http_server(&t.upstream, &[addr(RAW_V4, 80), addr(WEB_V4, 80)]);
-    // The gateway's own view of DNS, in a mount namespace of its own:
-    // www.example.test is 203.0.113.10 (/etc/hosts), and the only
-    // nameserver is one that does not exist, so nothing leaves the host.
-    let hosts = t.dir.join("hosts");
-    std::fs::write(
-        &hosts,
-        format!("127.0.0.1 localhost\n{RAW_V4} www.example.test\n"),
-    )
-    .unwrap();
-    let resolv = t.dir.join("resolv.conf");
-    std::fs::write(
-        &resolv,
-        "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n",
-    )
-    .unwrap();
-    let (hosts, resolv) = (hosts.to_str().unwrap(), resolv.to_str().unwrap());
-    let own_dns = "mount --bind \"$1\" /etc/hosts && mount --bind \"$2\" /etc/resolv.conf && shift 2 && exec \"$@\"";
-    t.start_portcullis_under(
-        &[
-            "unshare",
-            "--mount",
-            "--propagation",
-            "private",
-            "sh",
-            "-c",
-            own_dns,
-            "sh",
-            hosts,
-            resolv,
-        ],
-        ALLOWLIST,
-        &["--verify-dst", "dns"],
-    );
+    // A real DNS server in the upstream namespace is the gateway's only
+    // one: www.example.test is 203.0.113.10, nowhere.example.test does
+    // not exist.
+    let dns = DnsServer::start(&[(&t.upstream, addr(NAMESERVER, 53))]);
+    dns.set("www.example.test", Answer::All(vec![RAW_V4.parse().unwrap()], 60));
+    t.start_portcullis_with_dns(NAMESERVER, ALLOWLIST, &["--verify-dst", "dns"]);
 
     // To the name's own address: forwarded.
     exchange_with(&t, RAW_V4, TLS12_HELLO);
@@ -300,12 +274,16 @@ fn with_verify_dst_an_allowed_name_reaches_only_its_own_addresses() {
     // The same allowed name to another address, as `curl --resolve
     // www.example.test:443:203.0.113.20` sends it: refused.
     assert_eq!(exchange_with(&t, WEB_V4, TLS12_HELLO), ALERT_ACCESS_DENIED);
-    // An allowed name that does not resolve at all: refused the same way.
+    // An allowed name that does not resolve at all: refused, for a reason
+    // of its own.
     let unresolvable = hello::with_server_name(TLS12_HELLO, "nowhere.example.test");
     assert_eq!(
         exchange_with(&t, RAW_V4, &unresolvable),
         ALERT_ACCESS_DENIED
     );
+    wait_until("the unresolvable audit line", Duration::from_secs(5), || {
+        audited(&t, "unresolvable").len() == 1
+    });
     // HTTP: the Host decides the same way.
     let right = text(&http(&t, "www.example.test", RAW_V4, "/right").stdout);
     assert!(right.starts_with("HTTP/1.1 200"), "{right}");
@@ -314,8 +292,8 @@ fn with_verify_dst_an_allowed_name_reaches_only_its_own_addresses() {
     assert_eq!(*requests.lock().unwrap(), ["www.example.test /right"]);
     assert_eq!(server.accepted(), 1, "nothing spoofed went upstream");
 
-    wait_until("three spoofed audit lines", Duration::from_secs(5), || {
-        audited(&t, "spoofed").len() == 3
+    wait_until("two spoofed audit lines", Duration::from_secs(5), || {
+        audited(&t, "spoofed").len() == 2
     });
     // The name matched an entry, but no entry admitted the connection:
     // no rule in the audit, no hit on it. One TLS connection and one HTTP
@@ -329,7 +307,11 @@ fn with_verify_dst_an_allowed_name_reaches_only_its_own_addresses() {
     ));
     assert!(metric(
         &t,
-        r#"portcullis_denied_total{policy="default",proto="tls",reason="spoofed"} 2"#
+        r#"portcullis_denied_total{policy="default",proto="tls",reason="spoofed"} 1"#
+    ));
+    assert!(metric(
+        &t,
+        r#"portcullis_denied_total{policy="default",proto="tls",reason="unresolvable"} 1"#
     ));
 }
 

@@ -5,6 +5,7 @@ pub mod hello {
     include!("hello.rs");
 }
 pub mod client;
+pub mod dns;
 pub mod netns;
 pub mod s3;
 pub mod scrape;

@@ -22,6 +22,8 @@ pub const RAW_V6: &str = "2001:db8:3::10";
 pub const WEB_V4: &str = "203.0.113.20";
 pub const WEB_V6: &str = "2001:db8:3::20";
 pub const ADMIN: &str = "127.0.0.1:9090";
+/// Where tests run their DNS server for the gateway: the upstream host.
+pub const NAMESERVER: &str = "198.51.100.2";
 
 static NEXT: AtomicUsize = AtomicUsize::new(0);
 
@@ -214,9 +216,58 @@ impl Topology {
         list
     }
 
+    /// Like [`Self::start_portcullis`], with the gateway's DNS its own: it
+    /// runs in a mount namespace whose `/etc/resolv.conf` names only
+    /// `nameserver` (a test's [`DnsServer`](super::dns::DnsServer)) and
+    /// whose `/etc/hosts` knows only localhost, so no query leaves the
+    /// test's namespaces.
+    pub fn start_portcullis_with_dns(&mut self, nameserver: &str, allowlist: &str, extra: &[&str]) {
+        let hosts = self.dir.join("hosts");
+        std::fs::write(&hosts, "127.0.0.1 localhost\n::1 localhost\n").unwrap();
+        let resolv = self.dir.join("resolv.conf");
+        std::fs::write(
+            &resolv,
+            format!("nameserver {nameserver}\noptions timeout:1 attempts:1\n"),
+        )
+        .unwrap();
+        let (hosts, resolv) = (hosts.to_str().unwrap(), resolv.to_str().unwrap());
+        let own_dns = "mount --bind \"$1\" /etc/hosts && mount --bind \"$2\" /etc/resolv.conf && shift 2 && exec \"$@\"";
+        let wrapper = [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            own_dns,
+            "sh",
+            hosts,
+            resolv,
+        ];
+        let list = self.write_list(allowlist);
+        let mut args = vec!["--allowlist", list.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        self.spawn(&wrapper, &args, &[]);
+    }
+
     /// Starts `portcullis run ARGS` in the gateway ns with `env` added and
     /// waits until its health endpoint answers (ready or not).
+    ///
+    /// Unless ARGS say otherwise, with `--verify-dst off`: these tests name
+    /// hosts no DNS server knows and dial them where the test says, to test
+    /// the data path. The default, `pin`, is tested against a real DNS
+    /// server ([`Self::start_portcullis_with_dns`], tests/pinning.rs).
     pub fn launch(&mut self, wrapper: &[&str], args: &[&str], env: &[(&str, &str)]) {
+        let mut args = args.to_vec();
+        if !args.contains(&"--verify-dst") {
+            args.extend(["--verify-dst", "off"]);
+        }
+        self.spawn(wrapper, &args, env);
+    }
+
+    /// Starts `portcullis run ARGS`, nothing added, and waits until its
+    /// health endpoint answers.
+    fn spawn(&mut self, wrapper: &[&str], args: &[&str], env: &[(&str, &str)]) {
         let open = |path: PathBuf| {
             std::fs::OpenOptions::new()
                 .create(true)

@@ -184,6 +184,7 @@ pub struct Settings {
     pub refresh: Option<Duration>,
     pub cache_dir: Option<PathBuf>,
     pub allow_empty: Option<bool>,
+    pub strict: Option<bool>,
     pub mode: Option<ModeName>,
     #[serde(default, deserialize_with = "time")]
     pub monitor_until: Option<SystemTime>,
@@ -346,6 +347,7 @@ impl Settings {
             refresh: over.refresh.or(self.refresh),
             cache_dir: over.cache_dir.or(self.cache_dir),
             allow_empty: over.allow_empty.or(self.allow_empty),
+            strict: over.strict.or(self.strict),
             mode: over.mode.or(self.mode),
             monitor_until: over.monitor_until.or(self.monitor_until),
             verify_dst: over.verify_dst.or(self.verify_dst),
@@ -426,6 +428,7 @@ impl Settings {
             .cache_dir
             .unwrap_or_else(|| PathBuf::from(DEFAULT_CACHE_DIR));
         let allow_empty = self.allow_empty.unwrap_or(false);
+        let strict = self.strict.unwrap_or(false);
         let policies = sources
             .into_iter()
             .map(|(name, source)| PolicyConfig {
@@ -434,6 +437,7 @@ impl Settings {
                     refresh,
                     cache_dir: policy_cache_dir(&cache_dir, &name),
                     allow_empty,
+                    strict,
                 },
                 name,
             })

@@ -105,7 +105,10 @@ pub fn decide(f: &Facts<'_>) -> Step {
 }
 
 enum Checked<'a> {
-    Admit { upstream: SocketAddr, rule: &'a Rule },
+    Admit {
+        upstream: SocketAddr,
+        rule: &'a Rule,
+    },
     Refuse(Reason),
     Resolve,
 }
@@ -155,8 +158,18 @@ fn check<'a>(f: &Facts<'a>, target: SocketAddr) -> Checked<'a> {
 
 /// One of the name's current addresses, on the client's port, of the
 /// client's address family if it has one.
-fn pin_to(addresses: &Addresses, dst: SocketAddr, guard: &Guard, pick: usize) -> Option<SocketAddr> {
-    let usable = || addresses.current().iter().filter(|ip| guard.check(**ip).is_none());
+fn pin_to(
+    addresses: &Addresses,
+    dst: SocketAddr,
+    guard: &Guard,
+    pick: usize,
+) -> Option<SocketAddr> {
+    let usable = || {
+        addresses
+            .current()
+            .iter()
+            .filter(|ip| guard.check(**ip).is_none())
+    };
     let same_family = usable().filter(|ip| ip.is_ipv4() == dst.is_ipv4()).count();
     let ip = if same_family > 0 {
         usable()
@@ -302,7 +315,11 @@ mod tests {
         let list = w.live.current();
         for verify in [VerifyDst::Off, VerifyDst::Dns, VerifyDst::Pin] {
             for enforcing in [true, false] {
-                for dst in ["169.254.169.254:80", "192.0.2.1:443", "[::ffff:127.0.0.1]:443"] {
+                for dst in [
+                    "169.254.169.254:80",
+                    "192.0.2.1:443",
+                    "[::ffff:127.0.0.1]:443",
+                ] {
                     let f = Facts {
                         dst: addr(dst),
                         enforcing,
@@ -360,7 +377,12 @@ mod tests {
         };
         assert_eq!(admitted(decide(&f)).upstream, addr("[2001:db8:3::10]:443"));
         // An address seen in an earlier answer still counts.
-        let later = Addresses::new(vec![ip("203.0.113.12")], Duration::from_secs(5), w.now, Some(&a));
+        let later = Addresses::new(
+            vec![ip("203.0.113.12")],
+            Duration::from_secs(5),
+            w.now,
+            Some(&a),
+        );
         let f = Facts {
             dst: addr("203.0.113.10:443"),
             addresses: Some(Ok(&later)),

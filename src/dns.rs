@@ -437,7 +437,9 @@ impl Resolver {
                 if ips.is_empty() {
                     return Err(LookupError::NoAddresses);
                 }
-                let ttl = answer.valid_until().saturating_duration_since(Instant::now());
+                let ttl = answer
+                    .valid_until()
+                    .saturating_duration_since(Instant::now());
                 Ok((ips, ttl))
             }
         }

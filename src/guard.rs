@@ -196,12 +196,19 @@ mod tests {
 
     #[test]
     fn the_hosts_own_addresses_are_forbidden_in_every_spelling() {
-        let guard = Guard::with_addresses([ip("192.0.2.1"), ip("2001:db8:1::1"), ip("192.0.2.255")]);
+        let guard =
+            Guard::with_addresses([ip("192.0.2.1"), ip("2001:db8:1::1"), ip("192.0.2.255")]);
         assert_eq!(guard.check(ip("192.0.2.1")), Some(Forbidden::Gateway));
-        assert_eq!(guard.check(ip("::ffff:192.0.2.1")), Some(Forbidden::Gateway));
+        assert_eq!(
+            guard.check(ip("::ffff:192.0.2.1")),
+            Some(Forbidden::Gateway)
+        );
         assert_eq!(guard.check(ip("2001:db8:1::1")), Some(Forbidden::Gateway));
         assert_eq!(guard.check(ip("192.0.2.255")), Some(Forbidden::Gateway));
-        assert_eq!(guard.check(ip("169.254.169.254")), Some(Forbidden::LinkLocal));
+        assert_eq!(
+            guard.check(ip("169.254.169.254")),
+            Some(Forbidden::LinkLocal)
+        );
         assert_eq!(guard.check(ip("192.0.2.2")), None);
         assert_eq!(guard.check(ip("203.0.113.10")), None);
     }

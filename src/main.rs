@@ -1,7 +1,7 @@
 //! Command line: parse flags, set up logging, map results to exit codes.
 
 use clap::{Args, Parser, Subcommand};
-use portcullis::allowlist::{Allowlist, Source, load_once};
+use portcullis::allowlist::{Allowlist, Source, load_once, shared_suffixes, system_suffixes};
 use portcullis::config::{ModeName, Settings, VerifyDst, parse_duration, parse_time};
 use portcullis::detect::tls::TlsVersion;
 use portcullis::discover::Tally;
@@ -38,6 +38,9 @@ enum Command {
         /// Take the allowlists from this config file (and check the file itself).
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Exit 1 on entries that cover a shared public suffix (anyone can create names under it), not only warn.
+        #[arg(long)]
+        strict: bool,
     },
     /// Propose an allowlist from audit logs (e.g. a week of --mode monitor), on stdout.
     Discover {
@@ -106,6 +109,9 @@ struct RunArgs {
     /// Accept an empty list replacing a non-empty one [refused]
     #[arg(long)]
     allow_empty: bool,
+    /// Refuse a list with an entry that covers a shared public suffix such as .s3.amazonaws.com [warn]
+    #[arg(long)]
+    strict: bool,
     /// enforce: refuse what the policy denies; monitor: forward it, and log and count it as would_deny [enforce]
     #[arg(long, value_enum)]
     mode: Option<ModeName>,
@@ -135,6 +141,7 @@ impl RunArgs {
             refresh: self.refresh,
             cache_dir: self.cache_dir,
             allow_empty: self.allow_empty.then_some(true),
+            strict: self.strict.then_some(true),
             mode: self.mode,
             monitor_until: self.monitor_until,
             verify_dst: self.verify_dst,
@@ -161,7 +168,11 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Run(args) => run(*args),
-        Command::Check { source, config } => check(source, config),
+        Command::Check {
+            source,
+            config,
+            strict,
+        } => check(source, config, strict),
         Command::Match { source, names } => match_names(&source, &names),
         Command::Discover { logs, policy } => discover(&logs, policy.as_deref()),
     };
@@ -203,7 +214,11 @@ fn load(source: &Source) -> anyhow::Result<Allowlist> {
     Ok(runtime.block_on(load_once(source))?)
 }
 
-fn check(source: Option<String>, config: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+fn check(
+    source: Option<String>,
+    config: Option<PathBuf>,
+    strict: bool,
+) -> anyhow::Result<ExitCode> {
     let file = match &config {
         Some(path) => Settings::from_file(path)?,
         None => Settings::default(),
@@ -215,12 +230,24 @@ fn check(source: Option<String>, config: Option<PathBuf>) -> anyhow::Result<Exit
             all.into_iter().map(|(name, s)| (Some(name), s)).collect()
         }
     };
+    let mut shared = 0;
     for (policy, source) in sources {
         let list = load(&source)?;
+        for entry in shared_suffixes(&list, system_suffixes()) {
+            shared += 1;
+            eprintln!(
+                "portcullis: warning: {source}: line {}: {entry}",
+                entry.line
+            );
+        }
         match policy {
             Some(policy) => println!("{source}: ok, {} entries (policy {policy})", list.len()),
             None => println!("{source}: ok, {} entries", list.len()),
         }
+    }
+    if strict && shared > 0 {
+        eprintln!("portcullis: {shared} entries cover a shared public suffix (--strict)");
+        return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -4,14 +4,14 @@
 use crate::allowlist::{Live, LoadError, Reloader};
 use crate::audit::{self, AuditLog};
 use crate::config::{Config, Mode, VerifyDst};
+use crate::dns::Resolver;
 use crate::drain::{Signals, Stop};
+use crate::guard::Guard;
 use crate::net::listener;
 use crate::policy::{Policies, Policy};
 use crate::proxy::{self, Context};
 use crate::telemetry::{self, Exporter};
 use crate::verdict::Proto;
-use crate::dns::Resolver;
-use crate::guard::Guard;
 use std::io;
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::sync::Arc;

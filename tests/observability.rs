@@ -270,13 +270,15 @@ fn metrics_and_audit_account_for_every_allowed_and_refused_connection() {
         let src = r["src"].as_str().unwrap();
         assert!(src.starts_with(&format!("{CLIENT_V4}:")), "{src}");
         assert!(r["duration_ms"].is_u64(), "{r}");
-        assert_eq!(r.as_object().unwrap().len(), 14, "{r}");
+        assert_eq!(r.as_object().unwrap().len(), 15, "{r}");
         assert_eq!(r["policy"], "default", "{r}");
         assert!(r["would_deny"].is_null(), "enforce mode: {r}");
     }
     let www = about(&records, Some("www.example.test"));
     let tls_www = www.iter().find(|r| r["proto"] == "tls").expect("tls www");
     assert_eq!(tls_www["dst"], format!("{WEB_V4}:443"));
+    // --verify-dst off here: where the client dialled.
+    assert_eq!(tls_www["upstream"], format!("{WEB_V4}:443"));
     assert_eq!(
         (&tls_www["verdict"], &tls_www["reason"], &tls_www["rule"]),
         (

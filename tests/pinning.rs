@@ -106,7 +106,11 @@ fn by_default_a_spoofed_destination_is_never_contacted_and_the_client_reaches_th
     let out = text(&http(&t, "www.example.test", RAW_V4, "/x").stdout);
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
     assert_eq!(*requests.lock().unwrap(), ["www.example.test /x"]);
-    assert_eq!(attacker.accepted(), 0, "the spoofed destination was contacted");
+    assert_eq!(
+        attacker.accepted(),
+        0,
+        "the spoofed destination was contacted"
+    );
 
     // The audit says where each connection really went.
     wait_until("six audit lines", Duration::from_secs(5), || {
@@ -126,10 +130,16 @@ fn by_default_a_spoofed_destination_is_never_contacted_and_the_client_reaches_th
     }
     let m = Scrape::take(&t);
     assert_eq!(m.get("portcullis_repinned_total", &[("proto", "tls")]), 3.0);
-    assert_eq!(m.get("portcullis_repinned_total", &[("proto", "http")]), 1.0);
+    assert_eq!(
+        m.get("portcullis_repinned_total", &[("proto", "http")]),
+        1.0
+    );
     // One lookup for the name (its A and AAAA queries); every other
     // connection was answered from the cache.
-    assert_eq!(m.get("portcullis_dns_lookups_total", &[("result", "ok")]), 1.0);
+    assert_eq!(
+        m.get("portcullis_dns_lookups_total", &[("result", "ok")]),
+        1.0
+    );
     assert_eq!(m.get("portcullis_dns_cache_hits_total", &[]), 5.0);
     assert_eq!(dns.asked("www.example.test"), 2);
 }
@@ -173,15 +183,27 @@ fn a_rotating_name_is_never_refused_by_pin_where_dns_mode_refuses_it() {
     // Four servers for one name, one address per answer, TTL 1 s, as S3
     // answers: the client and the gateway ask the same server and get
     // different addresses.
-    let v4 = ["203.0.113.31", "203.0.113.32", "203.0.113.33", "203.0.113.34"];
+    let v4 = [
+        "203.0.113.31",
+        "203.0.113.32",
+        "203.0.113.33",
+        "203.0.113.34",
+    ];
     let v6 = ["2001:db8:3::31", "2001:db8:3::32"];
     for a in v4 {
         t.upstream
             .ip(&["addr", "add", &format!("{a}/32"), "dev", "lo"]);
     }
     for a in v6 {
-        t.upstream
-            .ip(&["-6", "addr", "add", &format!("{a}/128"), "dev", "lo", "nodad"]);
+        t.upstream.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{a}/128"),
+            "dev",
+            "lo",
+            "nodad",
+        ]);
     }
     let all: Vec<SocketAddr> = v4.iter().chain(&v6).map(|a| addr(a, 80)).collect();
     let (_web, _) = http_server(&t.upstream, &all);
@@ -230,7 +252,10 @@ fn a_rotating_name_is_never_refused_by_pin_where_dns_mode_refuses_it() {
     t.start_portcullis_with_dns(NAMESERVER, ALLOWLIST, &["--verify-dst", "dns"]);
     let (served, refused) = run(&t, 36, false);
     eprintln!("--verify-dst dns: {served} served, {refused} refused of 36");
-    assert!(refused >= 1, "dns mode refused none: the test shows nothing");
+    assert!(
+        refused >= 1,
+        "dns mode refused none: the test shows nothing"
+    );
 }
 
 #[test]
@@ -243,7 +268,10 @@ fn names_that_do_not_resolve_are_refused_fast_and_cnames_resolve_as_a_client_wou
     let (edge, seen) = recorder(&t.upstream, &[addr(WEB_V4, 443)]);
     let mut dns = dns_for_gateway(&t);
     // A CNAME chain out of the list's domain: the target need not be listed.
-    dns.set("assets.example.test", Answer::Alias("assets.cdn.test".into()));
+    dns.set(
+        "assets.example.test",
+        Answer::Alias("assets.cdn.test".into()),
+    );
     dns.set("assets.cdn.test", Answer::Alias("edge7.cdn.test".into()));
     dns.set("edge7.cdn.test", Answer::All(vec![ip(WEB_V4)], 60));
     dns.set("v6only.example.test", Answer::All(vec![ip(WEB_V6)], 60));
@@ -263,7 +291,11 @@ fn names_that_do_not_resolve_are_refused_fast_and_cnames_resolve_as_a_client_wou
         hello_to(&t, RAW_V4, "nowhere.example.test"),
         ALERT_ACCESS_DENIED
     );
-    assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
     let answer = text(&http(&t, "nowhere.example.test", RAW_V4, "/").stdout);
     assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
     assert!(answer.contains("could not be resolved"), "{answer}");
@@ -277,7 +309,10 @@ fn names_that_do_not_resolve_are_refused_fast_and_cnames_resolve_as_a_client_wou
         ALERT_ACCESS_DENIED
     );
     let took = started.elapsed();
-    assert!(took < Duration::from_secs(3), "waited {took:?} on a dead resolver");
+    assert!(
+        took < Duration::from_secs(3),
+        "waited {took:?} on a dead resolver"
+    );
     // A name already known is still served from the cache meanwhile.
     assert!(hello_to(&t, RAW_V4, "assets.example.test").is_empty());
     assert_eq!(attacker.accepted(), 0, "an unresolved name was forwarded");
@@ -291,10 +326,17 @@ fn names_that_do_not_resolve_are_refused_fast_and_cnames_resolve_as_a_client_wou
     });
     let m = Scrape::take(&t);
     for (proto, n) in [("tls", 2.0), ("http", 1.0)] {
-        let labels = [("policy", "default"), ("proto", proto), ("reason", "unresolvable")];
+        let labels = [
+            ("policy", "default"),
+            ("proto", proto),
+            ("reason", "unresolvable"),
+        ];
         assert_eq!(m.get("portcullis_denied_total", &labels), n, "{proto}");
     }
-    assert_eq!(m.get("portcullis_dns_lookups_total", &[("result", "nxdomain")]), 1.0);
+    assert_eq!(
+        m.get("portcullis_dns_lookups_total", &[("result", "nxdomain")]),
+        1.0
+    );
     let failed = m.get("portcullis_dns_lookups_total", &[("result", "timeout")])
         + m.get("portcullis_dns_lookups_total", &[("result", "error")]);
     assert_eq!(failed, 1.0);
@@ -324,7 +366,10 @@ fn a_kept_alive_connection_never_turns_to_another_hosts_servers() {
     let dns = dns_for_gateway(&t);
     dns.set("a.example.test", Answer::All(vec![ip(WEB_V4)], 60));
     // A shared CDN address serves both names.
-    dns.set("c.example.test", Answer::All(vec![ip(RAW_V4), ip(WEB_V4)], 60));
+    dns.set(
+        "c.example.test",
+        Answer::All(vec![ip(RAW_V4), ip(WEB_V4)], 60),
+    );
     dns.set("b.example.test", Answer::All(vec![ip(RAW_V4)], 60));
     t.start_portcullis_with_dns(NAMESERVER, ALLOWLIST, &[]);
 
@@ -340,12 +385,17 @@ fn a_kept_alive_connection_never_turns_to_another_hosts_servers() {
     assert!(refused.contains("b.example.test"), "{refused}");
     assert_eq!(
         *web_log.lock().unwrap(),
-        ["a.example.test /a.example.test", "c.example.test /c.example.test"]
+        [
+            "a.example.test /a.example.test",
+            "c.example.test /c.example.test"
+        ]
     );
     assert!(other_log.lock().unwrap().is_empty());
-    wait_until("the connection's audit line", Duration::from_secs(5), || {
-        !audited(&t, "b.example.test").is_empty()
-    });
+    wait_until(
+        "the connection's audit line",
+        Duration::from_secs(5),
+        || !audited(&t, "b.example.test").is_empty(),
+    );
     let line = &audited(&t, "b.example.test")[0];
     assert_eq!(line["reason"], "spoofed", "{line}");
 }
@@ -366,13 +416,30 @@ fn destinations_the_gateway_never_reaches_are_refused_in_every_mode() {
     let dns = dns_for_gateway(&t);
     // DNS rebinding: allowed names whose addresses are the gateway's own
     // or link-local.
-    dns.set("rebind.example.test", Answer::All(vec![ip("127.0.0.1")], 60));
-    dns.set("own.example.test", Answer::All(vec![ip("198.51.100.1")], 60));
-    dns.set("imds.example.test", Answer::All(vec![ip("169.254.169.254")], 60));
+    dns.set(
+        "rebind.example.test",
+        Answer::All(vec![ip("127.0.0.1")], 60),
+    );
+    dns.set(
+        "own.example.test",
+        Answer::All(vec![ip("198.51.100.1")], 60),
+    );
+    dns.set(
+        "imds.example.test",
+        Answer::All(vec![ip("169.254.169.254")], 60),
+    );
 
     for extra in [&[][..], &["--mode", "monitor", "--verify-dst", "off"][..]] {
         t.start_portcullis_with_dns(NAMESERVER, ALLOWLIST, extra);
-        let answer = text(&http(&t, "www.example.test", "169.254.169.254", "/latest/meta-data/").stdout);
+        let answer = text(
+            &http(
+                &t,
+                "www.example.test",
+                "169.254.169.254",
+                "/latest/meta-data/",
+            )
+            .stdout,
+        );
         assert!(answer.starts_with("HTTP/1.1 403"), "{extra:?}: {answer}");
         // The gateway's address on its upstream side, not the one dialled
         // through (that is a loop).
@@ -385,7 +452,11 @@ fn destinations_the_gateway_never_reaches_are_refused_in_every_mode() {
     }
     // Pinning never takes a name to a forbidden address either.
     t.start_portcullis_with_dns(NAMESERVER, ALLOWLIST, &[]);
-    for name in ["rebind.example.test", "own.example.test", "imds.example.test"] {
+    for name in [
+        "rebind.example.test",
+        "own.example.test",
+        "imds.example.test",
+    ] {
         assert_eq!(hello_to(&t, RAW_V4, name), ALERT_ACCESS_DENIED, "{name}");
     }
     assert_eq!(imds.accepted(), 0, "the metadata service was reached");
@@ -417,7 +488,8 @@ fn an_h2c_upgrade_never_reaches_the_server_and_the_request_is_served_as_http_1()
             }
         }
         sink.lock().unwrap().push(text(&buf));
-        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n");
+        let _ =
+            s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n");
     });
     let dns = dns_for_gateway(&t);
     dns.set("www.example.test", Answer::All(vec![ip(WEB_V4)], 60));
@@ -435,11 +507,18 @@ fn an_h2c_upgrade_never_reaches_the_server_and_the_request_is_served_as_http_1()
         ],
     );
     let answer = text(&out.stdout);
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}{}", text(&out.stderr));
+    assert!(
+        answer.starts_with("HTTP/1.1 200"),
+        "{answer}{}",
+        text(&out.stderr)
+    );
     let heads = heads.lock().unwrap();
     assert_eq!(heads.len(), 1);
     let head = heads[0].to_ascii_lowercase();
     assert!(head.starts_with("get /h2c http/1.1\r\n"), "{head}");
-    assert!(!head.contains("h2c\r\n") && !head.contains("http2-settings"), "{head}");
+    assert!(
+        !head.contains("h2c\r\n") && !head.contains("http2-settings"),
+        "{head}"
+    );
     assert!(!head.contains("upgrade"), "{head}");
 }

@@ -263,7 +263,10 @@ fn with_verify_dst_dns_an_allowed_name_reaches_only_its_own_addresses() {
     // one: www.example.test is 203.0.113.10, nowhere.example.test does
     // not exist.
     let dns = DnsServer::start(&[(&t.upstream, addr(NAMESERVER, 53))]);
-    dns.set("www.example.test", Answer::All(vec![RAW_V4.parse().unwrap()], 60));
+    dns.set(
+        "www.example.test",
+        Answer::All(vec![RAW_V4.parse().unwrap()], 60),
+    );
     t.start_portcullis_with_dns(NAMESERVER, ALLOWLIST, &["--verify-dst", "dns"]);
 
     // To the name's own address: forwarded.
@@ -281,9 +284,11 @@ fn with_verify_dst_dns_an_allowed_name_reaches_only_its_own_addresses() {
         exchange_with(&t, RAW_V4, &unresolvable),
         ALERT_ACCESS_DENIED
     );
-    wait_until("the unresolvable audit line", Duration::from_secs(5), || {
-        audited(&t, "unresolvable").len() == 1
-    });
+    wait_until(
+        "the unresolvable audit line",
+        Duration::from_secs(5),
+        || audited(&t, "unresolvable").len() == 1,
+    );
     // HTTP: the Host decides the same way.
     let right = text(&http(&t, "www.example.test", RAW_V4, "/right").stdout);
     assert!(right.starts_with("HTTP/1.1 200"), "{right}");

@@ -15,7 +15,12 @@ mod trie;
 
 pub use cache::{Cache, Cached};
 pub use live::{InForce, Live, ReloadStats, Rule};
-pub use parse::{Entry, EntryKind, ParseError, ParseErrorKind, parse};
-pub use reload::{LoadError, Outcome, ReloadSettings, Reloader, load_once};
+pub use parse::{
+    Entry, EntryKind, ParseError, ParseErrorKind, PrivateSuffixes, SharedSuffix, parse,
+    shared_suffix, shared_suffixes,
+};
+pub use reload::{
+    LoadError, Outcome, ReloadSettings, Reloader, load_once, parse_checked, system_suffixes,
+};
 pub use source::{FetchError, Fetched, Fetcher, MAX_LIST_BYTES, Source, SourceError};
 pub use trie::Allowlist;

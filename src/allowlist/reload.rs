@@ -7,7 +7,7 @@
 use super::cache::Cache;
 use super::live::Live;
 use super::source::{FetchError, Fetched, Fetcher, Source};
-use super::{Allowlist, ParseError, parse};
+use super::{Allowlist, ParseError, ParseErrorKind, PrivateSuffixes, parse, shared_suffixes};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -28,6 +28,9 @@ pub struct ReloadSettings {
     pub cache_dir: PathBuf,
     /// Accept an empty list replacing a non-empty one.
     pub allow_empty: bool,
+    /// Refuse a list with an entry that covers a shared public suffix
+    /// (otherwise each is a warning).
+    pub strict: bool,
 }
 
 /// Why a list could not be had.
@@ -37,6 +40,30 @@ pub enum LoadError {
     Fetch { origin: Source, error: FetchError },
     #[error("{origin}: {error}")]
     Invalid { origin: Source, error: ParseError },
+}
+
+/// Parses a list and reports each entry that covers a shared public
+/// suffix: a warning naming the source and the line, or, with `strict`,
+/// the first one as the list's error.
+pub fn parse_checked(text: &str, origin: &Source, strict: bool) -> Result<Allowlist, ParseError> {
+    let list = parse(text)?;
+    for shared in shared_suffixes(&list, system_suffixes()) {
+        if strict {
+            return Err(ParseError {
+                line: shared.line,
+                kind: ParseErrorKind::SharedSuffix(shared),
+            });
+        }
+        tracing::warn!("{origin}: line {}: {shared}", shared.line);
+    }
+    Ok(list)
+}
+
+/// The system's Public Suffix List, read once: it only changes with a
+/// package upgrade, which restarts the service anyway.
+pub fn system_suffixes() -> &'static PrivateSuffixes {
+    static SYSTEM: std::sync::OnceLock<PrivateSuffixes> = std::sync::OnceLock::new();
+    SYSTEM.get_or_init(PrivateSuffixes::system)
 }
 
 /// Fetches and validates a list once: for `check`, `match` and start-up.
@@ -98,8 +125,9 @@ impl Reloader {
                 let origin = reloader.settings.source.clone();
                 match reloader.fetcher.fetch(true).await {
                     Ok(Fetched::Updated { text, .. }) => {
-                        let list =
-                            parse(&text).map_err(|error| LoadError::Invalid { origin, error })?;
+                        let strict = reloader.settings.strict;
+                        let list = parse_checked(&text, &origin, strict)
+                            .map_err(|error| LoadError::Invalid { origin, error })?;
                         tracing::info!(source = %reloader.settings.source, entries = list.len(), "allowlist loaded");
                         reloader.install(list, None);
                     }
@@ -125,7 +153,7 @@ impl Reloader {
                 return tracing::warn!(path = %cache.path().display(), error = %e, "cannot read the cached allowlist");
             }
         };
-        match parse(&cached.text) {
+        match parse_checked(&cached.text, &self.settings.source, self.settings.strict) {
             Ok(list) => {
                 tracing::info!(path = %cache.path().display(), entries = list.len(), version = cached.version.as_deref().unwrap_or(""), "starting from the cached allowlist");
                 self.fetcher.assume_version(cached.version.clone());
@@ -224,8 +252,11 @@ impl Reloader {
         };
         // Parsing a large list takes a while: keep it off the runtime's
         // worker threads so accepts and forwarding never wait for it.
-        let parsed =
-            tokio::task::spawn_blocking(move || parse(&text).map(|list| (list, text))).await;
+        let (origin, strict) = (self.settings.source.clone(), self.settings.strict);
+        let parsed = tokio::task::spawn_blocking(move || {
+            parse_checked(&text, &origin, strict).map(|list| (list, text))
+        })
+        .await;
         let (list, text) = match parsed {
             Ok(Ok(parsed)) => parsed,
             Ok(Err(e)) => return self.reject(format!("invalid list: {e}")),
@@ -291,6 +322,7 @@ mod tests {
             refresh: Duration::from_secs(60),
             cache_dir: std::env::temp_dir(),
             allow_empty: false,
+            strict: false,
         }
     }
 

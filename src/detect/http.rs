@@ -236,7 +236,10 @@ pub fn without_h2c(head: &[u8]) -> Option<Vec<u8>> {
     let value_of = |line: &'_ [u8]| -> Vec<Vec<u8>> {
         let line = line.strip_suffix(b"\n").unwrap_or(line);
         let line = line.strip_suffix(b"\r").unwrap_or(line);
-        let colon = line.iter().position(|&b| b == b':').map_or(line.len(), |c| c + 1);
+        let colon = line
+            .iter()
+            .position(|&b| b == b':')
+            .map_or(line.len(), |c| c + 1);
         line[colon..]
             .split(|&b| b == b',')
             .map(|t| trim_ows(t).to_vec())
@@ -267,7 +270,10 @@ pub fn without_h2c(head: &[u8]) -> Option<Vec<u8>> {
         match name_of(line).as_slice() {
             b"http2-settings" => {}
             b"upgrade" => {
-                let kept = value_of(line).into_iter().filter(|t| !is(t, b"h2c")).collect();
+                let kept = value_of(line)
+                    .into_iter()
+                    .filter(|t| !is(t, b"h2c"))
+                    .collect();
                 write(&mut out, b"Upgrade", kept);
             }
             b"connection" => {

@@ -192,13 +192,15 @@ impl Connection<'_> {
                 Err(_) => return Verdict::Error(ErrorKind::Io),
             };
             let refusal = match next {
-                Ok(Some(next)) => match admit(ctx, &next, rec, self.dst, Some(self.upstream_addr)).await {
-                    Ok(_) => {
-                        head = next;
-                        continue;
+                Ok(Some(next)) => {
+                    match admit(ctx, &next, rec, self.dst, Some(self.upstream_addr)).await {
+                        Ok(_) => {
+                            head = next;
+                            continue;
+                        }
+                        Err(refusal) => (refusal, Some(next.host)),
                     }
-                    Err(refusal) => (refusal, Some(next.host)),
-                },
+                }
                 Ok(None) => return Verdict::Error(ErrorKind::ClientClosed),
                 Err(Err(kind)) => return Verdict::Error(kind),
                 Err(Ok(refusal)) => (refusal, None),

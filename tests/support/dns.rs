@@ -126,7 +126,11 @@ fn answer(zone: &Mutex<Zone>, query: &[u8]) -> Option<Vec<u8>> {
         .set_recursion_available(true)
         .add_query(question.clone());
     let qtype = question.query_type();
-    let mut name = question.name().to_ascii().trim_end_matches('.').to_ascii_lowercase();
+    let mut name = question
+        .name()
+        .to_ascii()
+        .trim_end_matches('.')
+        .to_ascii_lowercase();
     let mut zone = zone.lock().unwrap();
     *zone.asked.entry(name.clone()).or_default() += 1;
     // A CNAME chain is answered whole, as a recursive resolver does.

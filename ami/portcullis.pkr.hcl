@@ -130,7 +130,7 @@ build {
   provisioner "shell" {
     execute_command = "sudo sh -eu -c '{{ .Vars }} {{ .Path }}'"
     inline = [
-      "dnf install -y iptables-nft conntrack-tools",
+      "dnf install -y iptables-nft conntrack-tools publicsuffix-list",
       "useradd --system --no-create-home --home-dir /var/lib/portcullis --shell /sbin/nologin portcullis",
       "cd /tmp/portcullis",
       "install -m 0755 portcullis /usr/bin/portcullis",

@@ -18,7 +18,7 @@ install_missing() {
   apt-get install -y -qq --no-install-recommends "${newly_installed[@]}" >/dev/null
 }
 
-install_missing ca-certificates curl openssl iproute2 iptables procps util-linux python3 python3-venv \
+install_missing ca-certificates curl openssl iproute2 iptables procps util-linux python3 python3-venv publicsuffix \
   shellcheck gcc libc6-dev systemd
 
 if ! command -v cargo >/dev/null 2>&1 && [ -x "$HOME/.cargo/bin/cargo" ]; then

@@ -28,12 +28,55 @@ fn stderr_lines(out: &Output) -> Vec<String> {
 #[test]
 fn check_accepts_the_shipped_example() {
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/allowlist.txt");
-    let out = portcullis(&["check", example]);
+    let out = portcullis(&["check", "--strict", example]);
     assert_eq!(
         out.status.code(),
         Some(0),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stderr_lines(&out).is_empty(), "{:?}", stderr_lines(&out));
+}
+
+#[test]
+fn check_warns_of_entries_anyone_can_create_names_under_and_strict_refuses_them() {
+    let path = list_file(
+        "shared.txt",
+        "# buckets\n.s3.amazonaws.com\nmy-bucket.s3.amazonaws.com\n.github.io\n.example.com\n",
+    );
+    let path = path.to_str().unwrap();
+    let out = portcullis(&["check", path]);
+    assert_eq!(out.status.code(), Some(0), "loading still works");
+    let lines = stderr_lines(&out);
+    assert_eq!(lines.len(), 2, "one warning per entry: {lines:?}");
+    for (line, (number, suffix)) in lines
+        .iter()
+        .zip([(2, "s3.amazonaws.com"), (4, "github.io")])
+    {
+        assert!(
+            line.contains(&format!("{path}: line {number}: "))
+                && line.contains(&format!("covers {suffix}"))
+                && line.contains("list the hosts you use instead"),
+            "{line}"
+        );
+    }
+    let strict = portcullis(&["check", "--strict", path]);
+    assert_eq!(strict.status.code(), Some(1));
+    assert_eq!(
+        stderr_lines(&strict).len(),
+        3,
+        "{:?}",
+        stderr_lines(&strict)
+    );
+
+    // Running with --strict refuses such a list at start, naming the line.
+    let run = portcullis(&["run", "--strict", "--allowlist", path]);
+    assert_eq!(run.status.code(), Some(1));
+    let lines = stderr_lines(&run);
+    let last = lines.last().unwrap();
+    assert!(
+        last.contains(&format!("{path}: line 2: ")) && last.contains("strict"),
+        "{lines:?}"
     );
 }
 

@@ -40,6 +40,10 @@ locals {
       refresh           = var.refresh
       policy_tables     = local.policy_tables
       max_connections   = var.max_connections
+      verify_dst        = var.verify_dst
+      mode              = var.mode
+      monitor_until     = var.monitor_until == null ? "" : "      monitor-until = \"${var.monitor_until}\""
+      min_tls           = var.min_tls
       private_cidrs     = join(" ", local.private_cidrs)
       private_cidrs6    = join(" ", var.private_cidrs6)
       monitoring_cidrs  = join(" ", var.monitoring_cidrs)
@@ -165,6 +169,13 @@ resource "aws_launch_template" "gateway" {
 
   iam_instance_profile {
     arn = aws_iam_instance_profile.gateway.arn
+  }
+
+  lifecycle {
+    precondition {
+      condition     = var.monitor_until == null || var.mode == "monitor"
+      error_message = "monitor_until needs mode = \"monitor\"."
+    }
   }
 
   network_interfaces {

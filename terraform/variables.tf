@@ -101,6 +101,50 @@ variable "max_connections" {
   description = "Connections each gateway serves at once; more are refused."
 }
 
+variable "verify_dst" {
+  type        = string
+  default     = "pin"
+  description = "What an allowed name's DNS says about where its bytes may go: pin (to the dialled address when it is one of the name's, else to one of the name's own; a spoofed destination is never contacted), dns (refuse a mismatch), or off (trust the client's address: any host can reach any address by naming an allowed host)."
+
+  validation {
+    condition     = contains(["pin", "dns", "off"], var.verify_dst)
+    error_message = "verify_dst must be pin, dns or off."
+  }
+}
+
+variable "mode" {
+  type        = string
+  default     = "enforce"
+  description = "enforce refuses what the policy denies; monitor forwards it and logs and counts it as would_deny (to roll out a list without breaking anything)."
+
+  validation {
+    condition     = contains(["enforce", "monitor"], var.mode)
+    error_message = "mode must be enforce or monitor."
+  }
+}
+
+variable "monitor_until" {
+  type        = string
+  default     = null
+  description = "With mode = \"monitor\": enforce from this date (midnight UTC, 2026-12-31) or RFC 3339 time on, so monitor mode cannot stay on by accident."
+
+  validation {
+    condition     = var.monitor_until == null || can(regex("^[0-9]{4}-[0-9]{2}-[0-9]{2}(T[0-9]{2}:[0-9]{2}:[0-9]{2}(\\.[0-9]+)?(Z|[+-][0-9]{2}:[0-9]{2}))?$", var.monitor_until))
+    error_message = "monitor_until must be a date such as 2026-12-31 or a time such as 2026-12-31T18:00:00Z."
+  }
+}
+
+variable "min_tls" {
+  type        = string
+  default     = "1.2"
+  description = "Refuse TLS whose highest offered version is below this."
+
+  validation {
+    condition     = contains(["1.0", "1.1", "1.2", "1.3"], var.min_tls)
+    error_message = "min_tls must be 1.0, 1.1, 1.2 or 1.3."
+  }
+}
+
 variable "allow_forward" {
   type        = list(string)
   default     = []

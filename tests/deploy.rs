@@ -285,7 +285,7 @@ fn written_file(user_data: &str, path: &str) -> String {
         .collect()
 }
 
-pub const USER_DATA_VALUES: [(&str, &str); 11] = [
+pub const USER_DATA_VALUES: [(&str, &str); 15] = [
     (
         "allowlist_url",
         "s3://egress-config/portcullis/allowlist.txt",
@@ -297,6 +297,11 @@ pub const USER_DATA_VALUES: [(&str, &str); 11] = [
         "      [policy.build-7]\n      sources = [\"10.20.7.7\"]\n      allowlist = \"s3://egress-config/k/b.txt\"\n      [policy.ci]\n      sources = [\"10.20.128.0/17\",\"2001:db8:20:80::/57\"]\n      allowlist = \"s3://egress-config/portcullis/ci.txt\"",
     ),
     ("max_connections", "50000"),
+    ("verify_dst", "pin"),
+    ("mode", "monitor"),
+    // As terraform/main.tf renders var.monitor_until when set.
+    ("monitor_until", "      monitor-until = \"2026-12-31\""),
+    ("min_tls", "1.3"),
     ("private_cidrs", "10.20.0.0/16"),
     ("private_cidrs6", "2001:db8:20::/56"),
     ("monitoring_cidrs", "10.30.0.0/24"),
@@ -327,6 +332,19 @@ fn user_data_is_valid_cloud_config_carrying_a_valid_portcullis_config() {
     assert_eq!(source, "s3://egress-config/portcullis/allowlist.txt");
     let config = settings.into_config().expect("a complete config");
     assert_eq!(config.max_connections, 50_000);
+    assert_eq!(config.verify_dst, portcullis::config::VerifyDst::Pin);
+    assert_eq!(
+        config.mode,
+        portcullis::config::Mode::Monitor {
+            until: Some(portcullis::config::parse_time("2026-12-31").unwrap())
+        }
+    );
+    assert_eq!(
+        config.limits.min_tls,
+        "1.3"
+            .parse::<portcullis::detect::tls::TlsVersion>()
+            .unwrap()
+    );
     let policies: Vec<String> = config
         .policies
         .iter()

@@ -28,6 +28,8 @@ NOT_ATTRIBUTABLE = {"cpu_s_per_gib", "cpu_s_per_10k_conn", "user_cpu_s_per_10k_c
 # Not proxies under test but references: routing alone, and a proxy that
 # only moves the bytes (which runs only the stream workloads).
 REFERENCES = ("kernel", "relay")
+# portcullis with --verify-dst off: against the default, what pinning costs.
+UNPINNED = "portcullis_off"
 
 
 def measured(runs, gateway, key):
@@ -46,7 +48,7 @@ def main():
     runs = {g: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for g, rs in rounds.items()}
     n_rounds = min(len(rs) for rs in rounds.values())
     gateways = list(runs)
-    peers = [g for g in gateways if g not in REFERENCES + ("portcullis",)]
+    peers = [g for g in gateways if g not in REFERENCES + ("portcullis", UNPINNED)]
     with open(svg, "w") as out:
         out.write(chart(runs, f"Linux {kernel}, {cpu}"))
 
@@ -86,12 +88,22 @@ def main():
     if all("busy_pct_down1" in r for r in runs.values()):
         busy = [f"{g} {runs[g]['busy_pct_down1']:.0f}%" for g in gateways]
         print("\nMachine CPU busy during the single stream (client, server and gateway share it): " + ", ".join(busy) + ".")
+    if UNPINNED in runs and "conn_per_s" in p and "conn_per_s" in runs[UNPINNED]:
+        off = runs[UNPINNED]
+        rate = p["conn_per_s"] / off["conn_per_s"]
+        p99_us = 1000 * (p["ttfb_p99_ms"] - off["ttfb_p99_ms"])
+        p50_us = 1000 * (p["ttfb_p50_ms"] - off["ttfb_p50_ms"])
+        print(
+            f"\nWhat pinning costs (portcullis, its default --verify-dst pin, against {UNPINNED}, "
+            f"--verify-dst off; every name a DNS cache hit after its first connection): "
+            f"connections/s x{rate:.3f}, time to first byte p50 {p50_us:+.0f} us, p99 {p99_us:+.0f} us."
+        )
     if "kernel" in runs:
         added = [f"{g} +{runs[g]['ttfb_p50_ms'] - runs['kernel']['ttfb_p50_ms']:.3f} ms" for g in gateways if g != "kernel" and "ttfb_p50_ms" in runs[g]]
         print("\nTime to first byte added over the kernel alone (p50): " + ", ".join(added) + ".")
 
 
-COLOURS = {"kernel": "#9e9e9e", "relay": "#bdbdbd", "portcullis": "#1565c0", "nginx": "#2e7d32", "haproxy": "#ef6c00", "squid": "#6a1b9a"}
+COLOURS = {"kernel": "#9e9e9e", "relay": "#bdbdbd", "portcullis": "#1565c0", "portcullis_off": "#64b5f6", "nginx": "#2e7d32", "haproxy": "#ef6c00", "squid": "#6a1b9a"}
 
 
 def chart(runs, machine):

@@ -11,7 +11,11 @@
 #                 no log; what a proxy that only moves the bytes reaches.
 #                 Stream workloads only: a thread per connection says
 #                 nothing about connection rates
-#   (b) portcullis
+#   (b) portcullis with its defaults: --verify-dst pin, so every admitted
+#                 name is resolved (a real DNS server, dnsmasq, answers the
+#                 gateway from the upstream host; after the first connection
+#                 each name is a cache hit)
+#       portcullis_off  the same with --verify-dst off: what pinning costs
 #   (c) nginx     stream + ssl_preread, a map of allowed names
 #   (d) haproxy   req.ssl_sni, a backend per allowed name
 #   (e) squid     intercept, ssl_bump peek then splice by ssl::server_name
@@ -57,7 +61,7 @@ if [ ! -e /usr/sbin/policy-rc.d ]; then
   chmod +x /usr/sbin/policy-rc.d
   own_policy=1
 fi
-install_missing nginx libnginx-mod-stream haproxy squid-openssl || status=$?
+install_missing nginx libnginx-mod-stream haproxy squid-openssl dnsmasq-base || status=$?
 [ -z "$own_policy" ] || rm -f /usr/sbin/policy-rc.d
 [ "${status:-0}" -eq 0 ] || exit "$status"
 if [ ${#newly_installed[@]} -gt 0 ]; then
@@ -86,6 +90,17 @@ disown # killed with the namespace, not reported
 
 ANSWER=answer.bench.example SINK=sink.bench.example SOURCE=source.bench.example
 printf '.bench.example\n' >"$work/allowlist.txt"
+
+# The gateway's DNS: a real server on the upstream host that knows each
+# name's server, as the VPC resolver would. portcullis sees only it: it runs
+# in a mount namespace whose /etc/resolv.conf names this server alone.
+ip netns exec $U dnsmasq --keep-in-foreground --no-resolv --no-hosts --bind-interfaces \
+  --listen-address=198.51.100.2 --user=root --pid-file="$work/dnsmasq.pid" --local-ttl=300 \
+  --host-record=$ANSWER,203.0.113.10 --host-record=$SINK,203.0.113.11 --host-record=$SOURCE,203.0.113.12 \
+  2>"$work/dnsmasq.log" &
+disown # killed with the namespace, not reported
+printf 'nameserver 198.51.100.2\noptions timeout:1 attempts:1\n' >"$work/resolv.conf"
+printf '127.0.0.1 localhost\n' >"$work/hosts"
 
 # Gateway CPU seconds so far, over every process in the gateway namespace;
 # `gateway_cpu user` only the part in user space: the proxies' own code.
@@ -133,13 +148,20 @@ start_relay() {
   disown # killed with the namespace, not reported
 }
 
-start_portcullis() {
+# run_portcullis ARGS...: portcullis with the benchmark's DNS and ARGS.
+run_portcullis() {
   redirect
-  # The audit log is stdout.
-  ip netns exec $G "$portcullis" run --allowlist "$work/allowlist.txt" --metrics-listen 127.0.0.1:9090 \
-    --tls-listen 0.0.0.0:15443 --http-listen 0.0.0.0:15080 >/dev/null 2>"$work/portcullis.log" &
+  # The audit log is stdout. The inner script's "$1" is its own argument.
+  # shellcheck disable=SC2016
+  ip netns exec $G unshare --mount --propagation private \
+    sh -c 'mount --bind "$1" /etc/resolv.conf && mount --bind "$2" /etc/hosts && shift 2 && exec "$@"' \
+    sh "$work/resolv.conf" "$work/hosts" \
+    "$portcullis" run --allowlist "$work/allowlist.txt" --metrics-listen 127.0.0.1:9090 \
+    --tls-listen 0.0.0.0:15443 --http-listen 0.0.0.0:15080 "$@" >/dev/null 2>"$work/portcullis.log" &
   disown # killed with the namespace, not reported
 }
+start_portcullis() { run_portcullis; }
+start_portcullis_off() { run_portcullis --verify-dst off; }
 
 start_nginx() {
   redirect
@@ -282,7 +304,7 @@ busy_since() {
   fi
 }
 
-read -r -a gateways <<<"${GATEWAYS:-kernel relay portcullis nginx haproxy squid}"
+read -r -a gateways <<<"${GATEWAYS:-kernel relay portcullis portcullis_off nginx haproxy squid}"
 # Rounds interleave the gateways (kernel, portcullis, nginx, …, then again),
 # so a noisy moment on a shared machine hits one round, not one gateway;
 # the report takes each number's median over the rounds.

@@ -1,6 +1,7 @@
 //! Micro-benchmarks of the pure hot paths: allowlist lookup (hit and miss,
 //! 10 to 1M entries), loading a 1M-entry list, ClientHello and request-head
-//! parsing, and writing a connection's audit line. `cargo bench --bench micro`; `cargo test --benches` runs each
+//! parsing, writing a connection's audit line, and what `--verify-dst pin`
+//! adds to a decision on a DNS cache hit. `cargo bench --bench micro`; `cargo test --benches` runs each
 //! once so they cannot rot. Targets (README, Performance): lookup < 200 ns
 //! at 1M entries, 1M-entry load < 1 s, a typical hello well under 1 µs.
 
@@ -95,6 +96,64 @@ fn decide(c: &mut Criterion) {
     });
 }
 
+/// What pinning adds to a connection's decision when its name is a DNS
+/// cache hit (every connection but a name's first, within its TTL): the
+/// cache lookup among 10,000 names and the address check, beside the same
+/// decision with `--verify-dst off`.
+fn pinning(c: &mut Criterion) {
+    use portcullis::config::VerifyDst;
+    use portcullis::decide::{Facts, Step, decide};
+    use portcullis::dns::{Cache, Cached};
+    let live = portcullis::allowlist::Live::with(parse(".bench.example\n").unwrap());
+    let guard = portcullis::guard::Guard::with_addresses(["192.0.2.1".parse().unwrap()]);
+    let now = std::time::Instant::now();
+    let mut cache = Cache::default();
+    let names: Vec<HostName> = (0..10_000)
+        .map(|i| HostName::from_wire(format!("n{i}.bench.example").as_bytes()).unwrap())
+        .collect();
+    for (i, name) in names.iter().enumerate() {
+        let ip = std::net::Ipv4Addr::from(0xcb00_7100 + (i as u32 % 200));
+        cache.store(
+            name.as_str(),
+            vec![ip.into()],
+            Duration::from_secs(300),
+            now,
+        );
+    }
+    let dst: std::net::SocketAddr = "203.0.113.10:443".parse().unwrap();
+    let list = live.current();
+    let mut group = c.benchmark_group("decide-per-connection");
+    for verify in [VerifyDst::Off, VerifyDst::Pin] {
+        let mut next = names.iter().cycle();
+        let label = format!("{verify:?}").to_lowercase();
+        group.bench_function(&label, |b| {
+            b.iter(|| {
+                let name = next.next().unwrap();
+                let cached = (verify == VerifyDst::Pin).then(|| cache.get(name.as_str(), now));
+                let addresses = match &cached {
+                    Some(Cached::Fresh { addresses, .. }) => Some(Ok(&**addresses)),
+                    _ => None,
+                };
+                let facts = Facts {
+                    name: Ok(black_box(name)),
+                    below_tls_floor: false,
+                    list: Some(&list),
+                    dst,
+                    connected: None,
+                    verify,
+                    enforcing: true,
+                    addresses,
+                    guard: &guard,
+                    now,
+                    pick: 0,
+                };
+                matches!(decide(&facts), Step::Done(_))
+            })
+        });
+    }
+    group.finish();
+}
+
 fn load(c: &mut Criterion) {
     let text = list_text(1_000_000);
     let mut group = c.benchmark_group("load");
@@ -167,6 +226,7 @@ criterion_group!(
     benches,
     lookup,
     decide,
+    pinning,
     load,
     hellos,
     request_heads,

@@ -83,7 +83,8 @@ pub struct Admission {
 /// Decides, or asks for the name's addresses first.
 pub fn decide(f: &Facts<'_>) -> Step {
     let target = f.connected.unwrap_or(f.dst);
-    if f.guard.check(target.ip()).is_some() || f.guard.check(f.dst.ip()).is_some() {
+    let forbidden = |addr: SocketAddr| f.guard.check(addr.ip()).is_some();
+    if forbidden(f.dst) || f.connected.is_some_and(forbidden) {
         return Step::Done(Decision::Refuse(Reason::ForbiddenDst));
     }
     let decision = match check(f, target) {

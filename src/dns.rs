@@ -43,6 +43,9 @@ pub const MAX_TTL: Duration = Duration::from_secs(3600);
 pub const NEGATIVE_TTL: Duration = Duration::from_secs(5);
 /// How long a failed or timed-out lookup is not retried.
 pub const FAILURE_TTL: Duration = Duration::from_secs(1);
+/// Addresses remembered per name, at most: a name that rotates through
+/// many keeps those seen last.
+pub const MAX_SEEN: usize = 256;
 /// Names with addresses remembered, at most.
 pub const MAX_NAMES: usize = 10_000;
 /// Names remembered as failing, at most.
@@ -135,6 +138,10 @@ impl Addresses {
                 Some((_, u)) => *u = (*u).max(until),
                 None => seen.push((ip, until)),
             }
+        }
+        if seen.len() > MAX_SEEN {
+            seen.sort_unstable_by_key(|&(_, u)| std::cmp::Reverse(u));
+            seen.truncate(MAX_SEEN);
         }
         Addresses {
             current: current.into(),
@@ -572,6 +579,24 @@ mod tests {
             );
         }
         assert!(cache.positive.order.len() <= 100);
+    }
+
+    #[test]
+    fn a_name_remembers_a_bounded_number_of_addresses_the_latest_first() {
+        let t0 = Instant::now();
+        let mut cache = Cache::default();
+        let mut last = None;
+        for i in 0..1000u32 {
+            let ip = IpAddr::from(std::net::Ipv4Addr::from(0xcb00_7100 + i));
+            let now = t0 + Duration::from_millis(u64::from(i));
+            last = Some(cache.store(NAME, vec![ip], Duration::from_secs(5), now));
+        }
+        let last = last.unwrap();
+        assert_eq!(last.seen.len(), MAX_SEEN);
+        let newest = IpAddr::from(std::net::Ipv4Addr::from(0xcb00_7100 + 999));
+        assert!(last.contains(newest, t0 + Duration::from_secs(1)));
+        let oldest = IpAddr::from(std::net::Ipv4Addr::from(0xcb00_7100));
+        assert!(!last.contains(oldest, t0 + Duration::from_secs(1)));
     }
 
     #[test]

@@ -2,8 +2,12 @@
 """Turns run.sh's raw lines into the Markdown results table (stdout) and
 a bar chart (SVG) of every gateway on every workload.
 
-usage: report.py RAW KERNEL CPU SVG
+usage: report.py RAW KERNEL CPU SVG [PINNING]
+
+PINNING, if given, holds run.sh's paired lines: portcullis with
+--verify-dst pin and then off, back to back.
 """
+import os
 import html
 import statistics
 import sys
@@ -88,19 +92,34 @@ def main():
     if all("busy_pct_down1" in r for r in runs.values()):
         busy = [f"{g} {runs[g]['busy_pct_down1']:.0f}%" for g in gateways]
         print("\nMachine CPU busy during the single stream (client, server and gateway share it): " + ", ".join(busy) + ".")
-    if UNPINNED in runs and "conn_per_s" in p and "conn_per_s" in runs[UNPINNED]:
-        off = runs[UNPINNED]
-        rate = p["conn_per_s"] / off["conn_per_s"]
-        p99_us = 1000 * (p["ttfb_p99_ms"] - off["ttfb_p99_ms"])
-        p50_us = 1000 * (p["ttfb_p50_ms"] - off["ttfb_p50_ms"])
-        print(
-            f"\nWhat pinning costs (portcullis, its default --verify-dst pin, against {UNPINNED}, "
-            f"--verify-dst off; every name a DNS cache hit after its first connection): "
-            f"connections/s x{rate:.3f}, time to first byte p50 {p50_us:+.0f} us, p99 {p99_us:+.0f} us."
-        )
+    pinning = sys.argv[5] if len(sys.argv) > 5 else None
+    if pinning and os.path.exists(pinning) and os.path.getsize(pinning) > 0:
+        print_pinning(pinning)
     if "kernel" in runs:
         added = [f"{g} +{runs[g]['ttfb_p50_ms'] - runs['kernel']['ttfb_p50_ms']:.3f} ms" for g in gateways if g != "kernel" and "ttfb_p50_ms" in runs[g]]
         print("\nTime to first byte added over the kernel alone (p50): " + ", ".join(added) + ".")
+
+
+def print_pinning(path):
+    """The paired comparison of --verify-dst pin (the default) and off:
+    each pair's ratio and differences, then their medians."""
+    pairs = []
+    for line in open(path):
+        f = dict(kv.split("=", 1) for kv in line.split())
+        pairs.append({k: float(v) for k, v in f.items()})
+    rate = [q["pin_conn_per_s"] / q["off_conn_per_s"] for q in pairs]
+    p50 = [1000 * (q["pin_ttfb_p50_ms"] - q["off_ttfb_p50_ms"]) for q in pairs]
+    p99 = [1000 * (q["pin_ttfb_p99_ms"] - q["off_ttfb_p99_ms"]) for q in pairs]
+    print(
+        f"\nWhat pinning costs: portcullis with its default --verify-dst pin against --verify-dst off, "
+        f"in {len(pairs)} pairs run back to back (every name a DNS cache hit after its first "
+        f"connection); the median of the pairs:\n"
+    )
+    print("| | median | pairs |")
+    print("|---|---|---|")
+    print(f"| connections/s, pin / off | {statistics.median(rate):.3f} | " + ", ".join(f"{r:.2f}" for r in rate) + " |")
+    print(f"| time to first byte p50, pin - off | {statistics.median(p50):+.0f} us | " + ", ".join(f"{d:+.0f}" for d in p50) + " |")
+    print(f"| time to first byte p99, pin - off | {statistics.median(p99):+.0f} us | " + ", ".join(f"{d:+.0f}" for d in p99) + " |")
 
 
 COLOURS = {"kernel": "#9e9e9e", "relay": "#bdbdbd", "portcullis": "#1565c0", "portcullis_off": "#64b5f6", "nginx": "#2e7d32", "haproxy": "#ef6c00", "squid": "#6a1b9a"}

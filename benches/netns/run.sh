@@ -15,7 +15,10 @@
 #                 name is resolved (a real DNS server, dnsmasq, answers the
 #                 gateway from the upstream host; after the first connection
 #                 each name is a cache hit)
-#       portcullis_off  the same with --verify-dst off: what pinning costs
+#       portcullis_off  the same with --verify-dst off. What pinning costs
+#                 is measured apart too, in pairs: pin then off, back to
+#                 back, PAIRS times, each pair's ratio from moments seconds
+#                 apart, and the median of those ratios reported
 #   (c) nginx     stream + ssl_preread, a map of allowed names
 #   (d) haproxy   req.ssl_sni, a backend per allowed name
 #   (e) squid     intercept, ssl_bump peek then splice by ssl::server_name
@@ -28,7 +31,7 @@
 # with the SNI (buffered), HAProxy its tcplog on stdout, Squid its
 # access.log; all of them to /dev/null.
 #
-#   benches/netns/run.sh           full run, about 6 minutes
+#   benches/netns/run.sh           full run, about 11 minutes
 #   benches/netns/run.sh --short   a second per workload: checks every gateway carries traffic
 #
 # Results: benches/results/latest.md (table), latest.svg (chart) and
@@ -40,14 +43,15 @@ cd "$(dirname "$self")/../.."
 repo=$PWD
 SECONDS_PER=${SECONDS_PER:-3}
 ROUNDS=${ROUNDS:-3}
+PAIRS=${PAIRS:-8}
 IDLE=2000
 RESULTS=$repo/benches/results
 # The short run only proves that every gateway carries traffic: its
 # numbers are not worth publishing, so they stay under target/.
-if [ "${1:-}" = --short ]; then SECONDS_PER=1 ROUNDS=1 IDLE=200 RESULTS=$repo/target/bench-short; fi
+if [ "${1:-}" = --short ]; then SECONDS_PER=1 ROUNDS=1 PAIRS=1 IDLE=200 RESULTS=$repo/target/bench-short; fi
 # The whole run is bounded: nothing here may run away.
 if [ -z "${PORTCULLIS_BENCH_BOUNDED:-}" ]; then
-  PORTCULLIS_BENCH_BOUNDED=1 exec timeout --kill-after=10 600 bash "$self" "$@"
+  PORTCULLIS_BENCH_BOUNDED=1 exec timeout --kill-after=10 900 bash "$self" "$@"
 fi
 
 # shellcheck source=scripts/setup.sh
@@ -288,6 +292,7 @@ ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 raw=$RESULTS/latest.txt
 mkdir -p "$RESULTS"
 : >"$raw"
+: >"$RESULTS/pinning.txt"
 # The busy fraction of the whole machine since the last call (from
 # /proc/stat): on a box this small the clients and servers share the CPUs
 # with the gateway, so this says whether a workload was CPU-bound.
@@ -363,6 +368,27 @@ for round in $(seq "$ROUNDS"); do
   done
 done
 
+# What pinning costs, paired: each pair runs the connection-rate and
+# latency workloads through portcullis with --verify-dst pin and then off,
+# seconds apart, so the machine's drift between them is small.
+if [[ " ${gateways[*]} " == *" portcullis "* ]]; then
+  for pair in $(seq "$PAIRS"); do
+    line="pair=$pair"
+    for mode in pin off; do
+      echo "== pinning pair $pair of $PAIRS: --verify-dst $mode"
+      gw=portcullis
+      run_portcullis --verify-dst "$mode"
+      wait_ready portcullis
+      rate=$(client rate 203.0.113.10:443 64 "$SECONDS_PER" $ANSWER)
+      lat=$(client rate 203.0.113.10:443 1 "$SECONDS_PER" $ANSWER)
+      line+=" ${mode}_conn_per_s=$(field conn_per_s "$rate") ${mode}_ttfb_p50_ms=$(field ttfb_p50_ms "$lat") ${mode}_ttfb_p99_ms=$(field ttfb_p99_ms "$lat")"
+      stop_gateway
+    done
+    echo "$line" | tee -a "$RESULTS/pinning.txt"
+  done
+fi
+
 python3 "$repo/benches/netns/report.py" "$raw" "$(uname -r)" \
-  "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs) x $(nproc)" "$RESULTS/latest.svg" >"$RESULTS/latest.md"
+  "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs) x $(nproc)" "$RESULTS/latest.svg" \
+  "$RESULTS/pinning.txt" >"$RESULTS/latest.md"
 cat "$RESULTS/latest.md"

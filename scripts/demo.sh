@@ -5,14 +5,17 @@
 #
 # The client has no proxy settings: its default route is the gateway, whose
 # iptables rules (iptables/portcullis-iptables.sh) redirect tcp/443 and
-# tcp/80 to portcullis. The "internet" host runs a real TLS server and an
-# HTTP server and answers for every name, so nothing leaves this machine.
-# The gateway enforces examples/allowlist.txt: pypi.org is allowed,
-# evil.example is not. Everything is torn down on exit.
+# tcp/80 to portcullis. The "internet" host runs a real TLS server, an
+# HTTP server and the gateway's DNS server (dnsmasq: pypi.org is
+# 203.0.113.20), so nothing leaves this machine. The gateway enforces
+# examples/allowlist.txt with its defaults: pypi.org is allowed, evil.example
+# is not, and pypi.org sent to another address still reaches pypi.org's own
+# server (--verify-dst pin). Everything is torn down on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/setup.sh
 source scripts/setup.sh
+install_missing dnsmasq-base
 cargo build --locked --release --quiet
 bin=$PWD/target/release/portcullis
 iptables_script=$PWD/iptables/portcullis-iptables.sh
@@ -52,8 +55,22 @@ pids+=($!)
 ip netns exec $U python3 -m http.server --bind 203.0.113.20 --directory "$work" 80 >/dev/null 2>&1 &
 pids+=($!)
 
+echo "== starting the gateway's DNS server on the internet host (pypi.org is 203.0.113.20)"
+ip netns exec $U dnsmasq --keep-in-foreground --no-resolv --no-hosts --bind-interfaces \
+  --listen-address=198.51.100.2 --user=root --pid-file="$work/dnsmasq.pid" \
+  --host-record=pypi.org,203.0.113.20 2>"$work/dnsmasq.log" &
+pids+=($!)
+printf 'nameserver 198.51.100.2\noptions timeout:1 attempts:1\n' >"$work/resolv.conf"
+printf '127.0.0.1 localhost\n' >"$work/hosts"
+
 echo "== starting portcullis in the gateway on examples/allowlist.txt"
-ip netns exec $G "$bin" run --allowlist examples/allowlist.txt --metrics-listen 127.0.0.1:9090 \
+# In a mount namespace of its own whose resolv.conf names that DNS server.
+# The inner script's "$1" is its own argument.
+# shellcheck disable=SC2016
+ip netns exec $G unshare --mount --propagation private \
+  sh -c 'mount --bind "$1" /etc/resolv.conf && mount --bind "$2" /etc/hosts && shift 2 && exec "$@"' \
+  sh "$work/resolv.conf" "$work/hosts" \
+  "$bin" run --allowlist examples/allowlist.txt --metrics-listen 127.0.0.1:9090 \
   >"$work/audit.jsonl" 2>"$work/portcullis.log" &
 pids+=($!)
 for _ in $(seq 100); do
@@ -68,6 +85,10 @@ try() {
 }
 try --resolve pypi.org:443:203.0.113.20 https://pypi.org/ -o /dev/null -w 'HTTP %{http_code} over TLS: allowed\n'
 try --resolve evil.example:443:203.0.113.20 https://evil.example/
+# The allowed name sent to an address of the client's choosing: the
+# gateway connects to pypi.org's own address instead (the audit line's
+# "upstream"), and 203.0.113.66 is never contacted.
+try --resolve pypi.org:443:203.0.113.66 https://pypi.org/ -o /dev/null -w 'HTTP %{http_code} over TLS: pinned to the real server\n'
 try --resolve pypi.org:80:203.0.113.20 http://pypi.org/ -w 'HTTP %{http_code}\n'
 try --resolve evil.example:80:203.0.113.20 http://evil.example/ -w 'HTTP %{http_code}\n'
 
@@ -78,7 +99,8 @@ sed 's/^/   /' "$work/audit.jsonl"
 echo
 echo "== from /metrics"
 ip netns exec $G curl -sS http://127.0.0.1:9090/metrics |
-  grep -E '^portcullis_(connections_total|denied_total|rule_hits_total)' | grep -v ' 0$' | sed 's/^/   /'
+  grep -E '^portcullis_(connections_total|denied_total|rule_hits_total|repinned_total|dns_lookups_total)' |
+  grep -v ' 0$' | sed 's/^/   /'
 echo
 echo "== what portcullis logged (stderr)"
 sed 's/^/   /' "$work/portcullis.log"

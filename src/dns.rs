@@ -14,8 +14,12 @@
 //! - A name whose answer is three quarters through its TTL is refreshed in
 //!   the background on its next use, so steady traffic never waits.
 //! - Failures are cached briefly, in a table of their own, so repeated
-//!   made-up names cannot hammer the resolver nor push real names out;
-//!   at most [`MAX_IN_FLIGHT`] queries run at once.
+//!   made-up names cannot hammer the resolver nor push real names out.
+//!   Distinct made-up names under a wildcard entry each need a query, so
+//!   new lookups are paced ([`LOOKUPS_PER_SECOND`], waiting within the
+//!   lookup's bound rather than failing at once) and at most
+//!   [`MAX_IN_FLIGHT`] run at once: a flood cannot spend the resolver's
+//!   budget that every other name depends on.
 //! - The resolver is the system's (`/etc/resolv.conf`, `/etc/hosts`): on
 //!   AWS, the VPC resolver the clients use too.
 //!
@@ -52,6 +56,11 @@ pub const MAX_NAMES: usize = 10_000;
 pub const MAX_NEGATIVE: usize = 4_096;
 /// Queries to the resolver at once, at most.
 pub const MAX_IN_FLIGHT: usize = 256;
+/// New lookups a second, sustained (a burst may spend a second's worth at
+/// once). Each is two queries (A and AAAA): AWS's VPC resolver answers
+/// 1,024 packets a second per network interface and drops the rest, so
+/// this keeps to 80% of that.
+pub const LOOKUPS_PER_SECOND: u32 = 400;
 /// How long one lookup may take, queueing included; past it the name is
 /// unresolvable for this connection.
 pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
@@ -307,6 +316,38 @@ impl Cache {
     }
 }
 
+/// Paces lookups: a token bucket of `rate` a second, holding at most one
+/// second's worth.
+#[derive(Debug)]
+pub struct Pace {
+    rate: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl Pace {
+    pub fn new(rate: u32, now: Instant) -> Pace {
+        Pace {
+            rate: f64::from(rate),
+            tokens: f64::from(rate),
+            at: now,
+        }
+    }
+
+    /// Takes a token if there is one; else how long until there is.
+    pub fn take(&mut self, now: Instant) -> Result<(), Duration> {
+        let refill = now.saturating_duration_since(self.at).as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + refill).min(self.rate);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - self.tokens) / self.rate))
+        }
+    }
+}
+
 /// What a finished lookup hands its waiters.
 type Outcome = Result<Arc<Addresses>, LookupError>;
 
@@ -315,6 +356,7 @@ struct Shared {
     options: ResolverOpts,
     state: Mutex<State>,
     queries: Semaphore,
+    pace: Mutex<Pace>,
 }
 
 #[derive(Default)]
@@ -353,6 +395,7 @@ impl Resolver {
                 options,
                 state: Mutex::new(State::default()),
                 queries: Semaphore::new(MAX_IN_FLIGHT),
+                pace: Mutex::new(Pace::new(LOOKUPS_PER_SECOND, Instant::now())),
             }),
         })
     }
@@ -425,6 +468,19 @@ impl Resolver {
     /// One query for A and AAAA: the addresses and their TTL.
     async fn query(&self, name: &str) -> Result<(Vec<IpAddr>, Duration), LookupError> {
         let deadline = tokio::time::Instant::now() + LOOKUP_TIMEOUT;
+        loop {
+            let paced = {
+                let mut pace = self.shared.pace.lock().unwrap_or_else(|p| p.into_inner());
+                pace.take(Instant::now())
+            };
+            match paced {
+                Ok(()) => break,
+                Err(wait) if tokio::time::Instant::now() + wait < deadline => {
+                    tokio::time::sleep(wait).await;
+                }
+                Err(_) => return Err(LookupError::Timeout),
+            }
+        }
         let Ok(Ok(_permit)) =
             tokio::time::timeout_at(deadline, self.shared.queries.acquire()).await
         else {
@@ -597,6 +653,31 @@ mod tests {
         assert!(last.contains(newest, t0 + Duration::from_secs(1)));
         let oldest = IpAddr::from(std::net::Ipv4Addr::from(0xcb00_7100));
         assert!(!last.contains(oldest, t0 + Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn lookups_are_paced_with_a_second_of_burst() {
+        let t0 = Instant::now();
+        let mut pace = Pace::new(400, t0);
+        for _ in 0..400 {
+            assert_eq!(pace.take(t0), Ok(()));
+        }
+        let wait = pace.take(t0).unwrap_err();
+        assert!(
+            wait <= Duration::from_micros(2_600) && wait > Duration::ZERO,
+            "{wait:?}"
+        );
+        let t1 = t0 + Duration::from_millis(12);
+        for _ in 0..4 {
+            assert_eq!(pace.take(t1), Ok(()));
+        }
+        assert!(pace.take(t1).is_err());
+        // Idle for long: a second's worth, no more.
+        let t2 = t1 + Duration::from_secs(60);
+        for _ in 0..400 {
+            assert_eq!(pace.take(t2), Ok(()));
+        }
+        assert!(pace.take(t2).is_err());
     }
 
     #[test]

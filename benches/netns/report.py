@@ -112,8 +112,8 @@ def print_pinning(path):
     p99 = [1000 * (q["pin_ttfb_p99_ms"] - q["off_ttfb_p99_ms"]) for q in pairs]
     print(
         f"\nWhat pinning costs: portcullis with its default --verify-dst pin against --verify-dst off, "
-        f"in {len(pairs)} pairs run back to back (every name a DNS cache hit after its first "
-        f"connection); the median of the pairs:\n"
+        f"in {len(pairs)} pairs run back to back, in alternating order (every name a DNS cache hit "
+        f"after its first connection); the median of the pairs:\n"
     )
     print("| | median | pairs |")
     print("|---|---|---|")

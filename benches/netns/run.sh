@@ -16,9 +16,10 @@
 #                 gateway from the upstream host; after the first connection
 #                 each name is a cache hit)
 #       portcullis_off  the same with --verify-dst off. What pinning costs
-#                 is measured apart too, in pairs: pin then off, back to
-#                 back, PAIRS times, each pair's ratio from moments seconds
-#                 apart, and the median of those ratios reported
+#                 is measured apart too, in pairs run back to back (pin
+#                 first in odd pairs, off first in even ones, so that going
+#                 first or second favours neither), each pair's ratio from
+#                 moments seconds apart, and the median of those reported
 #   (c) nginx     stream + ssl_preread, a map of allowed names
 #   (d) haproxy   req.ssl_sni, a backend per allowed name
 #   (e) squid     intercept, ssl_bump peek then splice by ssl::server_name
@@ -43,7 +44,7 @@ cd "$(dirname "$self")/../.."
 repo=$PWD
 SECONDS_PER=${SECONDS_PER:-3}
 ROUNDS=${ROUNDS:-3}
-PAIRS=${PAIRS:-8}
+PAIRS=${PAIRS:-10}
 IDLE=2000
 RESULTS=$repo/benches/results
 # The short run only proves that every gateway carries traffic: its
@@ -369,12 +370,15 @@ for round in $(seq "$ROUNDS"); do
 done
 
 # What pinning costs, paired: each pair runs the connection-rate and
-# latency workloads through portcullis with --verify-dst pin and then off,
-# seconds apart, so the machine's drift between them is small.
+# latency workloads through portcullis with --verify-dst pin and off,
+# seconds apart, so the machine's drift between them is small; the order
+# alternates (pin off, off pin, …).
 if [[ " ${gateways[*]} " == *" portcullis "* ]]; then
   for pair in $(seq "$PAIRS"); do
     line="pair=$pair"
-    for mode in pin off; do
+    order="pin off"
+    [ $((pair % 2)) -eq 0 ] && order="off pin"
+    for mode in $order; do
       echo "== pinning pair $pair of $PAIRS: --verify-dst $mode"
       gw=portcullis
       run_portcullis --verify-dst "$mode"

@@ -97,6 +97,7 @@ fn alert_rules_query_only_exported_metrics() {
         "PortcullisAllowlistReloadFailing",
         "PortcullisDenySpike",
         "PortcullisConnectionLimitHit",
+        "PortcullisDnsFailing",
     ] {
         assert!(text.contains(&format!("alert: {alert}\n")), "{alert}");
     }

@@ -281,19 +281,18 @@ mod tests {
 
     #[test]
     fn entries_that_cover_names_anyone_can_create_are_found() {
-        let list = parse(
-            ".s3.amazonaws.com
-*.cloudfront.net
-.github.io
-.herokuapp.com
-             my-bucket.s3.amazonaws.com
-.my-bucket.s3.amazonaws.com
-s3.amazonaws.com
-             .example.com
-d111111abcdef8.cloudfront.net
-.org.github.io
-",
-        )
+        let list = parse(concat!(
+            ".s3.amazonaws.com\n",
+            "*.cloudfront.net\n",
+            ".github.io\n",
+            ".herokuapp.com\n",
+            "my-bucket.s3.amazonaws.com\n",
+            ".my-bucket.s3.amazonaws.com\n",
+            "s3.amazonaws.com\n",
+            ".example.com\n",
+            "d111111abcdef8.cloudfront.net\n",
+            ".org.github.io\n",
+        ))
         .unwrap();
         let none = PrivateSuffixes::default();
         let found: Vec<(usize, String, String)> = shared_suffixes(&list, &none)

@@ -61,6 +61,10 @@ pub const MAX_IN_FLIGHT: usize = 256;
 /// 1,024 packets a second per network interface and drops the rest, so
 /// this keeps to 80% of that.
 pub const LOOKUPS_PER_SECOND: u32 = 400;
+/// Lookups started and not finished, at most: at the pace above no more
+/// than this many could finish within [`LOOKUP_TIMEOUT`] anyway, so a new
+/// name past it is unresolvable at once instead of queueing memory.
+pub const MAX_PENDING: usize = 1024;
 /// How long one lookup may take, queueing included; past it the name is
 /// unresolvable for this connection.
 pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
@@ -382,14 +386,19 @@ impl Resolver {
     /// Uses the system's resolver configuration (an error if it cannot be
     /// read: pinning cannot work without it).
     pub fn from_system() -> Result<Resolver, ResolveError> {
-        let (config, mut options) = hickory_resolver::system_conf::read_system_conf()?;
+        let (config, options) = hickory_resolver::system_conf::read_system_conf()?;
+        Ok(Resolver::new(config, options))
+    }
+
+    /// Uses `config` and `options` (the system's, or a test's).
+    pub fn new(config: ResolverConfig, mut options: ResolverOpts) -> Resolver {
         // Both families always: the default asks for AAAA only when a
         // name has no A record, which refuses every IPv6 client of a
         // dual-stack name.
         options.ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
         // Caching, coalescing and refresh are ours.
         options.cache_size = 0;
-        Ok(Resolver {
+        Resolver {
             shared: Arc::new(Shared {
                 config,
                 options,
@@ -397,7 +406,7 @@ impl Resolver {
                 queries: Semaphore::new(MAX_IN_FLIGHT),
                 pace: Mutex::new(Pace::new(LOOKUPS_PER_SECOND, Instant::now())),
             }),
-        })
+        }
     }
 
     /// `name`'s addresses, from the cache when it has them, else from one
@@ -409,7 +418,10 @@ impl Resolver {
             let mut state = self.state();
             match state.cache.get(name.as_str(), now) {
                 Cached::Fresh { addresses, refresh } => {
-                    if refresh && !state.in_flight.contains_key(name.as_str()) {
+                    if refresh
+                        && !state.in_flight.contains_key(name.as_str())
+                        && state.in_flight.len() < MAX_PENDING
+                    {
                         self.start(&mut state, name);
                     }
                     telemetry::dns_cache_hit();
@@ -421,6 +433,10 @@ impl Resolver {
                 }
                 Cached::Miss => match state.in_flight.get(name.as_str()) {
                     Some(result) => result.clone(),
+                    None if state.in_flight.len() >= MAX_PENDING => {
+                        telemetry::dns_lookup(LookupResult::Failed(LookupError::Timeout));
+                        return Err(LookupError::Timeout);
+                    }
                     None => self.start(&mut state, name),
                 },
             }
@@ -678,6 +694,81 @@ mod tests {
             assert_eq!(pace.take(t2), Ok(()));
         }
         assert!(pace.take(t2).is_err());
+    }
+
+    /// A resolver whose only nameserver is a socket that never answers.
+    fn silent_resolver() -> (Resolver, std::net::UdpSocket) {
+        use hickory_resolver::config::NameServerConfigGroup;
+        let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = silent.local_addr().unwrap().port();
+        let servers =
+            NameServerConfigGroup::from_ips_clear(&["127.0.0.1".parse().unwrap()], port, true);
+        let config = ResolverConfig::from_parts(None, vec![], servers);
+        let mut options = ResolverOpts::default();
+        options.timeout = Duration::from_secs(10);
+        options.attempts = 1;
+        (Resolver::new(config, options), silent)
+    }
+
+    #[tokio::test]
+    async fn connections_waiting_on_one_name_share_one_query_that_is_bounded_in_time() {
+        let (resolver, silent) = silent_resolver();
+        let name = HostName::from_wire(NAME.as_bytes()).unwrap();
+        let started = Instant::now();
+        let waiting: Vec<_> = (0..50)
+            .map(|_| {
+                let (resolver, name) = (resolver.clone(), name.clone());
+                tokio::spawn(async move { resolver.resolve(&name).await })
+            })
+            .collect();
+        for w in waiting {
+            assert_eq!(w.await.unwrap(), Err(LookupError::Timeout));
+        }
+        let took = started.elapsed();
+        assert!(
+            took >= LOOKUP_TIMEOUT && took < LOOKUP_TIMEOUT + Duration::from_secs(1),
+            "{took:?}"
+        );
+        // One lookup: its A and its AAAA query, not fifty of each.
+        silent
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let mut buf = [0u8; 512];
+        let mut datagrams = 0;
+        while silent.recv(&mut buf).is_ok() {
+            datagrams += 1;
+        }
+        assert_eq!(datagrams, 2);
+        // The failure is remembered: the next connection does not wait.
+        let again = Instant::now();
+        assert_eq!(resolver.resolve(&name).await, Err(LookupError::Timeout));
+        assert!(again.elapsed() < Duration::from_millis(100));
+    }
+
+    #[tokio::test]
+    async fn past_the_pending_bound_a_new_name_is_refused_at_once() {
+        let (resolver, _silent) = silent_resolver();
+        let started = Instant::now();
+        let waiting: Vec<_> = (0..MAX_PENDING + 76)
+            .map(|i| {
+                let resolver = resolver.clone();
+                let name = HostName::from_wire(format!("n{i}.example.test").as_bytes()).unwrap();
+                tokio::spawn(async move {
+                    let result = resolver.resolve(&name).await;
+                    (result, Instant::now())
+                })
+            })
+            .collect();
+        let mut at_once = 0;
+        for w in waiting {
+            let (result, at) = w.await.unwrap();
+            assert_eq!(result, Err(LookupError::Timeout));
+            if at - started < Duration::from_millis(500) {
+                at_once += 1;
+            }
+        }
+        assert_eq!(at_once, 76);
+        assert_eq!(resolver.state().in_flight.len(), 0);
     }
 
     #[test]

@@ -44,12 +44,7 @@ fn about<'a>(records: &'a [Value], name: Option<&str>) -> Vec<&'a Value> {
 
 /// Sends `bytes`, half-closes, and reads until the gateway closes.
 fn exchange(t: &Topology, to: &str, port: u16, bytes: &[u8]) -> Vec<u8> {
-    let mut s = t.connect(addr(to, port));
-    s.write_all(bytes).unwrap();
-    let _ = s.shutdown(std::net::Shutdown::Write);
-    let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out);
-    out
+    t.exchange(addr(to, port), bytes)
 }
 
 #[test]

@@ -17,7 +17,7 @@ use support::dns::{Answer, DnsServer, lookup};
 use support::netns::{NAMESERVER, RAW_V4, RAW_V6, Topology, WEB_V4, WEB_V6, require_root};
 use support::scrape::Scrape;
 use support::servers::{Server, TlsServer, find, http_server, make_certs, recorder};
-use support::{addr, hello, read_all, wait_until};
+use support::{addr, hello, wait_until};
 
 const TLS12_HELLO: &[u8] = include_bytes!("../testdata/clienthellos/openssl-3.0-tls12-only.bin");
 const ALLOWLIST: &str = ".example.test\n";
@@ -37,19 +37,12 @@ fn dns_for_gateway(t: &Topology) -> DnsServer {
 
 /// A hello for `name` to `dst:443`, half-closed; what came back.
 fn hello_to(t: &Topology, dst: &str, name: &str) -> Vec<u8> {
-    let mut s = t.connect(addr(dst, 443));
-    s.write_all(&hello::with_server_name(TLS12_HELLO, name))
-        .unwrap();
-    s.shutdown(std::net::Shutdown::Write).unwrap();
-    read_all(&mut s)
+    t.exchange(addr(dst, 443), &hello::with_server_name(TLS12_HELLO, name))
 }
 
 /// The audit records so far for `name`.
 fn audited(t: &Topology, name: &str) -> Vec<serde_json::Value> {
-    t.audit()
-        .into_iter()
-        .filter(|r| r["name"] == name)
-        .collect()
+    t.audit_where("name", name)
 }
 
 #[test]
@@ -318,11 +311,7 @@ fn names_that_do_not_resolve_are_refused_fast_and_cnames_resolve_as_a_client_wou
     assert_eq!(attacker.accepted(), 0, "an unresolved name was forwarded");
 
     wait_until("the refusals in the audit", Duration::from_secs(5), || {
-        t.audit()
-            .iter()
-            .filter(|r| r["reason"] == "unresolvable")
-            .count()
-            == 3
+        t.audit_where("reason", "unresolvable").len() == 3
     });
     let m = Scrape::take(&t);
     for (proto, n) in [("tls", 2.0), ("http", 1.0)] {
@@ -462,11 +451,7 @@ fn destinations_the_gateway_never_reaches_are_refused_in_every_mode() {
     assert_eq!(imds.accepted(), 0, "the metadata service was reached");
     assert_eq!(attacker.accepted(), 0);
     wait_until("the refusals in the audit", Duration::from_secs(5), || {
-        t.audit()
-            .iter()
-            .filter(|r| r["reason"] == "forbidden_dst")
-            .count()
-            == 7
+        t.audit_where("reason", "forbidden_dst").len() == 7
     });
 }
 

@@ -28,18 +28,12 @@ fn exchange(t: &Topology, bytes: &[u8]) -> Vec<u8> {
 }
 
 fn exchange_with(t: &Topology, ip: &str, bytes: &[u8]) -> Vec<u8> {
-    let mut s = t.connect(addr(ip, 443));
-    s.write_all(bytes).unwrap();
-    s.shutdown(std::net::Shutdown::Write).unwrap();
-    read_all(&mut s)
+    t.exchange(addr(ip, 443), bytes)
 }
 
 /// The audit records so far with this `reason`.
 fn audited(t: &Topology, reason: &str) -> Vec<serde_json::Value> {
-    t.audit()
-        .into_iter()
-        .filter(|r| r["reason"] == reason)
-        .collect()
+    t.audit_where("reason", reason)
 }
 
 #[test]

@@ -356,6 +356,26 @@ impl Topology {
             .collect()
     }
 
+    /// The audit records so far whose `field` is `value`.
+    pub fn audit_where(&self, field: &str, value: &str) -> Vec<serde_json::Value> {
+        self.audit()
+            .into_iter()
+            .filter(|r| r[field] == value)
+            .collect()
+    }
+
+    /// Sends `bytes` from the client ns to `to`, half-closes, and reads
+    /// until the gateway closes (or resets): what came back.
+    pub fn exchange(&self, to: SocketAddr, bytes: &[u8]) -> Vec<u8> {
+        use std::io::{Read, Write};
+        let mut s = self.connect(to);
+        s.write_all(bytes).unwrap();
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        out
+    }
+
     /// GET on the admin endpoint from inside the gateway ns.
     pub fn admin_get(&self, path: &str) -> Option<String> {
         let path = path.to_string();

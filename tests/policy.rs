@@ -224,7 +224,7 @@ fn discover_turns_a_monitored_audit_log_into_a_list_that_check_accepts() {
     let proposal = text(&proposed.stdout);
     assert!(proposal.contains("\n.shop.test\n"), "{proposal}");
     assert!(
-        proposal.contains("# 2 connections\napi.vendor.test\n"),
+        proposal.contains("# 2 connections from 1 client only: check it\napi.vendor.test\n"),
         "{proposal}"
     );
 

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use support::client::{http_status, http_status_from};
 use support::netns::{RAW_V4, Topology, WEB_V4, require_root};
 use support::s3::{self, Moto, put_list, require_moto};
+use support::scrape::Scrape;
 use support::servers::{Server, http_server};
 use support::{addr, hello, wait_until};
 
@@ -331,6 +332,18 @@ fn restart_during_an_s3_outage_starts_from_the_cache() {
     };
     t.stop_portcullis(Signal::SIGTERM, Duration::from_secs(10));
     moto.stop();
+    let cache = std::fs::read_dir(t.dir.join("cache"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "cache"))
+        .expect("a cache file");
+    let written = std::fs::metadata(&cache).unwrap().modified().unwrap();
+    let written = written
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    // Time passes: the restart must not claim the list is current now.
+    std::thread::sleep(Duration::from_millis(2100));
 
     s3::start_portcullis(&mut t, "1h");
     assert!(
@@ -340,6 +353,14 @@ fn restart_during_an_s3_outage_starts_from_the_cache() {
     );
     assert_eq!(t.admin_status("/readyz"), Some(200));
     assert_enforcing(&t, LIST_B);
+    let confirmed = Scrape::take(&t).get(
+        "portcullis_allowlist_last_success_timestamp_seconds",
+        &[("policy", "default")],
+    );
+    assert_eq!(
+        confirmed, written as f64,
+        "confirmed current when cached, not at restart"
+    );
 }
 
 #[test]

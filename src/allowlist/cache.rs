@@ -15,6 +15,9 @@ const VERSION: &str = "# version: ";
 pub struct Cached {
     pub text: String,
     pub version: Option<String>,
+    /// When the file was written: the list was current with its source
+    /// then, and is not known to be since.
+    pub written: Option<std::time::SystemTime>,
 }
 
 #[derive(Debug, Clone)]
@@ -53,6 +56,9 @@ impl Cache {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e),
         };
+        let written = std::fs::metadata(&self.path)
+            .and_then(|m| m.modified())
+            .ok();
         let mut lines = all.splitn(3, '\n');
         let (Some(header), Some(version), Some(text)) = (lines.next(), lines.next(), lines.next())
         else {
@@ -67,6 +73,7 @@ impl Cache {
         Ok(Some(Cached {
             text: text.to_string(),
             version: (!version.is_empty()).then(|| version.to_string()),
+            written,
         }))
     }
 

@@ -157,7 +157,14 @@ impl Reloader {
             Ok(list) => {
                 tracing::info!(path = %cache.path().display(), entries = list.len(), version = cached.version.as_deref().unwrap_or(""), "starting from the cached allowlist");
                 self.fetcher.assume_version(cached.version.clone());
-                self.install(list, cached.version);
+                self.live.install(list, cached.version.clone());
+                self.in_force = cached.version;
+                // Current when the cache was written, not now: a restart
+                // during an outage must not hide a stale list from the
+                // alert on this timestamp.
+                if let Some(written) = cached.written {
+                    self.mark_success_at(written);
+                }
             }
             Err(e) => {
                 tracing::warn!(path = %cache.path().display(), error = %e, "ignoring an invalid cached allowlist")
@@ -172,13 +179,18 @@ impl Reloader {
     }
 
     fn mark_success(&self) {
-        let now = SystemTime::now()
+        self.mark_success_at(SystemTime::now());
+    }
+
+    /// The list in force was known to be current with its source at `at`.
+    fn mark_success_at(&self, at: SystemTime) {
+        let unix = at
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or_default();
         self.live
             .stats
             .last_success_unix
-            .store(now.as_secs(), Ordering::Relaxed);
+            .store(unix.as_secs(), Ordering::Relaxed);
     }
 
     /// Polls until the task is dropped: every refresh interval (jittered),

@@ -56,21 +56,11 @@ ip netns exec $U python3 -m http.server --bind 203.0.113.20 --directory "$work" 
 pids+=($!)
 
 echo "== starting the gateway's DNS server on the internet host (pypi.org is 203.0.113.20)"
-ip netns exec $U dnsmasq --keep-in-foreground --no-resolv --no-hosts --bind-interfaces \
-  --listen-address=198.51.100.2 --user=root --pid-file="$work/dnsmasq.pid" \
-  --host-record=pypi.org,203.0.113.20 2>"$work/dnsmasq.log" &
-pids+=($!)
-printf 'nameserver 198.51.100.2\noptions timeout:1 attempts:1\n' >"$work/resolv.conf"
-printf '127.0.0.1 localhost\n' >"$work/hosts"
+gateway_dns $U "$work" pypi.org,203.0.113.20
 
 echo "== starting portcullis in the gateway on examples/allowlist.txt"
 # In a mount namespace of its own whose resolv.conf names that DNS server.
-# The inner script's "$1" is its own argument.
-# shellcheck disable=SC2016
-ip netns exec $G unshare --mount --propagation private \
-  sh -c 'mount --bind "$1" /etc/resolv.conf && mount --bind "$2" /etc/hosts && shift 2 && exec "$@"' \
-  sh "$work/resolv.conf" "$work/hosts" \
-  "$bin" run --allowlist examples/allowlist.txt --metrics-listen 127.0.0.1:9090 \
+with_own_dns $G "$work" "$bin" run --allowlist examples/allowlist.txt --metrics-listen 127.0.0.1:9090 \
   >"$work/audit.jsonl" 2>"$work/portcullis.log" &
 pids+=($!)
 for _ in $(seq 100); do

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sourced by scripts/demo.sh and benches/netns/run.sh: the client / gateway
-# / upstream namespaces they share (the e2e tests build the same in Rust,
-# tests/support/netns.rs), with documentation addresses only:
+# / upstream namespaces they share, and the gateway's own DNS server (the
+# e2e tests build the same in Rust, tests/support/netns.rs and dns.rs),
+# with documentation addresses only:
 #
 #   client 192.0.2.2 --- 192.0.2.1 gateway 198.51.100.1 --- 198.51.100.2 upstream
 #                                                          + the "internet" addresses given
@@ -29,6 +30,36 @@ topology_up() {
   ip -n "$u" route add default via 198.51.100.1
   ip -n "$g" route add 203.0.113.0/24 via 198.51.100.2
   ip netns exec "$g" sysctl -qw net.ipv4.ip_forward=1
+}
+
+# gateway_dns UPSTREAM DIR NAME,ADDRESS...: a real DNS server (dnsmasq) on
+# the upstream host, 198.51.100.2, that knows only these names, in the
+# background; and DIR/own-dns/resolv.conf and hosts, which point at it
+# alone, for with_own_dns. A TTL of 300 s: the names never move.
+gateway_dns() {
+  local u=$1 dir=$2 record args=()
+  shift 2
+  for record in "$@"; do args+=("--host-record=$record"); done
+  mkdir -p "$dir/own-dns"
+  ip netns exec "$u" dnsmasq --keep-in-foreground --no-resolv --no-hosts --bind-interfaces \
+    --listen-address=198.51.100.2 --user=root --pid-file="$dir/own-dns/dnsmasq.pid" --local-ttl=300 \
+    "${args[@]}" 2>"$dir/own-dns/dnsmasq.log" &
+  disown # killed with the namespace
+  printf 'nameserver 198.51.100.2\noptions timeout:1 attempts:1\n' >"$dir/own-dns/resolv.conf"
+  printf '127.0.0.1 localhost\n' >"$dir/own-dns/hosts"
+}
+
+# with_own_dns NAMESPACE DIR COMMAND...: runs COMMAND in NAMESPACE, in a
+# mount namespace of its own whose /etc/resolv.conf and /etc/hosts are
+# gateway_dns's files in DIR, so its lookups reach that server only.
+with_own_dns() {
+  local ns=$1 dir=$2
+  shift 2
+  # The inner script's "$1" is its own argument, not this function's.
+  # shellcheck disable=SC2016
+  ip netns exec "$ns" unshare --mount --propagation private \
+    sh -c 'mount --bind "$1" /etc/resolv.conf && mount --bind "$2" /etc/hosts && shift 2 && exec "$@"' \
+    sh "$dir/own-dns/resolv.conf" "$dir/own-dns/hosts" "$@"
 }
 
 # topology_down NAMESPACE...: kills what runs in them, then deletes them.

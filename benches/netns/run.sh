@@ -99,13 +99,7 @@ printf '.bench.example\n' >"$work/allowlist.txt"
 # The gateway's DNS: a real server on the upstream host that knows each
 # name's server, as the VPC resolver would. portcullis sees only it: it runs
 # in a mount namespace whose /etc/resolv.conf names this server alone.
-ip netns exec $U dnsmasq --keep-in-foreground --no-resolv --no-hosts --bind-interfaces \
-  --listen-address=198.51.100.2 --user=root --pid-file="$work/dnsmasq.pid" --local-ttl=300 \
-  --host-record=$ANSWER,203.0.113.10 --host-record=$SINK,203.0.113.11 --host-record=$SOURCE,203.0.113.12 \
-  2>"$work/dnsmasq.log" &
-disown # killed with the namespace, not reported
-printf 'nameserver 198.51.100.2\noptions timeout:1 attempts:1\n' >"$work/resolv.conf"
-printf '127.0.0.1 localhost\n' >"$work/hosts"
+gateway_dns $U "$work" "$ANSWER,203.0.113.10" "$SINK,203.0.113.11" "$SOURCE,203.0.113.12"
 
 # Gateway CPU seconds so far, over every process in the gateway namespace;
 # `gateway_cpu user` only the part in user space: the proxies' own code.
@@ -156,12 +150,8 @@ start_relay() {
 # run_portcullis ARGS...: portcullis with the benchmark's DNS and ARGS.
 run_portcullis() {
   redirect
-  # The audit log is stdout. The inner script's "$1" is its own argument.
-  # shellcheck disable=SC2016
-  ip netns exec $G unshare --mount --propagation private \
-    sh -c 'mount --bind "$1" /etc/resolv.conf && mount --bind "$2" /etc/hosts && shift 2 && exec "$@"' \
-    sh "$work/resolv.conf" "$work/hosts" \
-    "$portcullis" run --allowlist "$work/allowlist.txt" --metrics-listen 127.0.0.1:9090 \
+  # The audit log is stdout.
+  with_own_dns $G "$work" "$portcullis" run --allowlist "$work/allowlist.txt" --metrics-listen 127.0.0.1:9090 \
     --tls-listen 0.0.0.0:15443 --http-listen 0.0.0.0:15080 "$@" >/dev/null 2>"$work/portcullis.log" &
   disown # killed with the namespace, not reported
 }
@@ -244,7 +234,7 @@ start_squid() {
   install -o proxy -m 0644 /dev/null "$work/squid.log"
   # Squid checks the SNI against the dialled address by name lookup; these
   # stand in for the DNS a real deployment has.
-  printf '203.0.113.10 %s\n203.0.113.11 %s\n203.0.113.12 %s\n' $ANSWER $SINK $SOURCE >"$work/hosts"
+  printf '203.0.113.10 %s\n203.0.113.11 %s\n203.0.113.12 %s\n' $ANSWER $SINK $SOURCE >"$work/squid-hosts"
   cat >"$work/squid.conf" <<EOF
 http_port 127.0.0.1:3128
 https_port 15443 intercept ssl-bump tls-cert=$work/squid.pem generate-host-certificates=off
@@ -262,7 +252,7 @@ debug_options ALL,1
 pid_filename none
 coredump_dir none
 dns_nameservers 127.0.0.1
-hosts_file $work/hosts
+hosts_file $work/squid-hosts
 max_filedescriptors 16384
 shutdown_lifetime 0 seconds
 EOF

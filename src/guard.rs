@@ -93,7 +93,7 @@ impl Guard {
     /// A guard that knows `own` as the host's addresses.
     pub fn with_addresses(own: impl IntoIterator<Item = IpAddr>) -> Guard {
         Guard {
-            own: ArcSwap::from_pointee(own.into_iter().map(canonical).collect()),
+            own: ArcSwap::from_pointee(canonical_all(own)),
         }
     }
 
@@ -104,7 +104,7 @@ impl Guard {
 
     /// Reads the host's addresses again.
     pub fn refresh(&self) -> std::io::Result<()> {
-        let own: Box<[IpAddr]> = host_addresses()?.into_iter().map(canonical).collect();
+        let own = canonical_all(host_addresses()?);
         if **self.own.load() != own {
             self.own.store(Arc::new(own));
         }
@@ -116,6 +116,11 @@ impl Guard {
         let ip = canonical(ip);
         classify(ip).or_else(|| self.own.load().contains(&ip).then_some(Forbidden::Gateway))
     }
+}
+
+/// The host's addresses as [`Guard::check`] compares them.
+fn canonical_all(own: impl IntoIterator<Item = IpAddr>) -> Box<[IpAddr]> {
+    own.into_iter().map(canonical).collect()
 }
 
 /// Every address and broadcast address of the host's interfaces.

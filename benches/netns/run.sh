@@ -267,7 +267,8 @@ wait_ready() {
     ip netns exec $G ss -Hltn 'sport = :15443' | grep -q LISTEN && return 0
     sleep 0.1
   done
-  echo "bench: $gw did not start" >&2
+  echo "bench: $gw did not start; gateway logs:" >&2
+  tail -n 20 "$work"/*.log >&2 || true
   exit 1
 }
 
@@ -275,6 +276,16 @@ stop_gateway() {
   for pid in $(ip netns pids $G); do kill "$pid" 2>/dev/null || true; done
   sleep 0.5
   for pid in $(ip netns pids $G); do kill -9 "$pid" 2>/dev/null || true; done
+  # Until every process is gone and the port is free, so that the next
+  # gateway can bind it (a killed proxy's helpers can outlive it briefly).
+  for _ in $(seq 50); do
+    if [ -z "$(ip netns pids $G)" ] && ! ip netns exec $G ss -Hltn 'sport = :15443' | grep -q LISTEN; then
+      return 0
+    fi
+    sleep 0.1
+  done
+  echo "bench: the gateway's processes did not exit" >&2
+  exit 1
 }
 
 # Room for every gateway's connections: as many descriptors as allowed.

@@ -218,7 +218,9 @@ fn audit_line(c: &mut Criterion) {
     rec.duration = Duration::from_millis(311);
     let at = std::time::SystemTime::now();
     c.bench_function("audit-line/allowed-tls", |b| {
-        b.iter(|| portcullis::audit::line(black_box(&rec), "default", at))
+        b.iter(|| {
+            portcullis::audit::line(black_box(&rec), portcullis::audit::Kind::End, "default", at)
+        })
     });
 }
 

@@ -1,5 +1,8 @@
-//! The audit log: one JSON object per connection, on stdout, written when
-//! the connection ends (a refusal ends it at once). A dedicated thread does
+//! The audit log: JSON lines on stdout. Every connection writes one `end`
+//! record when it ends (a refusal ends it at once, and a connection still
+//! open when the gateway stops ends then); a long one also writes an
+//! `interim` record every `--audit-interval`, and with `--audit-open` an
+//! `open` record once it is admitted. A dedicated thread does
 //! the writing behind a bounded queue, so a slow or blocked stdout can
 //! never stall the data path: when the queue is full a record is dropped
 //! and counted instead.
@@ -32,14 +35,36 @@ macro_rules! key {
     };
 }
 
+/// Which record of a connection a line is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Admitted and connected upstream (only with `--audit-open`).
+    Open,
+    /// Still open: what it moved so far.
+    Interim,
+    /// Ended: its verdict and everything it moved. Exactly one per
+    /// connection.
+    End,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Open => "open",
+            Kind::Interim => "interim",
+            Kind::End => "end",
+        }
+    }
+}
+
 /// One record as a JSON line (with its newline); `policy` is the name of
-/// the policy that decided it, `at` when it ended. `reason` is the refusal
+/// the policy that decided it, `at` when it was written. `reason` is the refusal
 /// reason for a deny and the error kind for an error.
 ///
 /// Written by hand, field by field into one presized buffer: it runs once
 /// per connection, and a generic serialiser took several times as long.
 /// The fields and their order are those of the README's table.
-pub fn line(rec: &Record, policy: &str, at: SystemTime) -> Vec<u8> {
+pub fn line(rec: &Record, kind: Kind, policy: &str, at: SystemTime) -> Vec<u8> {
     use crate::verdict::Verdict;
     let reason = match rec.verdict {
         Verdict::Allow => None,
@@ -50,6 +75,7 @@ pub fn line(rec: &Record, policy: &str, at: SystemTime) -> Vec<u8> {
     out.0.extend_from_slice(b"{\"ts\":\"");
     rfc3339_millis(&mut out.0, at);
     out.0.push(b'"');
+    out.string(key!("kind"), Some(kind.as_str()));
     out.address(key!("src"), Some(rec.src));
     out.address(key!("dst"), rec.dst.map(|d| d.0));
     out.address(key!("upstream"), rec.upstream);
@@ -340,7 +366,7 @@ mod tests {
 
     /// The line as text; it must be UTF-8.
     fn text(rec: &Record, policy: &str, at: SystemTime) -> String {
-        String::from_utf8(line(rec, policy, at)).unwrap()
+        String::from_utf8(line(rec, Kind::End, policy, at)).unwrap()
     }
 
     fn record(verdict: Verdict) -> Record {
@@ -375,6 +401,7 @@ mod tests {
             v,
             serde_json::json!({
                 "ts": "2026-09-21T14:13:20.123Z",
+                "kind": "end",
                 "src": "192.0.2.10:40000",
                 "dst": "[2001:db8:3::20]:443",
                 "upstream": "[2001:db8:3::10]:443",
@@ -424,6 +451,16 @@ mod tests {
             (v["verdict"].as_str(), v["would_deny"].as_str()),
             (Some("allow"), Some("not_listed"))
         );
+    }
+
+    #[test]
+    fn each_line_says_which_record_of_its_connection_it_is() {
+        let rec = record(Verdict::Allow);
+        for kind in [Kind::Open, Kind::Interim, Kind::End] {
+            let text = String::from_utf8(line(&rec, kind, "default", SystemTime::UNIX_EPOCH));
+            let v: serde_json::Value = serde_json::from_str(&text.unwrap()).unwrap();
+            assert_eq!(v["kind"], kind.as_str());
+        }
     }
 
     #[test]

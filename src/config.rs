@@ -23,6 +23,11 @@ pub struct Config {
     pub metrics_listen: SocketAddr,
     pub limits: Limits,
     pub max_connections: usize,
+    /// Most connections one client (an IPv4 address, an IPv6 /64) may
+    /// hold at once.
+    pub max_connections_per_source: usize,
+    /// Write an audit record when a connection is admitted, too.
+    pub audit_open: bool,
     /// How long SIGTERM waits for live connections before exiting.
     pub drain_timeout: Duration,
     pub mode: Mode,
@@ -132,6 +137,11 @@ pub struct Limits {
     pub connect_timeout: Duration,
     /// A flow with no byte either way for this long is closed.
     pub idle_timeout: Duration,
+    /// Once one side has closed, a flow with no byte for this long is closed.
+    pub half_closed_timeout: Duration,
+    /// A live connection writes an interim audit record this often;
+    /// `None`: only when it ends.
+    pub audit_interval: Option<Duration>,
     /// Cap on a ClientHello (record headers included) or request head.
     pub max_hello_bytes: usize,
     /// A ClientHello whose highest offered version is lower is refused.
@@ -144,6 +154,8 @@ impl Default for Limits {
             hello_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(15 * 60),
+            half_closed_timeout: Duration::from_secs(60),
+            audit_interval: Some(Duration::from_secs(5 * 60)),
             max_hello_bytes: 16 * 1024,
             min_tls: TlsVersion::TLS1_2,
         }
@@ -154,6 +166,11 @@ pub const DEFAULT_TLS_LISTEN: [&str; 2] = ["0.0.0.0:15443", "[::]:15443"];
 pub const DEFAULT_HTTP_LISTEN: [&str; 2] = ["0.0.0.0:15080", "[::]:15080"];
 pub const DEFAULT_METRICS_LISTEN: &str = "0.0.0.0:9090";
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 10_000;
+/// Without `max-connections-per-source`, one client may hold this share of
+/// `max-connections` (one in ten): a single host, or a few, can never
+/// take every slot, and it is still far above what one server keeps open
+/// through a NAT.
+pub const DEFAULT_PER_SOURCE_DIVISOR: usize = 10;
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_REFRESH: Duration = Duration::from_secs(60);
 pub const DEFAULT_CACHE_DIR: &str = "/var/lib/portcullis";
@@ -175,6 +192,12 @@ pub struct Settings {
     #[serde(default, deserialize_with = "duration")]
     pub idle_timeout: Option<Duration>,
     pub max_connections: Option<u32>,
+    pub max_connections_per_source: Option<u32>,
+    #[serde(default, deserialize_with = "duration")]
+    pub half_closed_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "duration")]
+    pub audit_interval: Option<Duration>,
+    pub audit_open: Option<bool>,
     pub max_hello_bytes: Option<u32>,
     #[serde(default, deserialize_with = "from_str")]
     pub min_tls: Option<TlsVersion>,
@@ -341,6 +364,12 @@ impl Settings {
             connect_timeout: over.connect_timeout.or(self.connect_timeout),
             idle_timeout: over.idle_timeout.or(self.idle_timeout),
             max_connections: over.max_connections.or(self.max_connections),
+            max_connections_per_source: over
+                .max_connections_per_source
+                .or(self.max_connections_per_source),
+            half_closed_timeout: over.half_closed_timeout.or(self.half_closed_timeout),
+            audit_interval: over.audit_interval.or(self.audit_interval),
+            audit_open: over.audit_open.or(self.audit_open),
             max_hello_bytes: over.max_hello_bytes.or(self.max_hello_bytes),
             min_tls: over.min_tls.or(self.min_tls),
             drain_timeout: over.drain_timeout.or(self.drain_timeout),
@@ -388,6 +417,29 @@ impl Settings {
                 value: 0,
             });
         }
+        let per_source = match self.max_connections_per_source {
+            None => (max_connections as usize / DEFAULT_PER_SOURCE_DIVISOR).max(1),
+            Some(n) if (1..=max_connections).contains(&n) => n as usize,
+            Some(n) => {
+                return Err(ConfigError::OutOfRange {
+                    name: "max-connections-per-source",
+                    expected: "between 1 and max-connections",
+                    value: n.into(),
+                });
+            }
+        };
+        let audit_interval = match self.audit_interval {
+            None => defaults.audit_interval,
+            Some(Duration::ZERO) => None,
+            Some(every) if every >= Duration::from_secs(1) => Some(every),
+            Some(every) => {
+                return Err(ConfigError::OutOfRange {
+                    name: "audit-interval (ms)",
+                    expected: "0s (never) or at least 1s",
+                    value: every.as_millis() as u64,
+                });
+            }
+        };
         let max_hello_bytes = self
             .max_hello_bytes
             .unwrap_or(defaults.max_hello_bytes as u32);
@@ -454,10 +506,16 @@ impl Settings {
                 hello_timeout: self.hello_timeout.unwrap_or(defaults.hello_timeout),
                 connect_timeout: self.connect_timeout.unwrap_or(defaults.connect_timeout),
                 idle_timeout: self.idle_timeout.unwrap_or(defaults.idle_timeout),
+                half_closed_timeout: self
+                    .half_closed_timeout
+                    .unwrap_or(defaults.half_closed_timeout),
+                audit_interval,
                 max_hello_bytes: max_hello_bytes as usize,
                 min_tls: self.min_tls.unwrap_or(defaults.min_tls),
             },
             max_connections: max_connections as usize,
+            max_connections_per_source: per_source,
+            audit_open: self.audit_open.unwrap_or(false),
             drain_timeout: self.drain_timeout.unwrap_or(DEFAULT_DRAIN_TIMEOUT),
             mode,
             verify_dst: self.verify_dst.unwrap_or_default(),

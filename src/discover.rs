@@ -95,6 +95,15 @@ impl Tally {
             self.skipped += 1;
             return;
         };
+        // A connection is counted by its one `end` record (logs from before
+        // records had kinds have only those); `open` and `interim` records
+        // repeat it.
+        if !matches!(
+            record.get("kind").and_then(|k| k.as_str()),
+            None | Some("end")
+        ) {
+            return;
+        }
         let name = record
             .get("name")
             .and_then(|n| n.as_str())
@@ -231,6 +240,21 @@ mod tests {
             }
         }
         t
+    }
+
+    #[test]
+    fn a_connection_is_counted_once_whatever_records_it_left() {
+        let log = concat!(
+            "{\"kind\":\"open\",\"src\":\"192.0.2.5:1\",\"name\":\"api.vendor.test\",\"verdict\":\"allow\"}\n",
+            "{\"kind\":\"interim\",\"src\":\"192.0.2.5:1\",\"name\":\"api.vendor.test\",\"verdict\":\"allow\"}\n",
+            "{\"kind\":\"interim\",\"src\":\"192.0.2.5:1\",\"name\":\"api.vendor.test\",\"verdict\":\"allow\"}\n",
+            "{\"kind\":\"end\",\"src\":\"192.0.2.5:1\",\"name\":\"api.vendor.test\",\"verdict\":\"error\",\"reason\":\"shutdown\"}\n",
+            // From before records had a kind: an end record.
+            "{\"src\":\"192.0.2.6:1\",\"name\":\"api.vendor.test\",\"verdict\":\"allow\"}\n",
+        );
+        let mut t = Tally::default();
+        t.read(log.as_bytes()).unwrap();
+        assert_eq!((t.connections(), t.skipped), (2, 0));
     }
 
     #[test]

@@ -9,7 +9,8 @@
 //! - [`verdict`]: what happened to a connection, as values.
 //! - [`net`]: original destination, listeners, splice forwarding.
 //! - [`proxy`]: one connection: detect → decide → refuse or forward.
-//! - [`server`]: accept loops, the connection limit, shutdown.
+//! - [`server`]: accept loops, shutdown.
+//! - [`limit`]: connections served at once: in all and per client.
 //! - [`drain`]: signals and how to stop.
 //! - [`telemetry`]: metric names, the Prometheus recorder, list families.
 //! - [`audit`]: the JSON audit log on stdout, behind a bounded queue.
@@ -29,6 +30,7 @@ pub mod discover;
 pub mod dns;
 pub mod drain;
 pub mod guard;
+pub mod limit;
 pub mod name;
 pub mod net;
 pub mod policy;

@@ -91,6 +91,18 @@ struct RunArgs {
     /// Most connections served at once; more are refused [10000]
     #[arg(long)]
     max_connections: Option<u32>,
+    /// Most connections one client (IPv4 address, IPv6 /64) may hold at once [a tenth of --max-connections]
+    #[arg(long)]
+    max_connections_per_source: Option<u32>,
+    /// Once one side of a flow has closed, close it after this long with no byte moving [60s]
+    #[arg(long, value_parser = parse_duration)]
+    half_closed_timeout: Option<Duration>,
+    /// A connection still open writes an interim audit record this often; 0s: never [5m]
+    #[arg(long, value_parser = parse_duration)]
+    audit_interval: Option<Duration>,
+    /// Also write an audit record when a connection is admitted [only when it ends]
+    #[arg(long)]
+    audit_open: bool,
     /// Largest ClientHello or HTTP request head accepted, in bytes [16384]
     #[arg(long)]
     max_hello_bytes: Option<u32>,
@@ -135,6 +147,10 @@ impl RunArgs {
             connect_timeout: self.connect_timeout,
             idle_timeout: self.idle_timeout,
             max_connections: self.max_connections,
+            max_connections_per_source: self.max_connections_per_source,
+            half_closed_timeout: self.half_closed_timeout,
+            audit_interval: self.audit_interval,
+            audit_open: self.audit_open.then_some(true),
             max_hello_bytes: self.max_hello_bytes,
             min_tls: self.min_tls,
             drain_timeout: self.drain_timeout,

@@ -7,6 +7,7 @@ use crate::config::{Config, Mode, VerifyDst};
 use crate::dns::Resolver;
 use crate::drain::{Signals, Stop};
 use crate::guard::Guard;
+use crate::limit::{Full, Limits};
 use crate::net::listener;
 use crate::policy::{Policies, Policy};
 use crate::proxy::{self, Context};
@@ -30,6 +31,13 @@ const WARN_EVERY: Duration = Duration::from_secs(5);
 /// How long the audit records of finished connections may take to reach
 /// stdout at exit.
 const AUDIT_FLUSH: Duration = Duration::from_secs(2);
+/// How long the workers may take to drop their live connections at exit.
+const CUT_WAIT: Duration = Duration::from_secs(2);
+/// Refusals at a connection limit sent at once, at most. Each holds its
+/// socket for up to [`proxy::refuse_full`]'s linger; past this many, a
+/// refused connection is reset, so a flood cannot turn refusals into the
+/// exhaustion the limit prevents.
+const REFUSING: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -98,6 +106,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         policies: policies.clone(),
         limits: config.limits,
         audit: audit.clone(),
+        audit_open: config.audit_open,
         mode: config.mode,
         verify: config.verify_dst,
         resolver: match config.verify_dst {
@@ -110,11 +119,19 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     });
     announce_mode(config.mode);
     announce_verify(config.verify_dst);
-    let limit = Arc::new(Semaphore::new(config.max_connections));
-    let (stop_tx, stop_rx) = watch::channel(false);
+    let limits = Limits::new(config.max_connections, config.max_connections_per_source);
+    let refusing = Arc::new(Semaphore::new(REFUSING));
+    let (stop_tx, stop_rx) = watch::channel(Phase::Serving);
+    let (ended_tx, ended_rx) = std::sync::mpsc::channel();
+    let workers = listeners.len();
     for (worker, listeners) in listeners.into_iter().enumerate() {
-        let (ctx, limit, stop) = (ctx.clone(), limit.clone(), stop_rx.clone());
-        spawn_worker(worker, listeners, ctx, limit, stop).map_err(ServerError::Worker)?;
+        let shared = Shared {
+            ctx: ctx.clone(),
+            limits: limits.clone(),
+            refusing: refusing.clone(),
+        };
+        let (stop, ended) = (stop_rx.clone(), ended_tx.clone());
+        spawn_worker(worker, listeners, shared, stop, ended).map_err(ServerError::Worker)?;
     }
     serving.store(true, Ordering::Release);
     // SIGHUP reloads every policy's list; each reloader polls on its own.
@@ -140,22 +157,57 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     }
     tracing::info!(policies = config.policies.len(), "portcullis serving");
 
-    if signals.next().await == Stop::Now {
-        tracing::info!("SIGINT: stopping now");
-        flush(audit).await;
-        return Ok(());
-    }
+    let stop = signals.next().await;
     serving.store(false, Ordering::Release);
-    let _ = stop_tx.send(true);
-    let live_connections = config.max_connections - limit.available_permits();
-    tracing::info!(live = live_connections, timeout = ?config.drain_timeout, "SIGTERM: draining");
-    let all = u32::try_from(config.max_connections).unwrap_or(u32::MAX);
-    tokio::select! {
-        _ = tokio::time::timeout(config.drain_timeout, limit.acquire_many(all)) => {}
-        _ = signals.next() => tracing::info!("second signal: stopping now"),
+    stop_tx.send_replace(Phase::Draining);
+    if stop == Stop::Drain {
+        tracing::info!(live = limits.live(), timeout = ?config.drain_timeout, "SIGTERM: draining");
+        tokio::select! {
+            _ = tokio::time::timeout(config.drain_timeout, limits.all_ended()) => {}
+            _ = signals.next() => tracing::info!("second signal: stopping now"),
+        }
+    } else {
+        tracing::info!("SIGINT: stopping now");
+    }
+    let live = limits.live();
+    if live > 0 {
+        tracing::info!(live, "cutting the connections still open");
+    }
+    // Each worker drops its runtime, and with it every live connection,
+    // which writes its record as it goes.
+    stop_tx.send_replace(Phase::Cut);
+    let cut = tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + CUT_WAIT;
+        (0..workers).all(|_| {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            ended_rx.recv_timeout(left).is_ok()
+        })
+    });
+    if !matches!(cut.await, Ok(true)) {
+        tracing::warn!(
+            "a worker did not stop within {CUT_WAIT:?}; its connections' records may be missing"
+        );
     }
     flush(audit).await;
     Ok(())
+}
+
+/// Where the gateway is in its life; the workers watch it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Serving,
+    /// Stop accepting; live connections go on.
+    Draining,
+    /// Drop every live connection (each writes its record) and end.
+    Cut,
+}
+
+/// What every worker shares.
+struct Shared {
+    ctx: Arc<Context>,
+    limits: Arc<Limits>,
+    /// Refusals at a limit being sent at once, at most [`REFUSING`].
+    refusing: Arc<Semaphore>,
 }
 
 /// Logs and exports the mode, and in monitor mode with an end, the switch
@@ -250,14 +302,15 @@ fn worker_count() -> usize {
 /// that accepts on its own listeners and serves those connections to the
 /// end. A connection stays on the core the kernel gave it to (SO_REUSEPORT
 /// spreads them): no work stealing and no wake-ups across threads on the
-/// data path. The thread lives until the process exits, so connections
-/// still draining keep being served after the listeners close.
+/// data path. The listeners close when draining begins; connections are
+/// served until they end or the cut, when the runtime is dropped with them
+/// and the worker says so on `ended`.
 fn spawn_worker(
     worker: usize,
     listeners: Vec<(StdListener, Proto)>,
-    ctx: Arc<Context>,
-    limit: Arc<Semaphore>,
-    stop: watch::Receiver<bool>,
+    shared: Shared,
+    mut stop: watch::Receiver<Phase>,
+    ended: std::sync::mpsc::Sender<()>,
 ) -> io::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -269,16 +322,21 @@ fn spawn_worker(
             .map(|(l, proto)| Ok((TcpListener::from_std(l)?, proto)))
             .collect::<io::Result<Vec<_>>>()?
     };
+    let shared = Arc::new(shared);
     std::thread::Builder::new()
         .name(format!("portcullis-worker-{worker}"))
         .spawn(move || {
             runtime.block_on(async move {
                 for (listener, proto) in listeners {
-                    let (ctx, limit, stop) = (ctx.clone(), limit.clone(), stop.clone());
-                    tokio::spawn(accept_loop(listener, proto, ctx, limit, stop));
+                    let stop = stop.clone();
+                    tokio::spawn(accept_loop(listener, proto, shared.clone(), stop));
                 }
-                std::future::pending::<()>().await
-            })
+                let _ = stop.wait_for(|phase| *phase == Phase::Cut).await;
+            });
+            // Every task still here is a live connection: dropping it
+            // writes its record (see `proxy::serve`).
+            drop(runtime);
+            let _ = ended.send(());
         })?;
     Ok(())
 }
@@ -286,15 +344,14 @@ fn spawn_worker(
 async fn accept_loop(
     listener: TcpListener,
     proto: Proto,
-    ctx: Arc<Context>,
-    limit: Arc<Semaphore>,
-    mut stop: watch::Receiver<bool>,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<Phase>,
 ) {
     let mut refused = Throttled::default();
     let mut accept_errors = Throttled::default();
     // One wait for the stop signal across every accept, rather than a
     // new one registered and dropped per connection.
-    let stopped = stop.changed();
+    let stopped = stop.wait_for(|phase| *phase != Phase::Serving);
     tokio::pin!(stopped);
     loop {
         let accepted = tokio::select! {
@@ -303,21 +360,27 @@ async fn accept_loop(
         };
         match accepted {
             Ok((stream, peer)) => {
-                let Ok(permit) = limit.clone().try_acquire_owned() else {
-                    // At the limit: refuse this one at once rather than
-                    // leave it queued; live connections are unaffected.
-                    let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
-                    telemetry::limit_rejection();
-                    refused.warn("connection limit reached; refusing new connections");
-                    continue;
+                let slot = match shared.limits.try_admit(peer.ip()) {
+                    Ok(slot) => slot,
+                    Err(full) => {
+                        // Refused at once rather than left queued; live
+                        // connections are unaffected.
+                        telemetry::limit_rejection(full);
+                        refused.warn(&match full {
+                            Full::Total => "connection limit reached; refusing new connections".to_string(),
+                            Full::Source => format!("client {} holds its --max-connections-per-source; refusing its new connections", peer.ip()),
+                        });
+                        refuse_full(stream, proto, full, &shared.refusing);
+                        continue;
+                    }
                 };
-                let ctx = ctx.clone();
+                let ctx = shared.ctx.clone();
                 // Boxed, so the task holds a pointer: tokio moves a task's
                 // future by value several times as it spawns and finishes
                 // it, and a connection's state is about 1.7 KiB to copy.
                 tokio::spawn(Box::pin(async move {
                     proxy::serve(stream, peer, proto, &ctx).await;
-                    drop(permit);
+                    drop(slot);
                 }));
             }
             Err(e) => {
@@ -327,6 +390,22 @@ async fn accept_loop(
                     tokio::time::sleep(ACCEPT_BACKOFF).await;
                 }
             }
+        }
+    }
+}
+
+/// Tells a connection refused at a limit why, if a refusal slot is free;
+/// otherwise resets it.
+fn refuse_full(stream: tokio::net::TcpStream, proto: Proto, full: Full, refusing: &Arc<Semaphore>) {
+    match refusing.clone().try_acquire_owned() {
+        Ok(permit) => {
+            tokio::spawn(async move {
+                proxy::refuse_full(&stream, proto, full).await;
+                drop(permit);
+            });
+        }
+        Err(_) => {
+            let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
         }
     }
 }

@@ -138,8 +138,8 @@ pub const FAMILIES: &[Family] = &[
     family(
         LIMIT_REJECTIONS,
         Kind::Counter,
-        &[],
-        "Connections reset at once because --max-connections were being served.",
+        &["limit"],
+        "Connections refused at once (TLS alert or 503, else reset) because --max-connections (limit=total) or the client's --max-connections-per-source (limit=per_source) were being served.",
     ),
     family(
         HELLO_DURATION,
@@ -432,7 +432,9 @@ impl Handles {
         }
         dns_cache_hits.increment(0);
         metrics::counter!(ACCEPT_ERRORS).increment(0);
-        metrics::counter!(LIMIT_REJECTIONS).increment(0);
+        for full in crate::limit::Full::ALL {
+            metrics::counter!(LIMIT_REJECTIONS, "limit" => full.as_str()).increment(0);
+        }
         metrics::counter!(AUDIT_DROPPED).increment(0);
         metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
         Handles {
@@ -534,8 +536,8 @@ pub fn accept_error() {
     metrics::counter!(ACCEPT_ERRORS).increment(1);
 }
 
-pub fn limit_rejection() {
-    metrics::counter!(LIMIT_REJECTIONS).increment(1);
+pub fn limit_rejection(full: crate::limit::Full) {
+    metrics::counter!(LIMIT_REJECTIONS, "limit" => full.as_str()).increment(1);
 }
 
 pub fn audit_dropped(records: u64) {

@@ -115,6 +115,12 @@ pub enum ErrorKind {
     Connect,
     /// The flow was idle longer than `--idle-timeout`.
     Idle,
+    /// One side had closed, and the other then moved nothing for
+    /// `--half-closed-timeout`.
+    HalfClosed,
+    /// Still open when the gateway stopped (after the drain timeout, on
+    /// SIGINT or on a second SIGTERM).
+    Shutdown,
     /// A socket error while forwarding.
     Io,
     /// The upstream's response could not be framed.
@@ -122,12 +128,14 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 7] = [
+    pub const ALL: [ErrorKind; 9] = [
         ErrorKind::ClientClosed,
         ErrorKind::ConnectRefused,
         ErrorKind::ConnectTimeout,
         ErrorKind::Connect,
         ErrorKind::Idle,
+        ErrorKind::HalfClosed,
+        ErrorKind::Shutdown,
         ErrorKind::Io,
         ErrorKind::UpstreamProtocol,
     ];
@@ -139,6 +147,8 @@ impl ErrorKind {
             ErrorKind::ConnectTimeout => "connect_timeout",
             ErrorKind::Connect => "connect",
             ErrorKind::Idle => "idle",
+            ErrorKind::HalfClosed => "half_closed",
+            ErrorKind::Shutdown => "shutdown",
             ErrorKind::Io => "io",
             ErrorKind::UpstreamProtocol => "upstream_protocol",
         }

@@ -67,7 +67,15 @@ fn ten_thousand_silent_connections_cost_little_and_are_closed_at_the_hello_timeo
     t.start_portcullis_under(
         &["prlimit", "--nofile=16000:16000"],
         ALLOWLIST,
-        &["--max-connections", "12000", "--hello-timeout", "5s"],
+        // One client stands in for a VPC of hosts here: no per-source cap.
+        &[
+            "--max-connections",
+            "12000",
+            "--max-connections-per-source",
+            "12000",
+            "--hello-timeout",
+            "5s",
+        ],
     );
     let before = t.portcullis_rss_kib();
     let silent: Vec<TcpStream> = (0..SILENT).map(|_| t.connect(addr(RAW_V4, 443))).collect();
@@ -107,7 +115,16 @@ fn a_flood_of_slow_partial_large_hellos_is_bounded_and_timed_out() {
     let mut t = Topology::new();
     let (_web, _) = http_server(&t.upstream, &[addr(WEB_V4, 80)]);
     let (raw, _) = recorder(&t.upstream, &[addr(RAW_V4, 443)]);
-    t.start_portcullis(ALLOWLIST, &["--hello-timeout", "3s"]);
+    // One client stands in for a VPC of hosts here: no per-source cap.
+    t.start_portcullis(
+        ALLOWLIST,
+        &[
+            "--hello-timeout",
+            "3s",
+            "--max-connections-per-source",
+            "10000",
+        ],
+    );
     let before = t.portcullis_rss_kib();
     // A 16 KiB hello (within the cap), all but its last bytes, sent slowly.
     let large = hello::large_hello_in_three_records(CURL_HELLO);

@@ -267,6 +267,7 @@ pub enum AlertDescription {
     AccessDenied = 49,
     DecodeError = 50,
     ProtocolVersion = 70,
+    InternalError = 80,
 }
 
 #[cfg(test)]

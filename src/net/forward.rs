@@ -12,11 +12,13 @@
 use nix::fcntl::{FcntlArg, OFlag, SpliceFFlags, fcntl, splice};
 use std::io::{self, Read};
 use std::os::fd::{AsFd, OwnedFd};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 /// Requested pipe capacity: large enough that one splice moves a burst.
 const PIPE_SIZE: usize = 1 << 20;
@@ -25,11 +27,13 @@ const COPY_BUF: usize = 64 * 1024;
 /// Reads up to this size are copied through user space (see [`forward`]).
 const SMALL_READ: usize = 16 * 1024;
 
-/// When either direction of a connection last moved a byte.
+/// When either direction of a connection last moved a byte, and whether
+/// one side has closed already.
 #[derive(Debug)]
 pub struct Activity {
     start: Instant,
     last_ms: AtomicU64,
+    one_side_closed: AtomicBool,
 }
 
 impl Default for Activity {
@@ -37,6 +41,7 @@ impl Default for Activity {
         Activity {
             start: Instant::now(),
             last_ms: AtomicU64::new(0),
+            one_side_closed: AtomicBool::new(false),
         }
     }
 }
@@ -47,23 +52,150 @@ impl Activity {
         self.last_ms.store(ms, Ordering::Relaxed);
     }
 
+    /// One side has sent its FIN: from now on the flow is half closed.
+    pub fn one_side_closed(&self) {
+        self.one_side_closed.store(true, Ordering::Relaxed);
+        self.touch();
+    }
+
     fn last(&self) -> Instant {
         self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
     }
 
-    /// Resolves once nothing has moved for `idle`.
-    pub async fn idle_for(&self, idle: Duration) {
+    /// When the flow expires unless something moves first.
+    fn expiry(&self, clock: &FlowClock) -> Instant {
+        let quiet = if self.one_side_closed.load(Ordering::Relaxed) {
+            clock.half_closed.min(clock.idle)
+        } else {
+            clock.idle
+        };
+        self.last() + quiet
+    }
+}
+
+/// The timers of a flow that is forwarding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlowClock {
+    /// Nothing moved either way for this long: the flow is closed.
+    pub idle: Duration,
+    /// Once one side has closed, nothing moved for this long: closed
+    /// (HAProxy's `client-fin` / `server-fin`).
+    pub half_closed: Duration,
+    /// How often a long flow is reported while it runs; `None`: never.
+    pub every: Option<Duration>,
+}
+
+/// Why [`supervise`] ended a flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expired {
+    /// Nothing moved for [`FlowClock::idle`].
+    Idle,
+    /// One side closed, then nothing moved for [`FlowClock::half_closed`].
+    HalfClosed,
+}
+
+pin_project_lite::pin_project! {
+    /// Drives a flow's forwarding to its end unless it expires by its
+    /// clock, calling `tick` every [`FlowClock::every`] meanwhile; made by
+    /// [`supervise`].
+    ///
+    /// One timer serves all three clocks. It is moved earlier only when
+    /// the flow half closes or a tick is due, never for each byte: a busy
+    /// flow's timer fires once per idle period, finds that bytes moved, and
+    /// re-arms. Written out rather than as an `async fn`, and holding the
+    /// flow by reference, because it is part of every connection's task.
+    pub struct Supervised<'a, F, T> {
+        work: Pin<&'a mut F>,
+        activity: &'a Activity,
+        clock: FlowClock,
+        next_tick: Option<Instant>,
+        tick: T,
+        #[pin]
+        timer: Sleep,
+    }
+}
+
+/// Supervises `work`, pinned by the caller, by `clock`.
+pub fn supervise<'a, F: Future, T: FnMut()>(
+    work: Pin<&'a mut F>,
+    activity: &'a Activity,
+    clock: FlowClock,
+    tick: T,
+) -> Supervised<'a, F, T> {
+    let next_tick = clock.every.map(|every| Instant::now() + every);
+    Supervised {
+        work,
+        activity,
+        clock,
+        next_tick,
+        tick,
+        timer: tokio::time::sleep_until(due(activity, &clock, next_tick)),
+    }
+}
+
+/// When the supervisor must look next: the flow's expiry or its next tick.
+fn due(activity: &Activity, clock: &FlowClock, next_tick: Option<Instant>) -> Instant {
+    let expiry = activity.expiry(clock);
+    next_tick.map_or(expiry, |t| t.min(expiry))
+}
+
+impl<F: Future, T: FnMut()> Future for Supervised<'_, F, T> {
+    type Output = Result<F::Output, Expired>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        if let Poll::Ready(out) = this.work.as_mut().poll(cx) {
+            return Poll::Ready(Ok(out));
+        }
         loop {
-            let deadline = self.last() + idle;
-            if Instant::now() >= deadline {
-                return;
+            let target = due(this.activity, this.clock, *this.next_tick);
+            if target < this.timer.deadline() {
+                this.timer.as_mut().reset(target);
             }
-            tokio::time::sleep_until(deadline).await;
+            if this.timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            let now = Instant::now();
+            if let (Some(at), Some(every)) = (*this.next_tick, this.clock.every)
+                && at <= now
+            {
+                (this.tick)();
+                *this.next_tick = Some(now + every);
+            }
+            if this.activity.expiry(this.clock) <= now {
+                let half = this.activity.one_side_closed.load(Ordering::Relaxed);
+                return Poll::Ready(Err(if half {
+                    Expired::HalfClosed
+                } else {
+                    Expired::Idle
+                }));
+            }
+            // Bytes moved since the timer was set: wait for the new expiry.
+            let next = due(this.activity, this.clock, *this.next_tick);
+            this.timer.as_mut().reset(next);
         }
     }
 }
 
-/// Bytes moved each way by [`forward_both`].
+/// Bytes moved so far each way, counted as they move.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Client → upstream.
+    pub up: AtomicU64,
+    /// Upstream → client.
+    pub down: AtomicU64,
+}
+
+impl Counters {
+    pub fn snapshot(&self) -> Transferred {
+        Transferred {
+            up: self.up.load(Ordering::Relaxed),
+            down: self.down.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Bytes moved each way.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Transferred {
     /// Client → upstream.
@@ -73,20 +205,19 @@ pub struct Transferred {
 }
 
 /// Forwards both directions until both have ended, propagating each
-/// half-close, until either fails, or until nothing moves for `idle`.
+/// half-close, or until either fails. Run it under [`supervise`] for its
+/// timeouts.
 pub async fn forward_both(
     client: &TcpStream,
     upstream: &TcpStream,
-    idle: Duration,
-) -> (Transferred, io::Result<()>) {
-    let activity = Activity::default();
-    let up = AtomicU64::new(0);
-    let down = AtomicU64::new(0);
+    activity: &Activity,
+    moved: &Counters,
+) -> io::Result<()> {
     let one_ended = AtomicBool::new(false);
     // A clean end of one direction leaves the other flowing (half-close);
     // an error in either ends both, since the connection is broken.
     let direction = |src, dst, count| {
-        let (activity, one_ended) = (&activity, &one_ended);
+        let one_ended = &one_ended;
         async move {
             forward_to_end(src, dst, activity, count).await?;
             // The first direction to end passes its half-close on. When
@@ -95,26 +226,16 @@ pub async fn forward_both(
             if one_ended.swap(true, Ordering::Relaxed) {
                 Ok(())
             } else {
+                activity.one_side_closed();
                 shutdown_write(dst)
             }
         }
     };
-    let both = async {
-        tokio::try_join!(
-            direction(client, upstream, &up),
-            direction(upstream, client, &down)
-        )
-        .map(|_| ())
-    };
-    let result = tokio::select! {
-        r = both => r,
-        () = activity.idle_for(idle) => Err(io::Error::new(io::ErrorKind::TimedOut, "idle timeout")),
-    };
-    let moved = Transferred {
-        up: up.load(Ordering::Relaxed),
-        down: down.load(Ordering::Relaxed),
-    };
-    (moved, result)
+    tokio::try_join!(
+        direction(client, upstream, &moved.up),
+        direction(upstream, client, &moved.down)
+    )
+    .map(|_| ())
 }
 
 /// Forwards `src` → `dst` until `src` reaches end of stream, then shuts
@@ -127,6 +248,7 @@ pub async fn forward(
     count: &AtomicU64,
 ) -> io::Result<()> {
     forward_to_end(src, dst, activity, count).await?;
+    activity.one_side_closed();
     shutdown_write(dst)
 }
 
@@ -385,7 +507,9 @@ mod tests {
         let (mut client, proxy_client) = pair().await;
         let (proxy_upstream, mut server) = pair().await;
         let proxy = tokio::spawn(async move {
-            forward_both(&proxy_client, &proxy_upstream, Duration::from_secs(10)).await
+            let (activity, moved) = (Activity::default(), Counters::default());
+            let result = forward_both(&proxy_client, &proxy_upstream, &activity, &moved).await;
+            (moved.snapshot(), result)
         });
         let payload: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
         client.write_all(&payload).await.unwrap();
@@ -458,12 +582,110 @@ mod tests {
         assert_eq!(count.load(Ordering::Relaxed), SMALL_READ as u64);
     }
 
+    const CLOCK: FlowClock = FlowClock {
+        idle: Duration::from_secs(60),
+        half_closed: Duration::from_secs(60),
+        every: None,
+    };
+
     #[tokio::test]
     async fn closes_an_idle_flow() {
         let (_client, proxy_client) = pair().await;
         let (proxy_upstream, _server) = pair().await;
-        let (_, result) =
-            forward_both(&proxy_client, &proxy_upstream, Duration::from_millis(100)).await;
-        assert_eq!(result.unwrap_err().kind(), io::ErrorKind::TimedOut);
+        let (activity, moved) = (Activity::default(), Counters::default());
+        let clock = FlowClock {
+            idle: Duration::from_millis(100),
+            ..CLOCK
+        };
+        let flow = std::pin::pin!(forward_both(
+            &proxy_client,
+            &proxy_upstream,
+            &activity,
+            &moved
+        ));
+        let ended = supervise(flow, &activity, clock, || {}).await;
+        assert_eq!(ended.unwrap_err(), Expired::Idle);
+    }
+
+    #[tokio::test]
+    async fn a_busy_flow_is_not_idle() {
+        let (mut client, proxy_client) = pair().await;
+        let (proxy_upstream, mut server) = pair().await;
+        let (activity, moved) = (Activity::default(), Counters::default());
+        let clock = FlowClock {
+            idle: Duration::from_millis(300),
+            ..CLOCK
+        };
+        let talk = async {
+            for _ in 0..10 {
+                client.write_all(b"ping").await.unwrap();
+                let mut got = [0u8; 4];
+                server.read_exact(&mut got).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            client.shutdown().await.unwrap();
+            server.shutdown().await.unwrap();
+        };
+        let flow = std::pin::pin!(forward_both(
+            &proxy_client,
+            &proxy_upstream,
+            &activity,
+            &moved
+        ));
+        let (ended, ()) = tokio::join!(supervise(flow, &activity, clock, || {}), talk);
+        ended
+            .expect("a second of traffic outlives a 300 ms idle timeout")
+            .unwrap();
+        assert_eq!(moved.snapshot().up, 40);
+    }
+
+    #[tokio::test]
+    async fn a_half_closed_flow_gets_the_shorter_timeout() {
+        let (client, proxy_client) = pair().await;
+        let (proxy_upstream, _server) = pair().await;
+        let (activity, moved) = (Activity::default(), Counters::default());
+        let clock = FlowClock {
+            half_closed: Duration::from_millis(200),
+            ..CLOCK
+        };
+        // The client sends its FIN; the server never answers or closes.
+        drop(client);
+        let start = Instant::now();
+        let flow = std::pin::pin!(forward_both(
+            &proxy_client,
+            &proxy_upstream,
+            &activity,
+            &moved
+        ));
+        let ended = supervise(flow, &activity, clock, || {}).await;
+        assert_eq!(ended.unwrap_err(), Expired::HalfClosed);
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            start.elapsed()
+        );
+    }
+
+    #[tokio::test]
+    async fn ticks_while_a_flow_runs() {
+        let (_client, proxy_client) = pair().await;
+        let (proxy_upstream, _server) = pair().await;
+        let (activity, moved) = (Activity::default(), Counters::default());
+        let clock = FlowClock {
+            idle: Duration::from_millis(1_000),
+            every: Some(Duration::from_millis(150)),
+            ..CLOCK
+        };
+        let mut ticks = 0;
+        let flow = std::pin::pin!(forward_both(
+            &proxy_client,
+            &proxy_upstream,
+            &activity,
+            &moved
+        ));
+        let ended = supervise(flow, &activity, clock, || ticks += 1).await;
+        assert_eq!(ended.unwrap_err(), Expired::Idle);
+        // About six; a loaded machine may run a timer late, never early.
+        assert!((3..=7).contains(&ticks), "{ticks} ticks in 1 s at 150 ms");
     }
 }

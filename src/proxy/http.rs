@@ -10,18 +10,18 @@
 //! connection to plain forwarding.
 
 use super::inbound::{Inbound, ReadError};
-use super::{Ask, Context, Record, connect, refuse_with};
+use super::{Ask, Conn, Context, connect, refuse_with};
 use crate::config::Limits;
 use crate::detect::Detect;
 use crate::detect::http::{
     BodyLength, HttpError, RequestHead, parse_request_head, parse_response_head, without_h2c,
 };
 use crate::name::{HostName, NameError};
-use crate::net::forward::{Activity, Transferred, shutdown_write};
+use crate::net::forward::{Activity, shutdown_write};
 use crate::net::orig_dst::OrigDst;
 use crate::verdict::{ErrorKind, Reason, Verdict};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
@@ -37,27 +37,23 @@ struct Refusal {
     status: u16,
 }
 
-pub(super) async fn serve(
-    client: &TcpStream,
-    dst: OrigDst,
-    ctx: &Context,
-    rec: &mut Record,
-) -> Verdict {
+pub(super) async fn serve(client: &TcpStream, dst: OrigDst, ctx: &Context, conn: &Conn) -> Verdict {
     let limits = ctx.limits;
     let mut from_client = Inbound::new(client);
-    let deadline = rec.accepted + limits.hello_timeout;
+    let accepted = conn.accepted();
+    let deadline = accepted + limits.hello_timeout;
     let first = match read_request(&mut from_client, limits, deadline).await {
         Ok(Some(head)) => head,
         Ok(None) => return Verdict::Error(ErrorKind::ClientClosed),
         Err(Err(kind)) => return Verdict::Error(kind),
-        Err(Ok(refusal)) => return deny(client, rec, refusal, None).await,
+        Err(Ok(refusal)) => return deny(client, conn, refusal, None).await,
     };
-    rec.hello = Some(rec.accepted.elapsed());
-    let upstream_addr = match admit(ctx, &first, rec, dst, None).await {
+    conn.note().hello = Some(accepted.elapsed());
+    let upstream_addr = match admit(ctx, &first, conn, dst, None).await {
         Ok(upstream) => upstream,
-        Err(refusal) => return deny(client, rec, refusal, Some(&first.host)).await,
+        Err(refusal) => return deny(client, conn, refusal, Some(&first.host)).await,
     };
-    let upstream = match connect(upstream_addr, limits.connect_timeout, rec).await {
+    let upstream = match connect(upstream_addr, ctx, conn).await {
         Ok(upstream) => upstream,
         Err(kind) => {
             let status = if kind == ErrorKind::ConnectTimeout {
@@ -65,29 +61,27 @@ pub(super) async fn serve(
             } else {
                 502
             };
-            rec.refused = refuse_with(
-                client,
-                &error_response(status, Some(&first.host), "the server could not be reached"),
-            )
-            .await;
+            let refusal =
+                error_response(status, Some(&first.host), "the server could not be reached");
+            let refused = refuse_with(client, &refusal).await;
+            conn.note().refused = refused;
             return Verdict::Error(kind);
         }
     };
 
     let activity = Activity::default();
-    let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
     let (pending_tx, pending_rx) = mpsc::channel(PIPELINE_DEPTH);
     let (answered_tx, answered_rx) = watch::channel(0u64);
-    let conn = Connection {
+    let link = Connection {
         client,
         upstream: &upstream,
         upstream_addr,
         dst,
         activity: &activity,
     };
-    let requests = conn.requests(from_client, first, ctx, rec, pending_tx, answered_rx, &up);
-    let responses = conn.responses(pending_rx, answered_tx, &down);
-    let work = async {
+    let requests = link.requests(from_client, first, ctx, conn, pending_tx, answered_rx);
+    let responses = link.responses(pending_rx, answered_tx, &conn.moved.down);
+    let work = std::pin::pin!(async {
         tokio::pin!(requests, responses);
         tokio::select! {
             verdict = &mut requests => match (verdict, responses.await) {
@@ -101,16 +95,11 @@ pub(super) async fn serve(
                 Ok(()) => requests.await,
             },
         }
-    };
-    let verdict = tokio::select! {
-        verdict = work => verdict,
-        () = activity.idle_for(limits.idle_timeout) => Verdict::Error(ErrorKind::Idle),
-    };
-    rec.moved = Transferred {
-        up: up.load(Ordering::Relaxed),
-        down: down.load(Ordering::Relaxed),
-    };
-    verdict
+    });
+    match conn.supervised(work, &activity, ctx).await {
+        Ok(verdict) => verdict,
+        Err(expired) => Verdict::Error(expired.into()),
+    }
 }
 
 /// A request forwarded upstream whose response has not been framed yet.
@@ -131,18 +120,17 @@ struct Connection<'a> {
 }
 
 impl Connection<'_> {
-    #[allow(clippy::too_many_arguments)]
     async fn requests(
         &self,
         mut from_client: Inbound<'_>,
         mut head: RequestHead,
         ctx: &Context,
-        rec: &mut Record,
+        conn: &Conn,
         pending: mpsc::Sender<Pending>,
         mut answered: watch::Receiver<u64>,
-        up: &AtomicU64,
     ) -> Verdict {
         let limits = ctx.limits;
+        let up = &conn.moved.up;
         let mut sent = 0u64;
         loop {
             let (switched_tx, switched_rx) = match head.upgrade {
@@ -165,6 +153,7 @@ impl Connection<'_> {
             {
                 return Verdict::Error(ErrorKind::Io);
             }
+            from_client.release();
             if let Some(switched) = switched_rx
                 && switched.await == Ok(true)
             {
@@ -178,6 +167,7 @@ impl Connection<'_> {
             }
             let next = match from_client.wait_for_data().await {
                 Ok(false) => {
+                    self.activity.one_side_closed();
                     let _ = shutdown_write(self.upstream);
                     return Verdict::Allow;
                 }
@@ -193,7 +183,7 @@ impl Connection<'_> {
             };
             let refusal = match next {
                 Ok(Some(next)) => {
-                    match admit(ctx, &next, rec, self.dst, Some(self.upstream_addr)).await {
+                    match admit(ctx, &next, conn, self.dst, Some(self.upstream_addr)).await {
                         Ok(_) => {
                             head = next;
                             continue;
@@ -207,7 +197,7 @@ impl Connection<'_> {
             };
             // Let every earlier response reach the client first.
             let _ = answered.wait_for(|n| *n >= sent).await;
-            let verdict = deny(self.client, rec, refusal.0, refusal.1.as_ref()).await;
+            let verdict = deny(self.client, conn, refusal.0, refusal.1.as_ref()).await;
             let _ = socket2::SockRef::from(self.upstream).shutdown(std::net::Shutdown::Both);
             return verdict;
         }
@@ -251,6 +241,7 @@ impl Connection<'_> {
             match from_upstream.wait_for_data().await {
                 Ok(true) => {}
                 Ok(false) => {
+                    self.activity.one_side_closed();
                     let _ = shutdown_write(self.client);
                     return Ok(());
                 }
@@ -315,6 +306,7 @@ impl Connection<'_> {
                 }
             }
             .map_err(io)?;
+            from_upstream.release();
             count += 1;
             answered.send_replace(count);
         }
@@ -387,14 +379,18 @@ fn refusal_for(e: HttpError) -> Refusal {
 async fn admit(
     ctx: &Context,
     head: &RequestHead,
-    rec: &mut Record,
+    conn: &Conn,
     dst: OrigDst,
     connected: Option<SocketAddr>,
 ) -> Result<SocketAddr, Refusal> {
-    rec.name = Some(head.host.clone());
-    rec.rule = None;
+    let policy = {
+        let mut rec = conn.note();
+        rec.name = Some(head.host.clone());
+        rec.rule = None;
+        rec.policy
+    };
     let ask = Ask {
-        policy: rec.policy,
+        policy,
         name: Ok(&head.host),
         below_tls_floor: false,
         dst,
@@ -402,6 +398,7 @@ async fn admit(
     };
     match ctx.admit(ask).await {
         Ok(admitted) => {
+            let mut rec = conn.note();
             rec.rule = admitted.rule;
             // Monitor mode: the first request enforce mode would refuse is
             // what the connection's record notes.
@@ -424,16 +421,14 @@ async fn admit(
 
 async fn deny(
     client: &TcpStream,
-    rec: &mut Record,
+    conn: &Conn,
     refusal: Refusal,
     host: Option<&HostName>,
 ) -> Verdict {
     let reason = refusal.reason;
-    rec.refused = refuse_with(
-        client,
-        &error_response(refusal.status, host, explain(reason)),
-    )
-    .await;
+    let response = error_response(refusal.status, host, explain(reason));
+    let refused = refuse_with(client, &response).await;
+    conn.note().refused = refused;
     Verdict::Deny(reason)
 }
 
@@ -441,6 +436,15 @@ async fn deny(
 /// whether the refusal was sent.
 pub(super) async fn refuse(client: &TcpStream, reason: Reason) -> bool {
     refuse_with(client, &error_response(403, None, explain(reason))).await
+}
+
+/// The 503 for a connection refused at a connection limit.
+pub(super) fn full(full: crate::limit::Full) -> Vec<u8> {
+    let why = match full {
+        crate::limit::Full::Total => "the gateway is serving as many connections as it may",
+        crate::limit::Full::Source => "this client holds as many connections as it may",
+    };
+    error_response(503, None, why)
 }
 
 fn explain(reason: Reason) -> &'static str {

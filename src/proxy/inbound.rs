@@ -45,6 +45,17 @@ impl<'a> Inbound<'a> {
         &self.buf
     }
 
+    /// Gives back the room a body or a large head made, once a message is
+    /// forwarded: a kept-alive connection waiting for its next request then
+    /// holds no buffer. Bytes of the next message already read stay.
+    pub fn release(&mut self) {
+        if self.buf.is_empty() {
+            self.buf = Vec::new();
+        } else if self.buf.capacity() > GROW_FROM.max(2 * self.buf.len()) {
+            self.buf.shrink_to_fit();
+        }
+    }
+
     /// Replaces the first `n` buffered bytes with `with` (a rewritten head).
     pub fn replace_front(&mut self, n: usize, with: &[u8]) {
         self.buf.splice(..n, with.iter().copied());

@@ -11,14 +11,17 @@ use crate::decide::{Decision, Facts, Step, decide};
 use crate::dns::{LookupError, Resolver};
 use crate::guard::Guard;
 use crate::name::HostName;
-use crate::net::forward::{Transferred, read_some, shutdown_write, write_all};
+use crate::net::forward::{
+    Activity, Counters, Expired, FlowClock, Supervised, Transferred, read_some, shutdown_write,
+    supervise, write_all,
+};
 use crate::net::orig_dst::{OrigDst, is_loop, original_dst};
 use crate::policy::{Policies, PolicyId};
 use crate::telemetry;
 use crate::verdict::{ErrorKind, Proto, Reason, Verdict};
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -33,6 +36,8 @@ pub struct Context {
     pub policies: Arc<Policies>,
     pub limits: Limits,
     pub audit: AuditLog,
+    /// Write an `open` record for each admitted connection.
+    pub audit_open: bool,
     pub mode: Mode,
     pub verify: VerifyDst,
     /// Looks admitted names up; `None` only with `--verify-dst off`.
@@ -113,8 +118,9 @@ impl Context {
     }
 }
 
-/// The facts of one connection, reported once when it ends.
-#[derive(Debug)]
+/// The facts of one connection, reported when it ends (and, for a long
+/// one, while it runs).
+#[derive(Debug, Clone)]
 pub struct Record {
     pub src: SocketAddr,
     /// Chosen by `src`: whose list decides.
@@ -168,33 +174,143 @@ impl Record {
     }
 }
 
-/// Serves one accepted connection to the end and reports it.
-pub async fn serve(client: TcpStream, src: SocketAddr, proto: Proto, ctx: &Context) -> Record {
-    let _active = telemetry::Active::start(proto);
-    let mut rec = Record::new(src, ctx.policies.policy_of(src.ip()), proto);
-    let dst = destination(&client);
-    rec.dst = dst.as_ref().ok().map(|(dst, _)| *dst);
-    rec.verdict = match dst {
-        Ok((dst, local)) if !is_loop(dst, local) => match proto {
-            Proto::Tls => tls::serve(&client, dst, ctx, &mut rec).await,
-            // Boxed: its future is several times the TLS one, and every
-            // connection's task would otherwise be sized for it.
-            Proto::Http => Box::pin(http::serve(&client, dst, ctx, &mut rec)).await,
-        },
-        _ => {
-            rec.refused = match proto {
-                Proto::Tls => tls::refuse(&client, Reason::Loop).await,
-                Proto::Http => http::refuse(&client, Reason::Loop).await,
-            };
-            Verdict::Deny(Reason::Loop)
+/// One connection as its handler sees it: the record it fills in, and the
+/// bytes moved, counted as they move.
+///
+/// The record sits behind a lock because three parties share it within
+/// the connection's one task: the handler, the interim reports made while
+/// it forwards, and [`Ending`], which reports a connection that is cut
+/// short. The lock is never contended (one task, and a guard cannot be
+/// held across an await: it is not `Send`), so taking it is one atomic
+/// operation.
+pub(crate) struct Conn {
+    rec: Mutex<Record>,
+    moved: Counters,
+}
+
+impl Conn {
+    /// The record, to note a fact in it.
+    fn note(&self) -> MutexGuard<'_, Record> {
+        // A panic elsewhere cannot leave a record half written in a way
+        // that matters more than losing it.
+        self.rec
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn accepted(&self) -> Instant {
+        self.note().accepted
+    }
+
+    /// Writes an `open` or `interim` record: the connection as it stands.
+    fn report_progress(&self, kind: audit::Kind, ctx: &Context) {
+        let rec = self.note();
+        let mut now = rec.clone();
+        drop(rec);
+        now.verdict = Verdict::Allow;
+        now.moved = self.moved.snapshot();
+        now.duration = now.accepted.elapsed();
+        let policy = ctx.policies.get(now.policy).name.as_str();
+        ctx.audit
+            .record(audit::line(&now, kind, policy, SystemTime::now()));
+    }
+
+    /// Forwards `work` under this connection's timers, with an interim
+    /// record at each tick. A plain function: another async layer would
+    /// add its own state to every connection's task.
+    fn supervised<'a, F: Future>(
+        &'a self,
+        work: std::pin::Pin<&'a mut F>,
+        activity: &'a Activity,
+        ctx: &'a Context,
+    ) -> Supervised<'a, F, impl FnMut() + 'a> {
+        let clock = FlowClock {
+            idle: ctx.limits.idle_timeout,
+            half_closed: ctx.limits.half_closed_timeout,
+            every: ctx.limits.audit_interval,
+        };
+        let tick = move || self.report_progress(audit::Kind::Interim, ctx);
+        supervise(work, activity, clock, tick)
+    }
+}
+
+impl From<Expired> for ErrorKind {
+    fn from(expired: Expired) -> ErrorKind {
+        match expired {
+            Expired::Idle => ErrorKind::Idle,
+            Expired::HalfClosed => ErrorKind::HalfClosed,
         }
+    }
+}
+
+/// Writes a connection's `end` record exactly once: when the handler
+/// returns its verdict, or, if the connection's task is dropped first (the
+/// worker's runtime shutting down at the end of a drain, on SIGINT or on a
+/// second SIGTERM), on drop, as cut by shutdown with what it moved so far.
+struct Ending<'a> {
+    conn: &'a Conn,
+    ctx: &'a Context,
+    reported: bool,
+}
+
+impl Ending<'_> {
+    /// Reports the connection with `verdict`; whether a refusal was sent.
+    fn report(&mut self, verdict: Verdict) -> bool {
+        self.reported = true;
+        let mut rec = self.conn.note();
+        rec.verdict = verdict;
+        rec.moved = self.conn.moved.snapshot();
+        rec.duration = rec.accepted.elapsed();
+        report(&rec, self.ctx);
+        rec.refused
+    }
+}
+
+impl Drop for Ending<'_> {
+    fn drop(&mut self) {
+        if !self.reported {
+            self.report(Verdict::Error(ErrorKind::Shutdown));
+        }
+    }
+}
+
+/// Serves one accepted connection to the end and reports it.
+pub async fn serve(client: TcpStream, src: SocketAddr, proto: Proto, ctx: &Context) {
+    let _active = telemetry::Active::start(proto);
+    let conn = Conn {
+        rec: Mutex::new(Record::new(src, ctx.policies.policy_of(src.ip()), proto)),
+        moved: Counters::default(),
     };
-    rec.duration = rec.accepted.elapsed();
-    report(&rec, ctx);
-    if rec.refused {
+    let mut ending = Ending {
+        conn: &conn,
+        ctx,
+        reported: false,
+    };
+    let verdict = handle(&client, proto, ctx, &conn).await;
+    if ending.report(verdict) {
         linger(&client).await;
     }
-    rec
+}
+
+async fn handle(client: &TcpStream, proto: Proto, ctx: &Context, conn: &Conn) -> Verdict {
+    let dst = destination(client);
+    conn.note().dst = dst.as_ref().ok().map(|(dst, _)| *dst);
+    match dst {
+        Ok((dst, local)) if !is_loop(dst, local) => match proto {
+            Proto::Tls => tls::serve(client, dst, ctx, conn).await,
+            // Boxed: its future is several times the TLS one, and every
+            // connection's task would otherwise be sized for it.
+            Proto::Http => Box::pin(http::serve(client, dst, ctx, conn)).await,
+        },
+        _ => {
+            let refused = match proto {
+                Proto::Tls => tls::refuse(client, Reason::Loop).await,
+                Proto::Http => http::refuse(client, Reason::Loop).await,
+            };
+            conn.note().refused = refused;
+            Verdict::Deny(Reason::Loop)
+        }
+    }
 }
 
 /// The original destination and our own address; an error means the
@@ -205,27 +321,31 @@ fn destination(client: &TcpStream) -> io::Result<(OrigDst, SocketAddr)> {
     Ok((original_dst(client, local)?, local))
 }
 
-/// The one place a connection is accounted for: its audit record and
-/// its metrics.
+/// The one place a connection's end is accounted for: its audit record
+/// and its metrics.
 fn report(rec: &Record, ctx: &Context) {
     telemetry::connection_ended(rec);
     let policy = ctx.policies.get(rec.policy).name.as_str();
-    ctx.audit
-        .record(audit::line(rec, policy, SystemTime::now()));
+    ctx.audit.record(audit::line(
+        rec,
+        audit::Kind::End,
+        policy,
+        SystemTime::now(),
+    ));
 }
 
-/// Opens the upstream connection.
-async fn connect(
-    upstream: SocketAddr,
-    timeout: Duration,
-    rec: &mut Record,
-) -> Result<TcpStream, ErrorKind> {
+/// Opens the upstream connection; with `--audit-open`, reports it open.
+async fn connect(upstream: SocketAddr, ctx: &Context, conn: &Conn) -> Result<TcpStream, ErrorKind> {
     let start = Instant::now();
-    rec.upstream = Some(upstream);
+    conn.note().upstream = Some(upstream);
+    let timeout = ctx.limits.connect_timeout;
     match tokio::time::timeout_at(start + timeout, TcpStream::connect(upstream)).await {
         Ok(Ok(stream)) => {
-            rec.connect = Some(start.elapsed());
+            conn.note().connect = Some(start.elapsed());
             let _ = stream.set_nodelay(true);
+            if ctx.audit_open {
+                conn.report_progress(audit::Kind::Open, ctx);
+            }
             Ok(stream)
         }
         Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => {
@@ -265,6 +385,20 @@ async fn linger(client: &TcpStream) {
     let _ = tokio::time::timeout(LINGER, drain).await;
 }
 
+/// Refuses a connection that a connection limit turned away before a byte
+/// of it was read: a TLS `internal_error` alert or an HTTP 503, then the
+/// usual linger so that the client reads it.
+pub async fn refuse_full(client: &TcpStream, proto: Proto, full: crate::limit::Full) {
+    use crate::detect::tls::{AlertDescription, fatal_alert};
+    let sent = match proto {
+        Proto::Tls => refuse_with(client, &fatal_alert(AlertDescription::InternalError)).await,
+        Proto::Http => refuse_with(client, &http::full(full)).await,
+    };
+    if sent {
+        linger(client).await;
+    }
+}
+
 /// Closes with a reset, as a NAT would pass on a failed connect.
 fn reset(stream: &TcpStream) {
     let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
@@ -286,6 +420,7 @@ mod tests {
             )),
             limits: Limits::default(),
             audit: AuditLog::spawn(io::sink(), 1).unwrap(),
+            audit_open: false,
             mode: Mode::Enforce,
             verify: VerifyDst::Pin,
             resolver: None,

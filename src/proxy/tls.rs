@@ -2,22 +2,19 @@
 //! the hello and everything after it untouched. No TLS is terminated.
 
 use super::inbound::{Inbound, ReadError};
-use super::{Ask, Context, Record, connect, refuse_with, reset};
+use super::{Ask, Conn, Context, connect, refuse_with, reset};
 use crate::detect::tls::{AlertDescription, ServerName, TlsError, fatal_alert, parse_client_hello};
 use crate::name::NameError;
-use crate::net::forward::{forward_both, write_all};
+use crate::net::forward::{Activity, forward_both, write_all};
 use crate::net::orig_dst::OrigDst;
 use crate::verdict::{ErrorKind, Reason, Verdict};
+use std::sync::atomic::Ordering;
 use tokio::net::TcpStream;
 
-pub(super) async fn serve(
-    client: &TcpStream,
-    dst: OrigDst,
-    ctx: &Context,
-    rec: &mut Record,
-) -> Verdict {
+pub(super) async fn serve(client: &TcpStream, dst: OrigDst, ctx: &Context, conn: &Conn) -> Verdict {
     let limits = ctx.limits;
-    let deadline = rec.accepted + limits.hello_timeout;
+    let accepted = conn.accepted();
+    let deadline = accepted + limits.hello_timeout;
     let cap = limits.max_hello_bytes;
     let mut inbound = Inbound::new(client);
     let parse = |buf: &[u8]| parse_client_hello(buf, cap);
@@ -26,35 +23,40 @@ pub(super) async fn serve(
         .await
     {
         Ok(hello) => {
-            rec.hello = Some(rec.accepted.elapsed());
+            conn.note().hello = Some(accepted.elapsed());
             hello
         }
-        Err(ReadError::Invalid(e)) => return deny(client, rec, reason_for(e)).await,
-        Err(ReadError::Timeout) => return deny(client, rec, Reason::Timeout).await,
+        Err(ReadError::Invalid(e)) => return deny(client, conn, reason_for(e)).await,
+        Err(ReadError::Timeout) => return deny(client, conn, Reason::Timeout).await,
         Err(ReadError::Closed { .. }) => return Verdict::Error(ErrorKind::ClientClosed),
         Err(ReadError::Io) => return Verdict::Error(ErrorKind::Io),
     };
-    rec.ech = hello.ech;
+    conn.note().ech = hello.ech;
     let name = match hello.server_name {
-        ServerName::Name(name) => Ok(rec.name.insert(name) as &_),
+        ServerName::Name(name) => Ok(name),
         ServerName::Absent => Err(Reason::NoName),
         ServerName::Invalid(NameError::IpLiteral) => Err(Reason::IpLiteral),
-        ServerName::Invalid(_) => return deny(client, rec, Reason::Malformed).await,
+        ServerName::Invalid(_) => return deny(client, conn, Reason::Malformed).await,
     };
     let ask = Ask {
-        policy: rec.policy,
-        name,
+        policy: conn.note().policy,
+        name: name.as_ref().map_err(|r| *r),
         below_tls_floor: hello.max_version < limits.min_tls,
         dst,
         connected: None,
     };
-    let admitted = match ctx.admit(ask).await {
+    let admitted = ctx.admit(ask).await;
+    conn.note().name = name.ok();
+    let admitted = match admitted {
         Ok(admitted) => admitted,
-        Err(reason) => return deny(client, rec, reason).await,
+        Err(reason) => return deny(client, conn, reason).await,
     };
-    rec.rule = admitted.rule;
-    rec.would_deny = admitted.would_deny;
-    let upstream = match connect(admitted.upstream, limits.connect_timeout, rec).await {
+    {
+        let mut rec = conn.note();
+        rec.rule = admitted.rule;
+        rec.would_deny = admitted.would_deny;
+    }
+    let upstream = match connect(admitted.upstream, ctx, conn).await {
         Ok(upstream) => upstream,
         Err(kind) => {
             reset(client);
@@ -64,17 +66,17 @@ pub(super) async fn serve(
     if write_all(&upstream, inbound.buffered()).await.is_err() {
         return Verdict::Error(ErrorKind::Io);
     }
+    let hello_len = inbound.buffered().len() as u64;
+    conn.moved.up.fetch_add(hello_len, Ordering::Relaxed);
     // The hello is upstream now: free its buffer before a flow that may
     // last hours.
-    let hello_len = inbound.buffered().len() as u64;
     drop(inbound);
-    let (moved, result) = forward_both(client, &upstream, limits.idle_timeout).await;
-    rec.moved = moved;
-    rec.moved.up += hello_len;
-    match result {
-        Ok(()) => Verdict::Allow,
-        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => Verdict::Error(ErrorKind::Idle),
-        Err(_) => Verdict::Error(ErrorKind::Io),
+    let activity = Activity::default();
+    let flow = std::pin::pin!(forward_both(client, &upstream, &activity, &conn.moved));
+    match conn.supervised(flow, &activity, ctx).await {
+        Ok(Ok(())) => Verdict::Allow,
+        Ok(Err(_)) => Verdict::Error(ErrorKind::Io),
+        Err(expired) => Verdict::Error(expired.into()),
     }
 }
 
@@ -86,8 +88,9 @@ fn reason_for(e: TlsError) -> Reason {
     }
 }
 
-async fn deny(client: &TcpStream, rec: &mut Record, reason: Reason) -> Verdict {
-    rec.refused = refuse(client, reason).await;
+async fn deny(client: &TcpStream, conn: &Conn, reason: Reason) -> Verdict {
+    let refused = refuse(client, reason).await;
+    conn.note().refused = refused;
     Verdict::Deny(reason)
 }
 

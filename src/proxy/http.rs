@@ -79,9 +79,11 @@ pub(super) async fn serve(client: &TcpStream, dst: OrigDst, ctx: &Context, conn:
         dst,
         activity: &activity,
     };
-    let requests = link.requests(from_client, first, ctx, conn, pending_tx, answered_rx);
-    let responses = link.responses(pending_rx, answered_tx, &conn.moved.down);
+    // Made inside the block: made outside and moved in, the two loops'
+    // states would be stored twice in every connection's task.
     let work = std::pin::pin!(async {
+        let requests = link.requests(from_client, first, ctx, conn, pending_tx, answered_rx);
+        let responses = link.responses(pending_rx, answered_tx, &conn.moved.down);
         tokio::pin!(requests, responses);
         tokio::select! {
             verdict = &mut requests => match (verdict, responses.await) {
@@ -157,8 +159,9 @@ impl Connection<'_> {
             if let Some(switched) = switched_rx
                 && switched.await == Ok(true)
             {
-                return match from_client
-                    .forward_rest(self.upstream, self.activity, up)
+                // Boxed, as every rare state here: the largest state of
+                // the loop sizes every kept-alive connection.
+                return match Box::pin(from_client.forward_rest(self.upstream, self.activity, up))
                     .await
                 {
                     Ok(()) => Verdict::Allow,
@@ -197,7 +200,7 @@ impl Connection<'_> {
             };
             // Let every earlier response reach the client first.
             let _ = answered.wait_for(|n| *n >= sent).await;
-            let verdict = deny(self.client, conn, refusal.0, refusal.1.as_ref()).await;
+            let verdict = Box::pin(deny(self.client, conn, refusal.0, refusal.1.as_ref())).await;
             let _ = socket2::SockRef::from(self.upstream).shutdown(std::net::Shutdown::Both);
             return verdict;
         }
@@ -279,8 +282,7 @@ impl Connection<'_> {
                     return Err(ErrorKind::UpstreamProtocol);
                 };
                 let _ = upgrade.send(true);
-                return from_upstream
-                    .forward_rest(self.client, self.activity, down)
+                return Box::pin(from_upstream.forward_rest(self.client, self.activity, down))
                     .await
                     .map_err(io);
             }
@@ -299,8 +301,7 @@ impl Connection<'_> {
                         .await
                 }
                 BodyLength::UntilClose => {
-                    return from_upstream
-                        .forward_rest(self.client, self.activity, down)
+                    return Box::pin(from_upstream.forward_rest(self.client, self.activity, down))
                         .await
                         .map_err(io);
                 }

@@ -5,10 +5,12 @@
 //! ```text
 //! loadgen serve ADDR...            upstream; what it does depends on the address dialled:
 //!                                  .10 answer 1 KiB and close, .11 greet then
-//!                                  sink, .12 source
+//!                                  sink, .12 source, .13 plain HTTP/1.1 kept
+//!                                  alive, 256 KiB per response
 //! loadgen bulk DOWN|UP ADDR STREAMS SECONDS NAME
 //! loadgen rate ADDR CLIENTS SECONDS NAME
 //! loadgen idle ADDR COUNT SECONDS NAME
+//! loadgen idle-http ADDR COUNT SECONDS NAME   each: one GET, the whole answer, then idle
 //! loadgen relay ADDR               the reference "gateway": see [`relay`]
 //! ```
 //!
@@ -61,6 +63,9 @@ fn main() {
         ["idle", addr, count, seconds, name] => {
             idle(addr.parse().unwrap(), num(count), secs(seconds), name)
         }
+        ["idle-http", addr, count, seconds, name] => {
+            idle_http(addr.parse().unwrap(), num(count), secs(seconds), name)
+        }
         _ => {
             eprintln!("usage: see the top of benches/loadgen.rs");
             std::process::exit(2);
@@ -89,12 +94,13 @@ fn read_hello(s: &mut TcpStream) -> io::Result<()> {
 }
 
 /// What an upstream address does, by its last octet (IPv4) or group
-/// (IPv6): 10 answers, 11 sinks, 12 sources (`::10`, `::11`, `::12`).
+/// (IPv6): 10 answers, 11 sinks, 12 sources, 13 serves HTTP (`::10`, …).
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Role {
     Answer,
     Sink,
     Source,
+    Web,
 }
 
 impl Role {
@@ -107,6 +113,7 @@ impl Role {
             10 | 0x10 => Some(Role::Answer),
             11 | 0x11 => Some(Role::Sink),
             12 | 0x12 => Some(Role::Source),
+            13 | 0x13 => Some(Role::Web),
             _ => None,
         }
     }
@@ -117,6 +124,7 @@ impl Role {
             Role::Answer => answer(s),
             Role::Sink => sink(s),
             Role::Source => source(s),
+            Role::Web => web(s),
         }
     }
 }
@@ -181,6 +189,70 @@ fn source(mut s: TcpStream) -> io::Result<()> {
     loop {
         s.write_all(&buf)?;
     }
+}
+
+/// A body large enough that a proxy's buffers grow to their largest.
+const WEB_BODY: usize = 256 * 1024;
+
+/// Answers every request of a kept-alive connection with [`WEB_BODY`]
+/// bytes, until the client closes.
+fn web(mut s: TcpStream) -> io::Result<()> {
+    let body = vec![0x77u8; WEB_BODY];
+    let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {WEB_BODY}\r\n\r\n");
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            buf.drain(..end + 4);
+            s.write_all(head.as_bytes())?;
+            s.write_all(&body)?;
+            continue;
+        }
+        match s.read(&mut chunk)? {
+            0 => return Ok(()),
+            n => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// Holds COUNT kept-alive HTTP connections, each after one GET answered
+/// in full, for SECONDS.
+fn idle_http(addr: SocketAddr, count: usize, time: Duration, name: &str) -> io::Result<()> {
+    let mut held = Vec::with_capacity(count);
+    for _ in 0..count {
+        let mut s = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
+        s.set_read_timeout(Some(IO_TIMEOUT))?;
+        write!(s, "GET / HTTP/1.1\r\nHost: {name}\r\n\r\n")?;
+        let mut got = 0;
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut head = Vec::new();
+        // The head, then the body's length in bytes.
+        let body_start = loop {
+            let n = s.read(&mut buf)?;
+            if n == 0 {
+                return Err(io::Error::other("closed before the answer"));
+            }
+            head.extend_from_slice(&buf[..n]);
+            if let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+                got = head.len() - end - 4;
+                break end + 4;
+            }
+        };
+        if !head[..body_start].starts_with(b"HTTP/1.1 200") {
+            return Err(io::Error::other("not a 200"));
+        }
+        while got < WEB_BODY {
+            match s.read(&mut buf)? {
+                0 => return Err(io::Error::other("closed mid-answer")),
+                n => got += n,
+            }
+        }
+        held.push(s);
+    }
+    println!("held={}", held.len());
+    io::stdout().flush()?;
+    std::thread::sleep(time);
+    Ok(())
 }
 
 fn connect(addr: SocketAddr, name: &str) -> io::Result<TcpStream> {

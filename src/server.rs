@@ -210,8 +210,6 @@ struct Shared {
     refusing: Arc<Semaphore>,
 }
 
-/// Logs and exports the mode, and in monitor mode with an end, the switch
-/// to enforce mode when it comes (connections check the time themselves).
 /// How often the host's own addresses, never to be connected to, are read
 /// again (an interface attached, an address renewed).
 const OWN_ADDRESSES_EVERY: Duration = Duration::from_secs(5);
@@ -235,6 +233,8 @@ fn announce_verify(verify: VerifyDst) {
     }
 }
 
+/// Logs and exports the mode, and in monitor mode with an end, the switch
+/// to enforce mode when it comes (connections check the time themselves).
 fn announce_mode(mode: Mode) {
     let now = SystemTime::now();
     telemetry::set_enforcing(mode.enforcing_at(now));

@@ -25,10 +25,11 @@ METRICS = [
     ("user_cpu_s_per_10k_conn", "of which in user space (the proxy's own code)", "s", False),
     ("packets_per_conn", "packets through the gateway per connection", "count", False),
     ("kib_per_idle_conn", "gateway memory per idle connection (RSS)", "KiB", False),
+    ("kib_per_idle_http_conn", "memory per idle kept-alive HTTP connection, after a 256 KiB answer (portcullis only)", "KiB", False),
 ]
 # The kernel alone has no process to charge: its forwarding runs in the
 # senders' softirq context, and its memory is not in any RSS.
-NOT_ATTRIBUTABLE = {"cpu_s_per_gib", "cpu_s_per_10k_conn", "user_cpu_s_per_10k_conn", "kib_per_idle_conn"}
+NOT_ATTRIBUTABLE = {"cpu_s_per_gib", "cpu_s_per_10k_conn", "user_cpu_s_per_10k_conn", "kib_per_idle_conn", "kib_per_idle_http_conn"}
 # Not proxies under test but references: routing alone, and a proxy that
 # only moves the bytes (which runs only the stream workloads).
 REFERENCES = ("kernel", "relay")

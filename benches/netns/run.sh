@@ -4,7 +4,8 @@
 #
 #   client 192.0.2.2 --- gateway 192.0.2.1 | 198.51.100.1 --- upstream 198.51.100.2
 #                                                     203.0.113.10 answers 1 KiB,
-#                                                     .11 sinks, .12 sources
+#                                                     .11 sinks, .12 sources,
+#                                                     .13 serves HTTP (port 80)
 #
 #   (a) kernel    plain routing, no proxy: the limit of this machine
 #       relay     a bare splice relay (loadgen relay): no parsing, no policy,
@@ -83,23 +84,23 @@ source scripts/topology.sh
 topology_down $C $G $U # left by a run that was killed
 work=$(mktemp -d)
 trap 'topology_down $C $G $U; rm -rf "$work"' EXIT
-topology_up $C $G $U 203.0.113.10 203.0.113.11 203.0.113.12
+topology_up $C $G $U 203.0.113.10 203.0.113.11 203.0.113.12 203.0.113.13
 # The connection-rate workload opens tens of thousands of connections a
 # run: every host reuses TIME_WAIT ports, as ami/sysctl sets for a gateway.
 for ns in $C $G $U; do
   ip netns exec "$ns" sysctl -qw net.ipv4.ip_local_port_range="1024 65000" net.ipv4.tcp_tw_reuse=1
 done
 
-ip netns exec $U "$loadgen" serve 203.0.113.10:443 203.0.113.11:443 203.0.113.12:443 &
+ip netns exec $U "$loadgen" serve 203.0.113.10:443 203.0.113.11:443 203.0.113.12:443 203.0.113.13:80 &
 disown # killed with the namespace, not reported
 
-ANSWER=answer.bench.example SINK=sink.bench.example SOURCE=source.bench.example
+ANSWER=answer.bench.example SINK=sink.bench.example SOURCE=source.bench.example WEB=web.bench.example
 printf '.bench.example\n' >"$work/allowlist.txt"
 
 # The gateway's DNS: a real server on the upstream host that knows each
 # name's server, as the VPC resolver would. portcullis sees only it: it runs
 # in a mount namespace whose /etc/resolv.conf names this server alone.
-gateway_dns $U "$work" "$ANSWER,203.0.113.10" "$SINK,203.0.113.11" "$SOURCE,203.0.113.12"
+gateway_dns $U "$work" "$ANSWER,203.0.113.10" "$SINK,203.0.113.11" "$SOURCE,203.0.113.12" "$WEB,203.0.113.13"
 
 # Gateway CPU seconds so far, over every process in the gateway namespace;
 # `gateway_cpu user` only the part in user space: the proxies' own code.
@@ -151,8 +152,11 @@ start_relay() {
 run_portcullis() {
   redirect
   # The audit log is stdout.
+  # One load generator stands in for a VPC of hosts: it holds more
+  # connections than one host's share (--max-connections-per-source).
   with_own_dns $G "$work" "$portcullis" run --allowlist "$work/allowlist.txt" --metrics-listen 127.0.0.1:9090 \
-    --tls-listen 0.0.0.0:15443 --http-listen 0.0.0.0:15080 "$@" >/dev/null 2>"$work/portcullis.log" &
+    --tls-listen 0.0.0.0:15443 --http-listen 0.0.0.0:15080 --max-connections-per-source 10000 "$@" \
+    >/dev/null 2>"$work/portcullis.log" &
   disown # killed with the namespace, not reported
 }
 start_portcullis() { run_portcullis; }
@@ -364,6 +368,22 @@ for round in $(seq "$ROUNDS"); do
       line+=" user_cpu_s_per_10k_conn=$(awk -v c="$user2" -v c1="$user1" -v n="$conns" 'BEGIN { printf "%.3f", (c - c1) / (n / 10000) }')"
       line+=" packets_per_conn=$(awk -v p="$packets2" -v p1="$packets1" -v n="$conns" 'BEGIN { printf "%.1f", (p - p1) / n }')"
       line+=" kib_per_idle_conn=$(awk -v a="$rss1" -v b="$rss0" -v n="$IDLE" 'BEGIN { printf "%.1f", (a - b) / n }')"
+      # portcullis only (the peers here proxy TLS alone): an idle
+      # kept-alive HTTP connection after a 256 KiB answer.
+      if [[ $gw == portcullis* ]]; then
+        rss0=$(gateway_rss)
+        client idle-http 203.0.113.13:80 "$IDLE" 2 $WEB >"$work/idle-http.out" &
+        idle_pid=$!
+        for _ in $(seq 300); do grep -q held= "$work/idle-http.out" && break; sleep 0.1; done
+        sleep 1
+        rss1=$(gateway_rss)
+        wait "$idle_pid"
+        if [ "$(field held "$(cat "$work/idle-http.out")")" != "$IDLE" ]; then
+          echo "bench: $gw did not hold $IDLE kept-alive HTTP connections" >&2
+          exit 1
+        fi
+        line+=" kib_per_idle_http_conn=$(awk -v a="$rss1" -v b="$rss0" -v n="$IDLE" 'BEGIN { printf "%.1f", (a - b) / n }')"
+      fi
     fi
     echo "$line" | tee -a "$raw"
     stop_gateway

@@ -223,19 +223,17 @@ fn idle_http(addr: SocketAddr, count: usize, time: Duration, name: &str) -> io::
         let mut s = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
         s.set_read_timeout(Some(IO_TIMEOUT))?;
         write!(s, "GET / HTTP/1.1\r\nHost: {name}\r\n\r\n")?;
-        let mut got = 0;
         let mut buf = vec![0u8; 64 * 1024];
         let mut head = Vec::new();
-        // The head, then the body's length in bytes.
-        let body_start = loop {
+        // The head, and how much of the body came with it.
+        let (body_start, mut got) = loop {
             let n = s.read(&mut buf)?;
             if n == 0 {
                 return Err(io::Error::other("closed before the answer"));
             }
             head.extend_from_slice(&buf[..n]);
             if let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
-                got = head.len() - end - 4;
-                break end + 4;
+                break (end + 4, head.len() - end - 4);
             }
         };
         if !head[..body_start].starts_with(b"HTTP/1.1 200") {

@@ -40,6 +40,8 @@ locals {
       refresh           = var.refresh
       policy_tables     = local.policy_tables
       max_connections   = var.max_connections
+      per_source        = var.max_connections_per_source == null ? "" : "      max-connections-per-source = ${var.max_connections_per_source}"
+      audit_interval    = var.audit_interval
       verify_dst        = var.verify_dst
       mode              = var.mode
       monitor_until     = var.monitor_until == null ? "" : "      monitor-until = \"${var.monitor_until}\""
@@ -175,6 +177,10 @@ resource "aws_launch_template" "gateway" {
     precondition {
       condition     = var.monitor_until == null || var.mode == "monitor"
       error_message = "monitor_until needs mode = \"monitor\"."
+    }
+    precondition {
+      condition     = var.max_connections_per_source == null || try(var.max_connections_per_source <= var.max_connections, false)
+      error_message = "max_connections_per_source must be at most max_connections."
     }
   }
 

@@ -101,6 +101,28 @@ variable "max_connections" {
   description = "Connections each gateway serves at once; more are refused."
 }
 
+variable "max_connections_per_source" {
+  type        = number
+  default     = null
+  description = "Connections one client (an IPv4 address, an IPv6 /64) may hold at each gateway at once; null: a tenth of max_connections. Raise it for clients that are NATs of many hosts (nodes that SNAT their pods)."
+
+  validation {
+    condition     = var.max_connections_per_source == null || try(var.max_connections_per_source >= 1 && floor(var.max_connections_per_source) == var.max_connections_per_source, false)
+    error_message = "max_connections_per_source must be a whole number, at least 1."
+  }
+}
+
+variable "audit_interval" {
+  type        = string
+  default     = "5m"
+  description = "How often a connection still open writes an interim audit record (\"0s\": never), so long tunnels are visible while they run."
+
+  validation {
+    condition     = can(regex("^[0-9]+(ms|s|m|h)$", var.audit_interval))
+    error_message = "audit_interval must be a duration such as 5m, 300s or 0s."
+  }
+}
+
 variable "verify_dst" {
   type        = string
   default     = "pin"

@@ -285,7 +285,7 @@ fn written_file(user_data: &str, path: &str) -> String {
         .collect()
 }
 
-pub const USER_DATA_VALUES: [(&str, &str); 15] = [
+pub const USER_DATA_VALUES: [(&str, &str); 17] = [
     (
         "allowlist_url",
         "s3://egress-config/portcullis/allowlist.txt",
@@ -297,6 +297,9 @@ pub const USER_DATA_VALUES: [(&str, &str); 15] = [
         "      [policy.build-7]\n      sources = [\"10.20.7.7\"]\n      allowlist = \"s3://egress-config/k/b.txt\"\n      [policy.ci]\n      sources = [\"10.20.128.0/17\",\"2001:db8:20:80::/57\"]\n      allowlist = \"s3://egress-config/portcullis/ci.txt\"",
     ),
     ("max_connections", "50000"),
+    // As terraform/main.tf renders var.max_connections_per_source when set.
+    ("per_source", "      max-connections-per-source = 8000"),
+    ("audit_interval", "10m"),
     ("verify_dst", "pin"),
     ("mode", "monitor"),
     // As terraform/main.tf renders var.monitor_until when set.
@@ -332,6 +335,11 @@ fn user_data_is_valid_cloud_config_carrying_a_valid_portcullis_config() {
     assert_eq!(source, "s3://egress-config/portcullis/allowlist.txt");
     let config = settings.into_config().expect("a complete config");
     assert_eq!(config.max_connections, 50_000);
+    assert_eq!(config.max_connections_per_source, 8_000);
+    assert_eq!(
+        config.limits.audit_interval,
+        Some(std::time::Duration::from_secs(600))
+    );
     assert_eq!(config.verify_dst, portcullis::config::VerifyDst::Pin);
     assert_eq!(
         config.mode,

@@ -90,6 +90,10 @@ topology_up $C $G $U 203.0.113.10 203.0.113.11 203.0.113.12 203.0.113.13
 for ns in $C $G $U; do
   ip netns exec "$ns" sysctl -qw net.ipv4.ip_local_port_range="1024 65000" net.ipv4.tcp_tw_reuse=1
 done
+# With the range that wide, the gateways' own outbound connections (Squid's
+# to the upstream) could take the listening ports, left in TIME_WAIT for
+# the next gateway's bind: reserved, as ami/sysctl reserves them.
+ip netns exec $G sysctl -qw net.ipv4.ip_local_reserved_ports=9090,15080,15443
 
 ip netns exec $U "$loadgen" serve 203.0.113.10:443 203.0.113.11:443 203.0.113.12:443 203.0.113.13:80 &
 disown # killed with the namespace, not reported

@@ -686,6 +686,47 @@ mod tests {
         ));
     }
 
+    #[test]
+    fn one_client_gets_a_tenth_of_the_connections_unless_told_otherwise() {
+        let with = |max: Option<u32>, per_source: Option<u32>| {
+            Settings {
+                allowlist: Some("x".into()),
+                max_connections: max,
+                max_connections_per_source: per_source,
+                ..Settings::default()
+            }
+            .into_config()
+        };
+        let share = |c: Result<Config, ConfigError>| c.unwrap().max_connections_per_source;
+        assert_eq!(share(with(None, None)), 1_000);
+        assert_eq!(share(with(Some(50_000), None)), 5_000);
+        assert_eq!(share(with(Some(4), None)), 1, "never zero");
+        assert_eq!(share(with(Some(4), Some(4))), 4, "up to the total");
+        for bad in [0, 5] {
+            let e = with(Some(4), Some(bad)).unwrap_err().to_string();
+            assert!(e.starts_with("max-connections-per-source must be"), "{e}");
+        }
+    }
+
+    #[test]
+    fn interim_records_come_every_five_minutes_or_never() {
+        let every = |interval: Option<&str>| {
+            Settings {
+                allowlist: Some("x".into()),
+                audit_interval: interval.map(|i| parse_duration(i).unwrap()),
+                ..Settings::default()
+            }
+            .into_config()
+            .map(|c| c.limits.audit_interval)
+        };
+        assert_eq!(every(None).unwrap(), Some(Duration::from_secs(300)));
+        assert_eq!(every(Some("30s")).unwrap(), Some(Duration::from_secs(30)));
+        assert_eq!(every(Some("0s")).unwrap(), None);
+        assert!(every(Some("500ms")).is_err(), "more often than 1 s");
+        let defaults = Limits::default();
+        assert_eq!(defaults.half_closed_timeout, Duration::from_secs(60));
+    }
+
     const POLICIES: &str = "\
 allowlist = \"/etc/portcullis/default.txt\"
 cache-dir = \"/var/lib/portcullis\"

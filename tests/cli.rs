@@ -139,6 +139,16 @@ fn a_bad_flag_is_one_line_and_non_zero() {
         &["run", "--allowlist", "x", "--bogus"][..],
         &["run", "--allowlist", "x", "--hello-timeout", "5"],
         &["run", "--allowlist", "x", "--max-connections", "0"],
+        &[
+            "run",
+            "--allowlist",
+            "x",
+            "--max-connections",
+            "10",
+            "--max-connections-per-source",
+            "11",
+        ],
+        &["run", "--allowlist", "x", "--audit-interval", "100ms"],
         &["run", "--allowlist", "x", "--tls-listen", "not-an-address"],
     ] {
         let out = portcullis(args);

@@ -33,7 +33,7 @@
 # with the SNI (buffered), HAProxy its tcplog on stdout, Squid its
 # access.log; all of them to /dev/null.
 #
-#   benches/netns/run.sh           full run, about 11 minutes
+#   benches/netns/run.sh           full run, about 10 minutes
 #   benches/netns/run.sh --short   a second per workload: checks every gateway carries traffic
 #
 # Results: benches/results/latest.md (table), latest.svg (chart) and

@@ -36,6 +36,12 @@
 #   benches/netns/run.sh           full run, about 10 minutes
 #   benches/netns/run.sh --short   a second per workload: checks every gateway carries traffic
 #
+#   GATEWAYS="portcullis portcullis_base" PORTCULLIS_BASELINE=BINARY PAIRS=0 \
+#     BENCH_RESULTS=DIR benches/netns/run.sh
+#                                  this build against another (an older
+#                                  commit's), side by side, with the same
+#                                  defaults, results in DIR
+#
 # Results: benches/results/latest.md (table), latest.svg (chart) and
 # latest.txt (raw numbers);
 # a short run writes them under target/bench-short/ instead.
@@ -47,7 +53,7 @@ SECONDS_PER=${SECONDS_PER:-3}
 ROUNDS=${ROUNDS:-3}
 PAIRS=${PAIRS:-10}
 IDLE=2000
-RESULTS=$repo/benches/results
+RESULTS=${BENCH_RESULTS:-$repo/benches/results}
 # The short run only proves that every gateway carries traffic: its
 # numbers are not worth publishing, so they stay under target/.
 if [ "${1:-}" = --short ]; then SECONDS_PER=1 ROUNDS=1 PAIRS=1 IDLE=200 RESULTS=$repo/target/bench-short; fi
@@ -157,14 +163,23 @@ run_portcullis() {
   redirect
   # The audit log is stdout.
   # One load generator stands in for a VPC of hosts: it holds more
-  # connections than one host's share (--max-connections-per-source).
+  # connections than one host's share (builds that have one).
+  local share=()
+  if "$portcullis" run --help | grep -q -- --max-connections-per-source; then
+    share=(--max-connections-per-source 10000)
+  fi
   with_own_dns $G "$work" "$portcullis" run --allowlist "$work/allowlist.txt" --metrics-listen 127.0.0.1:9090 \
-    --tls-listen 0.0.0.0:15443 --http-listen 0.0.0.0:15080 --max-connections-per-source 10000 "$@" \
+    --tls-listen 0.0.0.0:15443 --http-listen 0.0.0.0:15080 "${share[@]}" "$@" \
     >/dev/null 2>"$work/portcullis.log" &
   disown # killed with the namespace, not reported
 }
 start_portcullis() { run_portcullis; }
 start_portcullis_off() { run_portcullis --verify-dst off; }
+# Another build of portcullis (PORTCULLIS_BASELINE), with the same defaults.
+start_portcullis_base() {
+  local portcullis=${PORTCULLIS_BASELINE:?PORTCULLIS_BASELINE names the baseline build}
+  run_portcullis
+}
 
 start_nginx() {
   redirect

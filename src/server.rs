@@ -366,9 +366,14 @@ async fn accept_loop(
                         // Refused at once rather than left queued; live
                         // connections are unaffected.
                         telemetry::limit_rejection(full);
-                        refused.warn(&match full {
-                            Full::Total => "connection limit reached; refusing new connections".to_string(),
-                            Full::Source => format!("client {} holds its --max-connections-per-source; refusing its new connections", peer.ip()),
+                        refused.warn(|| match full {
+                            Full::Total => {
+                                "connection limit reached; refusing new connections".to_string()
+                            }
+                            Full::Source => format!(
+                                "client {} holds its --max-connections-per-source; refusing its new connections",
+                                peer.ip()
+                            ),
                         });
                         refuse_full(stream, proto, full, &shared.refusing);
                         continue;
@@ -385,7 +390,7 @@ async fn accept_loop(
             }
             Err(e) => {
                 telemetry::accept_error();
-                accept_errors.warn(&format!("accept failed: {e}"));
+                accept_errors.warn(|| format!("accept failed: {e}"));
                 if is_resource_shortage(&e) {
                     tokio::time::sleep(ACCEPT_BACKOFF).await;
                 }
@@ -425,13 +430,15 @@ struct Throttled {
 }
 
 impl Throttled {
-    fn warn(&mut self, what: &str) {
+    /// `what` is only made when the warning is written: in a flood, most
+    /// events are counted, not formatted.
+    fn warn<T: std::fmt::Display>(&mut self, what: impl FnOnce() -> T) {
         let now = Instant::now();
         if self.last.is_some_and(|t| now - t < WARN_EVERY) {
             self.suppressed += 1;
             return;
         }
-        tracing::warn!(suppressed = self.suppressed, "{what}");
+        tracing::warn!(suppressed = self.suppressed, "{}", what());
         self.last = Some(now);
         self.suppressed = 0;
     }

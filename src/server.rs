@@ -409,9 +409,7 @@ fn refuse_full(stream: tokio::net::TcpStream, proto: Proto, full: Full, refusing
                 drop(permit);
             });
         }
-        Err(_) => {
-            let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
-        }
+        Err(_) => proxy::reset(&stream),
     }
 }
 

@@ -18,7 +18,7 @@ use support::dns::{Answer, DnsServer};
 use support::netns::{CLIENT_V4, NAMESERVER, RAW_V4, Topology, require_root};
 use support::scrape::Scrape;
 use support::servers::recorder;
-use support::{addr, hello, wait_until};
+use support::{addr, hello, read_all, wait_until};
 
 const CURL_HELLO: &[u8] = include_bytes!("../testdata/clienthellos/curl-7.88-openssl-3.0.bin");
 const ALLOWLIST: &str = ".example.test\n";
@@ -182,11 +182,7 @@ fn a_long_connection_writes_interim_records_while_it_runs() {
     }
 
     // discover counts the connection once, not once per record.
-    let proposed = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
-        .arg("discover")
-        .arg(t.audit_path())
-        .output()
-        .unwrap();
+    let proposed = t.discover();
     let proposal = text(&proposed.stdout);
     assert!(
         proposal.contains("from 1 connections to 1 names")
@@ -218,7 +214,7 @@ fn discover_is_not_steered_by_a_host_that_floods_refused_names() {
         s.write_all(&hello::with_server_name(CURL_HELLO, name))
             .unwrap();
         s.shutdown(std::net::Shutdown::Write).unwrap();
-        let _ = std::io::Read::read_to_end(&mut s, &mut Vec::new());
+        read_all(&mut s);
     };
     // Two hosts use a vendor's API.
     send(CLIENT_V4, RAW_V4, "api.vendor.test");
@@ -236,11 +232,7 @@ fn discover_is_not_steered_by_a_host_that_floods_refused_names() {
     });
     assert_eq!(t.audit_where("would_deny", "unresolvable").len(), FLOOD);
 
-    let proposed = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
-        .arg("discover")
-        .arg(t.audit_path())
-        .output()
-        .unwrap();
+    let proposed = t.discover();
     assert!(proposed.status.success(), "{}", text(&proposed.stderr));
     let proposal = text(&proposed.stdout);
     assert!(

@@ -12,22 +12,10 @@ use std::time::Duration;
 use support::client::{http, text};
 use support::netns::{RAW_V4, Topology, WEB_V4, require_root};
 use support::servers::{http_server, recorder};
-use support::{addr, hello, wait_until};
+use support::{addr, hello, raise_fd_limit, wait_until};
 
 const CURL_HELLO: &[u8] = include_bytes!("../testdata/clienthellos/curl-7.88-openssl-3.0.bin");
 const ALLOWLIST: &str = ".example.test\n";
-
-/// Raises this process's descriptor limit to its hard limit: the test
-/// holds thousands of client sockets.
-fn raise_fd_limit(needed: u64) {
-    let (_, hard) =
-        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
-    assert!(
-        hard >= needed,
-        "the hard descriptor limit {hard} is below {needed}"
-    );
-    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard).unwrap();
-}
 
 /// A normal client is still served: a listed HTTP request gets its answer.
 fn normal_client_served(t: &Topology, path: &str) {

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use support::netns::{CLIENT_V4, RAW_V4, Topology, WEB_V4, WEB_V6, require_root};
 use support::scrape::Scrape;
 use support::servers::{Server, find, http_server};
-use support::{addr, hello, wait_until};
+use support::{addr, hello, ip, raise_fd_limit, read_all, wait_until};
 
 const CURL_HELLO: &[u8] = include_bytes!("../testdata/clienthellos/curl-7.88-openssl-3.0.bin");
 const ALLOWLIST: &str = ".example.test\n";
@@ -50,10 +50,6 @@ fn get_kept_alive(t: &Topology, src: IpAddr, to: SocketAddr, path: &str) -> (Tcp
     write!(s, "GET {path} HTTP/1.1\r\nHost: www.example.test\r\n\r\n").unwrap();
     let response = String::from_utf8_lossy(&read_response(&mut s)).into_owned();
     (s, response)
-}
-
-fn ip(s: &str) -> IpAddr {
-    s.parse().unwrap()
 }
 
 #[test]
@@ -95,9 +91,7 @@ fn a_client_at_its_cap_is_refused_politely_while_another_client_is_served() {
     );
     let mut tls = t.connect_from(first, addr(RAW_V4, 443));
     tls.write_all(CURL_HELLO).unwrap();
-    let mut alert = Vec::new();
-    let _ = tls.read_to_end(&mut alert);
-    assert_eq!(alert, ALERT_INTERNAL_ERROR);
+    assert_eq!(read_all(&mut tls), ALERT_INTERNAL_ERROR);
 
     // Another client is served meanwhile.
     let (_other, response) = get_kept_alive(&t, ip(second), addr(WEB_V4, 80), "/other");
@@ -208,9 +202,7 @@ fn an_idle_kept_alive_http_connection_holds_a_few_kib_after_a_large_response() {
     /// moving in steps of 2 MiB, 2 KiB a connection here. Before buffers
     /// were given back between messages: 76 KiB.
     const KIB_PER_IDLE: u64 = 12;
-    let (_, hard) =
-        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
-    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard).unwrap();
+    raise_fd_limit(CONNECTIONS as u64 + 1_000);
     let mut t = Topology::new();
     // A keep-alive server that answers every request with BODY bytes.
     let _server = Server::start(&t.upstream, &[addr(WEB_V4, 80)], |mut s| {

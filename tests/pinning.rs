@@ -17,7 +17,7 @@ use support::dns::{Answer, DnsServer, lookup};
 use support::netns::{NAMESERVER, RAW_V4, RAW_V6, Topology, WEB_V4, WEB_V6, require_root};
 use support::scrape::Scrape;
 use support::servers::{Server, TlsServer, find, http_server, make_certs, recorder};
-use support::{addr, hello, wait_until};
+use support::{addr, hello, ip, wait_until};
 
 const TLS12_HELLO: &[u8] = include_bytes!("../testdata/clienthellos/openssl-3.0-tls12-only.bin");
 const ALLOWLIST: &str = ".example.test\n";
@@ -25,10 +25,6 @@ const ALERT_ACCESS_DENIED: [u8; 7] = [21, 3, 3, 0, 2, 2, 49];
 /// The client's own stub resolver address: the same DNS server, listening
 /// on the client's loopback too.
 const CLIENT_DNS: &str = "127.0.0.1";
-
-fn ip(s: &str) -> IpAddr {
-    s.parse().unwrap()
-}
 
 /// A DNS server answering the gateway on the upstream host.
 fn dns_for_gateway(t: &Topology) -> DnsServer {

@@ -212,12 +212,8 @@ fn discover_turns_a_monitored_audit_log_into_a_list_that_check_accepts() {
     });
     assert_eq!(server.accepted(), 5);
 
+    let proposed = t.discover();
     let portcullis = env!("CARGO_BIN_EXE_portcullis");
-    let proposed = std::process::Command::new(portcullis)
-        .arg("discover")
-        .arg(t.audit_path())
-        .output()
-        .unwrap();
     assert!(proposed.status.success(), "{}", text(&proposed.stderr));
     let list = t.dir.join("proposed.txt");
     std::fs::write(&list, &proposed.stdout).unwrap();

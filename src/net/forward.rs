@@ -588,22 +588,29 @@ mod tests {
         every: None,
     };
 
+    /// Forwards between the proxy's two sockets under `clock`: how the
+    /// flow ended and what it moved.
+    async fn supervised(
+        client: &TcpStream,
+        upstream: &TcpStream,
+        clock: FlowClock,
+        tick: impl FnMut(),
+    ) -> (Result<io::Result<()>, Expired>, Transferred) {
+        let (activity, moved) = (Activity::default(), Counters::default());
+        let flow = std::pin::pin!(forward_both(client, upstream, &activity, &moved));
+        let ended = supervise(flow, &activity, clock, tick).await;
+        (ended, moved.snapshot())
+    }
+
     #[tokio::test]
     async fn closes_an_idle_flow() {
         let (_client, proxy_client) = pair().await;
         let (proxy_upstream, _server) = pair().await;
-        let (activity, moved) = (Activity::default(), Counters::default());
         let clock = FlowClock {
             idle: Duration::from_millis(100),
             ..CLOCK
         };
-        let flow = std::pin::pin!(forward_both(
-            &proxy_client,
-            &proxy_upstream,
-            &activity,
-            &moved
-        ));
-        let ended = supervise(flow, &activity, clock, || {}).await;
+        let (ended, _) = supervised(&proxy_client, &proxy_upstream, clock, || {}).await;
         assert_eq!(ended.unwrap_err(), Expired::Idle);
     }
 
@@ -611,7 +618,6 @@ mod tests {
     async fn a_busy_flow_is_not_idle() {
         let (mut client, proxy_client) = pair().await;
         let (proxy_upstream, mut server) = pair().await;
-        let (activity, moved) = (Activity::default(), Counters::default());
         let clock = FlowClock {
             idle: Duration::from_millis(300),
             ..CLOCK
@@ -626,24 +632,18 @@ mod tests {
             client.shutdown().await.unwrap();
             server.shutdown().await.unwrap();
         };
-        let flow = std::pin::pin!(forward_both(
-            &proxy_client,
-            &proxy_upstream,
-            &activity,
-            &moved
-        ));
-        let (ended, ()) = tokio::join!(supervise(flow, &activity, clock, || {}), talk);
+        let flow = supervised(&proxy_client, &proxy_upstream, clock, || {});
+        let ((ended, moved), ()) = tokio::join!(flow, talk);
         ended
             .expect("a second of traffic outlives a 300 ms idle timeout")
             .unwrap();
-        assert_eq!(moved.snapshot().up, 40);
+        assert_eq!(moved.up, 40);
     }
 
     #[tokio::test]
     async fn a_half_closed_flow_gets_the_shorter_timeout() {
         let (client, proxy_client) = pair().await;
         let (proxy_upstream, _server) = pair().await;
-        let (activity, moved) = (Activity::default(), Counters::default());
         let clock = FlowClock {
             half_closed: Duration::from_millis(200),
             ..CLOCK
@@ -651,13 +651,7 @@ mod tests {
         // The client sends its FIN; the server never answers or closes.
         drop(client);
         let start = Instant::now();
-        let flow = std::pin::pin!(forward_both(
-            &proxy_client,
-            &proxy_upstream,
-            &activity,
-            &moved
-        ));
-        let ended = supervise(flow, &activity, clock, || {}).await;
+        let (ended, _) = supervised(&proxy_client, &proxy_upstream, clock, || {}).await;
         assert_eq!(ended.unwrap_err(), Expired::HalfClosed);
         assert!(
             start.elapsed() < Duration::from_secs(5),
@@ -670,20 +664,13 @@ mod tests {
     async fn ticks_while_a_flow_runs() {
         let (_client, proxy_client) = pair().await;
         let (proxy_upstream, _server) = pair().await;
-        let (activity, moved) = (Activity::default(), Counters::default());
         let clock = FlowClock {
             idle: Duration::from_millis(1_000),
             every: Some(Duration::from_millis(150)),
             ..CLOCK
         };
         let mut ticks = 0;
-        let flow = std::pin::pin!(forward_both(
-            &proxy_client,
-            &proxy_upstream,
-            &activity,
-            &moved
-        ));
-        let ended = supervise(flow, &activity, clock, || ticks += 1).await;
+        let (ended, _) = supervised(&proxy_client, &proxy_upstream, clock, || ticks += 1).await;
         assert_eq!(ended.unwrap_err(), Expired::Idle);
         // About six; a loaded machine may run a timer late, never early.
         assert!((3..=7).contains(&ticks), "{ticks} ticks in 1 s at 150 ms");

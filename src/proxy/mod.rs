@@ -399,8 +399,9 @@ pub async fn refuse_full(client: &TcpStream, proto: Proto, full: crate::limit::F
     }
 }
 
-/// Closes with a reset, as a NAT would pass on a failed connect.
-fn reset(stream: &TcpStream) {
+/// Makes the socket close with a reset: as a NAT would pass on a failed
+/// connect, or for a refusal there is no room to send.
+pub fn reset(stream: &TcpStream) {
     let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }
 #[cfg(test)]

@@ -376,6 +376,15 @@ impl Topology {
         out
     }
 
+    /// `portcullis discover` on the audit log written so far.
+    pub fn discover(&self) -> std::process::Output {
+        std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+            .arg("discover")
+            .arg(self.audit_path())
+            .output()
+            .unwrap()
+    }
+
     /// GET on the admin endpoint from inside the gateway ns.
     pub fn admin_get(&self, path: &str) -> Option<String> {
         let path = path.to_string();

@@ -19,6 +19,8 @@
 //! - [`decide`]: the one decision of both ports, as a pure function.
 //! - [`dns`]: admitted names' addresses: a coalescing, bounded TTL cache.
 //! - [`guard`]: destinations never contacted (loopback, link-local, own).
+//! - [`ha`]: `portcullis ha`, the agent that keeps every AZ's routes on a
+//!   serving gateway (EC2 API, no I/O in its decisions).
 
 pub mod admin;
 pub mod allowlist;
@@ -30,6 +32,7 @@ pub mod discover;
 pub mod dns;
 pub mod drain;
 pub mod guard;
+pub mod ha;
 pub mod limit;
 pub mod name;
 pub mod net;

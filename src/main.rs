@@ -51,6 +51,12 @@ enum Command {
         #[arg(long)]
         policy: Option<String>,
     },
+    /// Keep every AZ's private routes on a serving gateway (runs beside `run` on each gateway instance).
+    Ha {
+        /// TOML file: fleet, route-tables, internet-check, drain-command, …
+        #[arg(long, default_value = "/etc/portcullis/ha.toml")]
+        config: PathBuf,
+    },
     /// Show how an allowlist decides names: exit 0 if all are allowed, 1 if any is denied.
     Match {
         /// The allowlist: a file or s3://bucket/key.
@@ -191,6 +197,7 @@ fn main() -> ExitCode {
         } => check(source, config, strict),
         Command::Match { source, names } => match_names(&source, &names),
         Command::Discover { logs, policy } => discover(&logs, policy.as_deref()),
+        Command::Ha { config } => ha(&config),
     };
     result.unwrap_or_else(|e| {
         eprintln!("portcullis: {e:#}");
@@ -198,7 +205,7 @@ fn main() -> ExitCode {
     })
 }
 
-fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+fn init_logging() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -206,6 +213,20 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+}
+
+fn ha(path: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let config = portcullis::ha::Config::load(path)?;
+    init_logging();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(portcullis::ha::run(config))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    init_logging();
     let file = match &args.config {
         Some(path) => Settings::from_file(path)?,
         None => Settings::default(),

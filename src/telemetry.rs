@@ -44,6 +44,11 @@ pub const RULE_HITS: &str = "portcullis_rule_hits_total";
 pub const REPINNED: &str = "portcullis_repinned_total";
 pub const DNS_LOOKUPS: &str = "portcullis_dns_lookups_total";
 pub const DNS_CACHE_HITS: &str = "portcullis_dns_cache_hits_total";
+pub const HA_ROUTE_MOVES: &str = "portcullis_ha_route_moves_total";
+pub const HA_API_ERRORS: &str = "portcullis_ha_api_errors_total";
+pub const HA_UNSERVED_ROUTES: &str = "portcullis_ha_unserved_routes";
+pub const HA_ROUTES_HELD: &str = "portcullis_ha_routes_held";
+pub const HA_READY: &str = "portcullis_ha_ready";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -227,6 +232,40 @@ pub const FAMILIES: &[Family] = &[
     ),
 ];
 
+/// Every family the HA agent (`portcullis ha`) exports, on its own port.
+pub const HA_FAMILIES: &[Family] = &[
+    family(
+        HA_ROUTE_MOVES,
+        Kind::Counter,
+        &["reason"],
+        "Default routes this gateway moved to itself: failover (holder dead or down), handover (holder leaving), giveback (the AZ's own gateway is back), reclaim (the route pointed at no gateway of the fleet).",
+    ),
+    family(
+        HA_API_ERRORS,
+        Kind::Counter,
+        &["kind"],
+        "EC2 API calls that failed: throttled, api (refused), unreachable, malformed, credentials.",
+    ),
+    family(
+        HA_UNSERVED_ROUTES,
+        Kind::Gauge,
+        &[],
+        "Default routes of the fleet's route tables that point at no serving gateway, as this gateway last read them.",
+    ),
+    family(
+        HA_ROUTES_HELD,
+        Kind::Gauge,
+        &[],
+        "Default routes pointing at this gateway.",
+    ),
+    family(
+        HA_READY,
+        Kind::Gauge,
+        &[],
+        "1 while this gateway's own checks pass (its proxy ready, the internet reachable), so it may serve and take routes.",
+    ),
+];
+
 /// Seconds, for the phases of a connection before data flows.
 const SETUP_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -277,6 +316,31 @@ impl Exporter {
             })
             .collect();
         Exporter { handle, lists }
+    }
+
+    /// The HA agent's exporter: its own families, no lists.
+    pub fn install_ha() -> Exporter {
+        let handle = HANDLE
+            .get_or_init(|| {
+                let recorder = PrometheusBuilder::new().build_recorder();
+                let handle = recorder.handle();
+                if metrics::set_global_recorder(recorder).is_err() {
+                    tracing::warn!("a metrics recorder was already installed");
+                }
+                for f in HA_FAMILIES {
+                    match f.kind {
+                        Kind::Counter => metrics::describe_counter!(f.name, f.help),
+                        Kind::Gauge => metrics::describe_gauge!(f.name, f.help),
+                        Kind::Histogram => metrics::describe_histogram!(f.name, f.help),
+                    }
+                }
+                handle
+            })
+            .clone();
+        Exporter {
+            handle,
+            lists: Arc::from(Vec::new()),
+        }
     }
 
     /// Drains histogram samples into their buckets; call it periodically.

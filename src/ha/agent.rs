@@ -1,0 +1,500 @@
+//! The HA agent's I/O: its own checks, probes of its siblings, the fleet
+//! read from EC2 every couple of seconds, and the plan carried out. Every
+//! wait is bounded; a throttled or failing API only delays the next call.
+
+use super::decide::{Brain, Plan, Take};
+use super::ec2::{Ec2, Ec2Error};
+use super::fleet::{
+    Challenge, EniId, Fleet, Gateway, InstanceId, Layout, Millis, TAG_ALIVE, TAG_CHALLENGE,
+    TAG_STATE, Target,
+};
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// One HTTP readiness probe, connect to last byte.
+pub const PROBE_TIMEOUT: Duration = Duration::from_millis(800);
+/// A reading older than this is not acted on.
+const STALE_AFTER: Duration = Duration::from_secs(6);
+/// Once throttled, the next call waits this long, doubling up to the cap.
+const THROTTLE_FIRST: Duration = Duration::from_secs(1);
+const THROTTLE_MAX: Duration = Duration::from_secs(16);
+
+/// Delays after throttling: exponential, capped, with jitter so a fleet
+/// does not retry in step.
+#[derive(Debug, Default)]
+pub struct Backoff {
+    delay: Option<Duration>,
+    until: Option<Millis>,
+}
+
+impl Backoff {
+    pub fn throttled(&mut self, now: Millis) {
+        let delay = self
+            .delay
+            .map_or(THROTTLE_FIRST, |d| (d * 2).min(THROTTLE_MAX));
+        self.delay = Some(delay);
+        let jitter = delay.mul_f64(0.2 * fastrand::f64());
+        self.until = Some(now.plus(delay + jitter));
+    }
+
+    pub fn succeeded(&mut self) {
+        *self = Backoff::default();
+    }
+
+    pub fn allows(&self, now: Millis) -> bool {
+        self.until.is_none_or(|u| now >= u)
+    }
+}
+
+/// What a poll did: for tests and the log.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Done {
+    pub read: bool,
+    pub published: bool,
+    pub challenged: Vec<InstanceId>,
+    pub took: Vec<Take>,
+    pub errors: Vec<&'static str>,
+}
+
+pub(crate) struct Agent<E> {
+    pub brain: Brain,
+    ec2: E,
+    fleet_name: String,
+    layout: Layout,
+    backoff: Backoff,
+    fleet: Option<(Fleet, Millis)>,
+    source_dest_check_off: bool,
+}
+
+impl<E: Ec2> Agent<E> {
+    pub fn new(me: InstanceId, ec2: E, fleet_name: String, layout: Layout) -> Agent<E> {
+        Agent {
+            brain: Brain::new(me, layout.clone()),
+            ec2,
+            fleet_name,
+            layout,
+            backoff: Backoff::default(),
+            fleet: None,
+            source_dest_check_off: false,
+        }
+    }
+
+    /// The last reading, if it is fresh enough to act on.
+    pub fn fleet(&self, now: Millis) -> Option<&Fleet> {
+        self.fleet
+            .as_ref()
+            .filter(|(_, at)| now.since(*at) < STALE_AFTER)
+            .map(|(f, _)| f)
+    }
+
+    pub fn me(&self) -> Option<&Gateway> {
+        self.fleet
+            .as_ref()
+            .and_then(|(f, _)| f.gateway(self.brain.me()))
+    }
+
+    /// Whether no default route points at this gateway any more.
+    pub fn holds_nothing(&self, now: Millis) -> bool {
+        let (Some(fleet), Some(me)) = (self.fleet(now), self.me()) else {
+            return false;
+        };
+        !fleet
+            .routes
+            .iter()
+            .any(|r| r.target == Target::Eni(me.eni.clone()))
+    }
+
+    /// One round: read the fleet, decide, act.
+    pub async fn poll(&mut self, now: Millis) -> Done {
+        let mut done = Done::default();
+        if !self.backoff.allows(now) {
+            return done;
+        }
+        match self.ec2.fleet(&self.fleet_name, &self.layout).await {
+            Ok(fleet) => {
+                self.brain.forget_gone(&fleet);
+                self.fleet = Some((fleet, now));
+                done.read = true;
+            }
+            Err(e) => {
+                self.failed(&e, now, &mut done);
+                return done;
+            }
+        }
+        if !self.source_dest_check_off {
+            self.turn_off_source_dest_check(now, &mut done).await;
+        }
+        let Some((fleet, _)) = &self.fleet else {
+            return done;
+        };
+        let plan = self.brain.plan(fleet, now);
+        let eni = fleet.gateway(self.brain.me()).map(|g| g.eni.clone());
+        self.carry_out(plan, eni, now, &mut done).await;
+        done
+    }
+
+    async fn turn_off_source_dest_check(&mut self, now: Millis, done: &mut Done) {
+        let me = self.brain.me().clone();
+        match self.ec2.disable_source_dest_check(&me).await {
+            Ok(()) => {
+                self.source_dest_check_off = true;
+                tracing::info!(instance = %me, "source/destination check off: this instance forwards");
+            }
+            Err(e) => self.failed(&e, now, done),
+        }
+    }
+
+    async fn carry_out(&mut self, plan: Plan, eni: Option<EniId>, now: Millis, done: &mut Done) {
+        let me = self.brain.me().clone();
+        if let Some(publish) = plan.publish {
+            let mut tags = Vec::new();
+            if let Some(state) = publish.state {
+                tags.push((TAG_STATE, state.to_tag()));
+            }
+            if let Some(alive) = publish.alive {
+                tags.push((TAG_ALIVE, alive.0.to_string()));
+            }
+            match self.ec2.tag(&me, &tags).await {
+                Ok(()) => {
+                    done.published = true;
+                    if let Some(state) = publish.state {
+                        tracing::info!(instance = %me, state = %state.to_tag(), "said of itself");
+                    }
+                }
+                Err(e) => return self.failed(&e, now, done),
+            }
+        }
+        for sibling in plan.challenges {
+            let challenge = Challenge {
+                at: now,
+                by: me.clone(),
+            };
+            match self
+                .ec2
+                .tag(&sibling, &[(TAG_CHALLENGE, challenge.to_tag())])
+                .await
+            {
+                Ok(()) => {
+                    self.brain.challenged(&sibling, now);
+                    tracing::warn!(%sibling, "sibling fails its probes: challenged it to answer through the EC2 API");
+                    done.challenged.push(sibling);
+                }
+                Err(e) => return self.failed(&e, now, done),
+            }
+        }
+        let Some(eni) = eni else { return };
+        for take in plan.takes {
+            match self.ec2.take(&take, &eni).await {
+                Ok(()) => {
+                    let from = match &take.from {
+                        Target::Eni(e) => e.0.clone(),
+                        Target::Missing => "nothing".into(),
+                        Target::Other(o) => o.clone(),
+                    };
+                    tracing::warn!(
+                        "route moved: {} {} from {} to {} ({}, this instance {})",
+                        take.table,
+                        take.family.destination(),
+                        from,
+                        eni,
+                        take.reason.as_str(),
+                        me
+                    );
+                    metrics::counter!(crate::telemetry::HA_ROUTE_MOVES, "reason" => take.reason.as_str())
+                        .increment(1);
+                    done.took.push(take);
+                }
+                Err(e) => return self.failed(&e, now, done),
+            }
+        }
+        self.backoff.succeeded();
+    }
+
+    fn failed(&mut self, e: &Ec2Error, now: Millis, done: &mut Done) {
+        metrics::counter!(crate::telemetry::HA_API_ERRORS, "kind" => e.kind()).increment(1);
+        done.errors.push(e.kind());
+        if matches!(e, Ec2Error::Throttled(_)) {
+            self.backoff.throttled(now);
+        }
+        tracing::warn!(error = %e, "EC2 call failed; the next poll tries again");
+    }
+}
+
+/// GET `url` (plain http://host:port/path) and whether it answered 200.
+pub async fn http_ok(addr: SocketAddr, path: &str) -> bool {
+    let probe = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut head = [0u8; 32];
+        let mut got = 0;
+        while got < 12 {
+            let n = stream.read(&mut head[got..]).await.ok()?;
+            if n == 0 {
+                break;
+            }
+            got += n;
+        }
+        Some(head[..got].starts_with(b"HTTP/1.1 200") || head[..got].starts_with(b"HTTP/1.0 200"))
+    };
+    matches!(
+        tokio::time::timeout(PROBE_TIMEOUT, probe).await,
+        Ok(Some(true))
+    )
+}
+
+/// Whether a TCP connection to `target` (host:port) opens in time.
+pub async fn reaches(target: &str) -> bool {
+    let connect = async {
+        let addrs = tokio::net::lookup_host(target).await.ok()?;
+        for addr in addrs {
+            if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                return Some(());
+            }
+        }
+        None
+    };
+    matches!(
+        tokio::time::timeout(PROBE_TIMEOUT, connect).await,
+        Ok(Some(()))
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::decide::{ANSWER_WINDOW, MoveReason, UP_AFTER};
+    use super::super::fleet::{Az, Family, Phase, Route, RouteTableId, Stated};
+    use super::*;
+    use std::cell::RefCell;
+    use std::collections::VecDeque;
+    use std::rc::Rc;
+
+    /// An EC2 API in memory: tags and routes change as calls say, and
+    /// queued failures are returned first.
+    #[derive(Default)]
+    struct FakeEc2 {
+        fleet: RefCell<Fleet>,
+        /// Outcomes of the next calls, in order: None succeeds.
+        failures: RefCell<VecDeque<Option<Ec2Error>>>,
+        calls: RefCell<Vec<String>>,
+    }
+
+    impl FakeEc2 {
+        fn next_failure(&self, call: &str) -> Result<(), Ec2Error> {
+            self.calls.borrow_mut().push(call.to_owned());
+            match self.failures.borrow_mut().pop_front() {
+                Some(Some(e)) => Err(e),
+                _ => Ok(()),
+            }
+        }
+    }
+
+    impl Ec2 for Rc<FakeEc2> {
+        async fn fleet(&self, _: &str, _: &Layout) -> Result<Fleet, Ec2Error> {
+            self.next_failure("fleet")?;
+            Ok(self.fleet.borrow().clone())
+        }
+
+        async fn take(&self, take: &Take, eni: &EniId) -> Result<(), Ec2Error> {
+            self.next_failure("take")?;
+            let mut fleet = self.fleet.borrow_mut();
+            for r in fleet.routes.iter_mut().filter(|r| r.table == take.table) {
+                r.target = Target::Eni(eni.clone());
+            }
+            Ok(())
+        }
+
+        async fn tag(&self, id: &InstanceId, tags: &[(&str, String)]) -> Result<(), Ec2Error> {
+            self.next_failure("tag")?;
+            let mut fleet = self.fleet.borrow_mut();
+            let g = fleet
+                .gateways
+                .iter_mut()
+                .find(|g| &g.id == id)
+                .ok_or(Ec2Error::Api {
+                    action: "CreateTags",
+                    code: "InvalidInstanceID.NotFound".into(),
+                    message: String::new(),
+                })?;
+            for (k, v) in tags {
+                match *k {
+                    TAG_STATE => g.state = Stated::from_tag(v),
+                    TAG_ALIVE => g.alive = super::super::fleet::alive_from_tag(v),
+                    TAG_CHALLENGE => g.challenge = Challenge::from_tag(v),
+                    _ => {}
+                }
+            }
+            Ok(())
+        }
+
+        async fn disable_source_dest_check(&self, _: &InstanceId) -> Result<(), Ec2Error> {
+            self.next_failure("source_dest_check")
+        }
+    }
+
+    const T0: u64 = 1_764_600_000_000;
+
+    fn at(ms: u64) -> Millis {
+        Millis(T0 + ms)
+    }
+
+    fn gateway(id: &str, az: &str) -> Gateway {
+        Gateway {
+            id: InstanceId(id.into()),
+            az: Az(az.into()),
+            eni: EniId(format!("eni-{id}")),
+            ip: None,
+            launched: Millis(T0),
+            running: true,
+            state: None,
+            alive: None,
+            challenge: None,
+        }
+    }
+
+    fn setup() -> (Layout, Rc<FakeEc2>) {
+        let mut layout = Layout::default();
+        layout
+            .tables
+            .insert(Az("a".into()), vec![RouteTableId("rtb-a".into())]);
+        layout
+            .tables
+            .insert(Az("b".into()), vec![RouteTableId("rtb-b".into())]);
+        let fake = FakeEc2::default();
+        *fake.fleet.borrow_mut() = Fleet {
+            gateways: vec![gateway("i-a", "a"), gateway("i-b", "b")],
+            routes: ["a", "b"]
+                .iter()
+                .map(|t| Route {
+                    table: RouteTableId(format!("rtb-{t}")),
+                    family: Family::V4,
+                    target: Target::Other("nat-0".into()),
+                })
+                .collect(),
+        };
+        (layout, Rc::new(fake))
+    }
+
+    fn ready(agent: &mut Agent<Rc<FakeEc2>>) {
+        for _ in 0..UP_AFTER {
+            agent.brain.self_check(true);
+        }
+    }
+
+    #[tokio::test]
+    async fn first_boot_says_ready_then_claims_its_az_from_the_nat_gateway() {
+        let (layout, fake) = setup();
+        let mut agent = Agent::new(InstanceId("i-a".into()), fake, "f".into(), layout);
+        let first = agent.poll(at(0)).await;
+        assert!(first.read && !first.published, "not ready: says nothing");
+        ready(&mut agent);
+        let second = agent.poll(at(2000)).await;
+        assert!(second.published);
+        assert!(second.took.is_empty(), "the reading predates its own tag");
+        let third = agent.poll(at(4000)).await;
+        let reasons: Vec<_> = third.took.iter().map(|t| t.table.0.clone()).collect();
+        // Both AZs: b's gateway has never said it is ready.
+        assert_eq!(reasons, vec!["rtb-a", "rtb-b"]);
+        assert!(third.took.iter().all(|t| t.reason == MoveReason::Reclaim));
+        assert_eq!(
+            agent
+                .ec2
+                .calls
+                .borrow()
+                .iter()
+                .filter(|c| *c == "source_dest_check")
+                .count(),
+            1
+        );
+        assert!(agent.poll(at(6000)).await.took.is_empty(), "idempotent");
+    }
+
+    #[tokio::test]
+    async fn throttling_backs_off_then_recovers() {
+        let (layout, fake) = setup();
+        let mut agent = Agent::new(InstanceId("i-a".into()), fake, "f".into(), layout);
+        ready(&mut agent);
+        agent
+            .ec2
+            .failures
+            .borrow_mut()
+            .push_back(Some(Ec2Error::Throttled("RequestLimitExceeded".into())));
+        let done = agent.poll(at(0)).await;
+        assert_eq!(done.errors, vec!["throttled"]);
+        // Inside the backoff no call is made at all.
+        let calls = agent.ec2.calls.borrow().len();
+        assert_eq!(agent.poll(at(500)).await, Done::default());
+        assert_eq!(agent.ec2.calls.borrow().len(), calls);
+        // After it, the round goes through.
+        let done = agent.poll(at(1300)).await;
+        assert!(done.read && done.published, "{done:?}");
+    }
+
+    #[tokio::test]
+    async fn failed_route_call_is_retried_on_the_next_poll() {
+        let (layout, fake) = setup();
+        let mut agent = Agent::new(InstanceId("i-a".into()), fake, "f".into(), layout);
+        ready(&mut agent);
+        agent.poll(at(0)).await;
+        // The fleet is read, then the first route call times out.
+        agent
+            .ec2
+            .failures
+            .borrow_mut()
+            .extend([None, Some(Ec2Error::Timeout)]);
+        let done = agent.poll(at(2000)).await;
+        assert_eq!(done.errors, vec!["unreachable"]);
+        let done = agent.poll(at(4000)).await;
+        assert_eq!(done.took.len(), 2, "{done:?}");
+    }
+
+    #[tokio::test]
+    async fn two_agents_split_from_each_other_move_no_route() {
+        let (layout, fake) = setup();
+        {
+            let mut fleet = fake.fleet.borrow_mut();
+            for g in fleet.gateways.iter_mut() {
+                g.state = Some(Stated {
+                    phase: Phase::Ready,
+                    since: Millis(T0),
+                });
+                g.alive = Some(Millis(T0));
+            }
+            fleet.routes[0].target = Target::Eni(EniId("eni-i-a".into()));
+            fleet.routes[1].target = Target::Eni(EniId("eni-i-b".into()));
+        }
+        // Both agents share one API, as real ones do.
+        let mut a = Agent::new(
+            InstanceId("i-a".into()),
+            fake.clone(),
+            "f".into(),
+            layout.clone(),
+        );
+        let mut b = Agent::new(InstanceId("i-b".into()), fake, "f".into(), layout);
+        ready(&mut a);
+        ready(&mut b);
+        let mut moves = 0;
+        let mut challenges = 0;
+        let mut now = 20_000;
+        // Two minutes of every probe failing both ways.
+        while now < 140_000 {
+            for agent in [&mut a, &mut b] {
+                let other = if agent.brain.me().0 == "i-a" {
+                    "i-b"
+                } else {
+                    "i-a"
+                };
+                agent.brain.probe(&InstanceId(other.into()), false);
+                let done = agent.poll(at(now)).await;
+                moves += done.took.len();
+                challenges += done.challenged.len();
+            }
+            now += ANSWER_WINDOW.as_millis() as u64 / 6;
+        }
+        assert_eq!(moves, 0);
+        // One challenge each, then one each after the 30 s backoff, then
+        // after 60 s more.
+        assert_eq!(challenges, 6);
+    }
+}

@@ -1,0 +1,610 @@
+//! The few EC2 calls the HA agent makes, over the API's query protocol
+//! (form-encoded POST, SigV4-signed, XML back). The SDK's EC2 crate would
+//! have doubled CI's build for six operations; the signing and credentials
+//! are the SDK's own.
+//!
+//! Every call has a deadline; errors say whether retrying later can help.
+
+use super::decide::Take;
+use super::fleet::{
+    Az, Challenge, EniId, Family, Fleet, Gateway, InstanceId, Layout, Millis, Route, RouteTableId,
+    Stated, TAG_ALIVE, TAG_CHALLENGE, TAG_STATE, Target, alive_from_tag,
+};
+use super::xml::{self, Element};
+use hyper_rustls::ConfigBuilderExt as _;
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+const API_VERSION: &str = "2016-11-15";
+/// One call, from connect to the last byte of the answer.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(3);
+const MAX_RESPONSE_BYTES: usize = 4 << 20;
+/// Pages of a listing read at most: a fleet is a handful of instances.
+const MAX_PAGES: usize = 10;
+/// The tag every gateway of a fleet carries; its value is the fleet's name.
+pub const TAG_FLEET: &str = "portcullis:gateway";
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Ec2Error {
+    /// RequestLimitExceeded, or the service asking us to slow down.
+    #[error("EC2 API throttled the request ({0})")]
+    Throttled(String),
+    #[error("EC2 API refused {action}: {code}: {message}")]
+    Api {
+        action: &'static str,
+        code: String,
+        message: String,
+    },
+    #[error("EC2 API unreachable: {0}")]
+    Transport(String),
+    #[error("EC2 API did not answer within {CALL_TIMEOUT:?}")]
+    Timeout,
+    #[error("EC2 API answer unreadable: {0}")]
+    Malformed(String),
+    #[error("no AWS credentials: {0}")]
+    Credentials(String),
+}
+
+impl Ec2Error {
+    /// The error metric's label.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Ec2Error::Throttled(_) => "throttled",
+            Ec2Error::Api { .. } => "api",
+            Ec2Error::Transport(_) | Ec2Error::Timeout => "unreachable",
+            Ec2Error::Malformed(_) => "malformed",
+            Ec2Error::Credentials(_) => "credentials",
+        }
+    }
+}
+
+/// What the agent needs from EC2; a fake stands in for it in tests.
+pub(crate) trait Ec2 {
+    /// The fleet's gateways and the layout's default routes.
+    async fn fleet(&self, fleet_name: &str, layout: &Layout) -> Result<Fleet, Ec2Error>;
+    /// Points one default route at `eni`.
+    async fn take(&self, take: &Take, eni: &EniId) -> Result<(), Ec2Error>;
+    async fn tag(&self, instance: &InstanceId, tags: &[(&str, String)]) -> Result<(), Ec2Error>;
+    /// A gateway forwards packets not addressed to it.
+    async fn disable_source_dest_check(&self, instance: &InstanceId) -> Result<(), Ec2Error>;
+}
+
+/// The query-protocol client.
+pub struct Client {
+    endpoint: String,
+    region: String,
+    credentials: aws_credential_types::provider::SharedCredentialsProvider,
+    cached: Mutex<Option<aws_credential_types::Credentials>>,
+    http: hyper_util::client::legacy::Client<
+        hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+        http_body_util::Full<bytes::Bytes>,
+    >,
+}
+
+impl Client {
+    /// For `region`, at `AWS_ENDPOINT_URL_EC2` or `AWS_ENDPOINT_URL` if set
+    /// (a VPC endpoint, or a local test server), with the standard
+    /// credential chain (the instance role on EC2).
+    pub async fn new(region: &str) -> Result<Client, Ec2Error> {
+        let endpoint = ["AWS_ENDPOINT_URL_EC2", "AWS_ENDPOINT_URL"]
+            .iter()
+            .find_map(|v| std::env::var(v).ok().filter(|v| !v.is_empty()))
+            .unwrap_or_else(|| format!("https://ec2.{region}.amazonaws.com"));
+        let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .region(aws_config::Region::new(region.to_owned()))
+            .load()
+            .await;
+        let credentials = shared
+            .credentials_provider()
+            .ok_or_else(|| Ec2Error::Credentials("no credential provider".into()))?;
+        let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+        connector.set_connect_timeout(Some(CALL_TIMEOUT));
+        connector.enforce_http(false);
+        let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Ec2Error::Transport(e.to_string()))?;
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(
+                tls.with_native_roots()
+                    .map_err(|e| Ec2Error::Transport(e.to_string()))?
+                    .with_no_client_auth(),
+            )
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(connector);
+        let http =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .pool_idle_timeout(Duration::from_secs(30))
+                .build(https);
+        Ok(Client {
+            endpoint: endpoint.trim_end_matches('/').to_owned() + "/",
+            region: region.to_owned(),
+            credentials,
+            cached: Mutex::new(None),
+            http,
+        })
+    }
+
+    async fn credentials(&self) -> Result<aws_credential_types::Credentials, Ec2Error> {
+        let fresh = |c: &aws_credential_types::Credentials| {
+            c.expiry().is_none_or(|e| {
+                e.duration_since(SystemTime::now())
+                    .is_ok_and(|left| left > Duration::from_secs(300))
+            })
+        };
+        if let Ok(cached) = self.cached.lock()
+            && let Some(c) = cached.as_ref().filter(|c| fresh(c))
+        {
+            return Ok(c.clone());
+        }
+        use aws_credential_types::provider::ProvideCredentials;
+        let c = tokio::time::timeout(CALL_TIMEOUT, self.credentials.provide_credentials())
+            .await
+            .map_err(|_| Ec2Error::Credentials("timed out".into()))?
+            .map_err(|e| Ec2Error::Credentials(e.to_string()))?;
+        if let Ok(mut cached) = self.cached.lock() {
+            *cached = Some(c.clone());
+        }
+        Ok(c)
+    }
+
+    /// One signed call; the parsed answer, or the API's error.
+    async fn call(
+        &self,
+        action: &'static str,
+        params: &[(String, String)],
+    ) -> Result<Element, Ec2Error> {
+        tokio::time::timeout(CALL_TIMEOUT, self.call_unbounded(action, params))
+            .await
+            .map_err(|_| Ec2Error::Timeout)?
+    }
+
+    async fn call_unbounded(
+        &self,
+        action: &'static str,
+        params: &[(String, String)],
+    ) -> Result<Element, Ec2Error> {
+        use http_body_util::BodyExt;
+        let mut body = format!("Action={action}&Version={API_VERSION}");
+        for (k, v) in params {
+            body.push('&');
+            body.push_str(&form_encode(k));
+            body.push('=');
+            body.push_str(&form_encode(v));
+        }
+        let content_type = "application/x-www-form-urlencoded; charset=utf-8";
+        let mut request = http::Request::builder()
+            .method("POST")
+            .uri(&self.endpoint)
+            .header("content-type", content_type)
+            .body(http_body_util::Full::new(bytes::Bytes::from(body.clone())))
+            .map_err(|e| Ec2Error::Transport(e.to_string()))?;
+        let identity =
+            aws_smithy_runtime_api::client::identity::Identity::from(self.credentials().await?);
+        let settings = aws_sigv4::http_request::SigningSettings::default();
+        let params = aws_sigv4::sign::v4::SigningParams::builder()
+            .identity(&identity)
+            .region(&self.region)
+            .name("ec2")
+            .time(SystemTime::now())
+            .settings(settings)
+            .build()
+            .map_err(|e| Ec2Error::Credentials(e.to_string()))?
+            .into();
+        let signable = aws_sigv4::http_request::SignableRequest::new(
+            "POST",
+            &self.endpoint,
+            [("content-type", content_type)].into_iter(),
+            aws_sigv4::http_request::SignableBody::Bytes(body.as_bytes()),
+        )
+        .map_err(|e| Ec2Error::Credentials(e.to_string()))?;
+        let (instructions, _) = aws_sigv4::http_request::sign(signable, &params)
+            .map_err(|e| Ec2Error::Credentials(e.to_string()))?
+            .into_parts();
+        instructions.apply_to_request_http1x(&mut request);
+
+        let response = self
+            .http
+            .request(request)
+            .await
+            .map_err(|e| Ec2Error::Transport(e.to_string()))?;
+        let status = response.status();
+        let limited = http_body_util::Limited::new(response.into_body(), MAX_RESPONSE_BYTES);
+        let bytes = limited
+            .collect()
+            .await
+            .map_err(|e| Ec2Error::Transport(e.to_string()))?
+            .to_bytes();
+        let text = std::str::from_utf8(&bytes).map_err(|e| Ec2Error::Malformed(e.to_string()))?;
+        answer(action, status.as_u16(), text)
+    }
+}
+
+/// The parsed body of a success, or the error it carries.
+fn answer(action: &'static str, status: u16, text: &str) -> Result<Element, Ec2Error> {
+    let root = xml::parse(text);
+    if (200..300).contains(&status) {
+        return root.map_err(|e| Ec2Error::Malformed(e.to_string()));
+    }
+    let (code, message) = match &root {
+        Ok(root) => {
+            let error = root
+                .child("Errors")
+                .and_then(|e| e.child("Error"))
+                .or_else(|| root.child("Error"));
+            (
+                error
+                    .and_then(|e| e.text_at(&["Code"]))
+                    .unwrap_or("")
+                    .to_owned(),
+                error
+                    .and_then(|e| e.text_at(&["Message"]))
+                    .unwrap_or("")
+                    .to_owned(),
+            )
+        }
+        Err(_) => (String::new(), String::new()),
+    };
+    if code == "RequestLimitExceeded"
+        || code.starts_with("Throttl")
+        || status == 429
+        || status == 503
+    {
+        return Err(Ec2Error::Throttled(if code.is_empty() {
+            format!("HTTP {status}")
+        } else {
+            code
+        }));
+    }
+    Err(Ec2Error::Api {
+        action,
+        code: if code.is_empty() {
+            format!("HTTP {status}")
+        } else {
+            code
+        },
+        message,
+    })
+}
+
+/// Percent-encoding as SigV4's canonical form wants it: only unreserved
+/// characters are left as they are.
+fn form_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn param(k: impl Into<String>, v: impl Into<String>) -> (String, String) {
+    (k.into(), v.into())
+}
+
+impl Ec2 for Client {
+    async fn fleet(&self, fleet_name: &str, layout: &Layout) -> Result<Fleet, Ec2Error> {
+        let mut gateways = Vec::new();
+        let mut token: Option<String> = None;
+        for _ in 0..MAX_PAGES {
+            let mut params = vec![
+                param("Filter.1.Name", format!("tag:{TAG_FLEET}")),
+                param("Filter.1.Value.1", fleet_name),
+                param("Filter.2.Name", "instance-state-name"),
+            ];
+            for (i, s) in ["pending", "running", "stopping", "stopped", "shutting-down"]
+                .iter()
+                .enumerate()
+            {
+                params.push(param(format!("Filter.2.Value.{}", i + 1), *s));
+            }
+            if let Some(t) = &token {
+                params.push(param("NextToken", t.clone()));
+            }
+            let root = self.call("DescribeInstances", &params).await?;
+            gateways.extend(parse_instances(&root));
+            token = root
+                .text_at(&["nextToken"])
+                .filter(|t| !t.is_empty())
+                .map(str::to_owned);
+            if token.is_none() {
+                break;
+            }
+        }
+        let tables: Vec<&RouteTableId> = layout.all_tables().collect();
+        let mut params = Vec::new();
+        for (i, t) in tables.iter().enumerate() {
+            params.push(param(format!("RouteTableId.{}", i + 1), t.0.clone()));
+        }
+        let routes = if tables.is_empty() {
+            Vec::new()
+        } else {
+            parse_routes(&self.call("DescribeRouteTables", &params).await?, layout)
+        };
+        Ok(Fleet { gateways, routes })
+    }
+
+    async fn take(&self, take: &Take, eni: &EniId) -> Result<(), Ec2Error> {
+        let destination = match take.family {
+            Family::V4 => "DestinationCidrBlock",
+            Family::V6 => "DestinationIpv6CidrBlock",
+        };
+        let params = [
+            param("RouteTableId", take.table.0.clone()),
+            param(destination, take.family.destination()),
+            param("NetworkInterfaceId", eni.0.clone()),
+        ];
+        let action = if take.exists {
+            "ReplaceRoute"
+        } else {
+            "CreateRoute"
+        };
+        match self.call(action, &params).await {
+            // The reading was old: the route came or went since. The other
+            // call is right now; the next reading would find it anyway.
+            Err(Ec2Error::Api { code, .. })
+                if code == "InvalidRoute.NotFound" || code == "RouteAlreadyExists" =>
+            {
+                let other = if take.exists {
+                    "CreateRoute"
+                } else {
+                    "ReplaceRoute"
+                };
+                self.call(other, &params).await.map(drop)
+            }
+            other => other.map(drop),
+        }
+    }
+
+    async fn tag(&self, instance: &InstanceId, tags: &[(&str, String)]) -> Result<(), Ec2Error> {
+        let mut params = vec![param("ResourceId.1", instance.0.clone())];
+        for (i, (k, v)) in tags.iter().enumerate() {
+            params.push(param(format!("Tag.{}.Key", i + 1), *k));
+            params.push(param(format!("Tag.{}.Value", i + 1), v.clone()));
+        }
+        self.call("CreateTags", &params).await.map(drop)
+    }
+
+    async fn disable_source_dest_check(&self, instance: &InstanceId) -> Result<(), Ec2Error> {
+        let params = [
+            param("InstanceId", instance.0.clone()),
+            param("SourceDestCheck.Value", "false"),
+        ];
+        self.call("ModifyInstanceAttribute", &params)
+            .await
+            .map(drop)
+    }
+}
+
+/// Gateways from a DescribeInstances answer. An instance that lacks what
+/// the rule needs (an id, an AZ, a primary interface) is left out.
+fn parse_instances(root: &Element) -> Vec<Gateway> {
+    let mut out = Vec::new();
+    for reservation in root.items("reservationSet") {
+        for item in reservation.items("instancesSet") {
+            let Some(id) = item.text_at(&["instanceId"]).filter(|s| !s.is_empty()) else {
+                continue;
+            };
+            let Some(az) = item.text_at(&["placement", "availabilityZone"]) else {
+                continue;
+            };
+            let Some(eni) = item
+                .items("networkInterfaceSet")
+                .find(|n| {
+                    n.text_at(&["attachment", "deviceIndex"])
+                        .is_none_or(|d| d == "0")
+                })
+                .and_then(|n| n.text_at(&["networkInterfaceId"]))
+            else {
+                continue;
+            };
+            let tag = |key: &str| {
+                item.items("tagSet")
+                    .find(|t| t.text_at(&["key"]) == Some(key))
+                    .and_then(|t| t.text_at(&["value"]))
+            };
+            let launched = item
+                .text_at(&["launchTime"])
+                .and_then(|t| humantime::parse_rfc3339_weak(t.trim_end_matches('Z')).ok())
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(Millis(0), |d| {
+                    Millis(u64::try_from(d.as_millis()).unwrap_or(0))
+                });
+            out.push(Gateway {
+                id: InstanceId(id.to_owned()),
+                az: Az(az.to_owned()),
+                eni: EniId(eni.to_owned()),
+                ip: item
+                    .text_at(&["privateIpAddress"])
+                    .and_then(|ip| ip.parse::<IpAddr>().ok()),
+                launched,
+                running: item.text_at(&["instanceState", "name"]) == Some("running"),
+                state: tag(TAG_STATE).and_then(Stated::from_tag),
+                alive: tag(TAG_ALIVE).and_then(alive_from_tag),
+                challenge: tag(TAG_CHALLENGE).and_then(Challenge::from_tag),
+            });
+        }
+    }
+    out
+}
+
+/// The layout's default routes from a DescribeRouteTables answer; a
+/// configured table EC2 did not return, or without the route, reads as
+/// missing.
+fn parse_routes(root: &Element, layout: &Layout) -> Vec<Route> {
+    let mut out = Vec::new();
+    for table in layout.all_tables() {
+        let found = root
+            .items("routeTableSet")
+            .find(|t| t.text_at(&["routeTableId"]) == Some(table.0.as_str()));
+        for &family in layout.families() {
+            let key = match family {
+                Family::V4 => "destinationCidrBlock",
+                Family::V6 => "destinationIpv6CidrBlock",
+            };
+            let route = found.and_then(|t| {
+                t.items("routeSet")
+                    .find(|r| r.text_at(&[key]) == Some(family.destination()))
+            });
+            let target = match route {
+                None => Target::Missing,
+                Some(r) if r.text_at(&["state"]) == Some("blackhole") => {
+                    Target::Other("blackhole".into())
+                }
+                Some(r) => match r.text_at(&["networkInterfaceId"]).filter(|s| !s.is_empty()) {
+                    Some(eni) => Target::Eni(EniId(eni.to_owned())),
+                    None => Target::Other(
+                        [
+                            "natGatewayId",
+                            "gatewayId",
+                            "instanceId",
+                            "transitGatewayId",
+                        ]
+                        .iter()
+                        .find_map(|k| r.text_at(&[k]).filter(|s| !s.is_empty()))
+                        .unwrap_or("unknown")
+                        .to_owned(),
+                    ),
+                },
+            };
+            out.push(Route {
+                table: table.clone(),
+                family,
+                target,
+            });
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const INSTANCES: &str = r#"<?xml version="1.0" encoding="UTF-8"?>
+<DescribeInstancesResponse xmlns="http://ec2.amazonaws.com/doc/2016-11-15/">
+ <reservationSet><item><instancesSet>
+  <item>
+   <instanceId>i-0a</instanceId>
+   <instanceState><code>16</code><name>running</name></instanceState>
+   <privateIpAddress>198.51.100.140</privateIpAddress>
+   <launchTime>2026-12-01T15:28:38.000Z</launchTime>
+   <placement><availabilityZone>us-east-1a</availabilityZone></placement>
+   <networkInterfaceSet>
+    <item><networkInterfaceId>eni-second</networkInterfaceId><attachment><deviceIndex>1</deviceIndex></attachment></item>
+    <item><networkInterfaceId>eni-0a</networkInterfaceId><attachment><deviceIndex>0</deviceIndex></attachment></item>
+   </networkInterfaceSet>
+   <tagSet>
+    <item><key>portcullis:gateway</key><value>prod</value></item>
+    <item><key>portcullis:state</key><value>ready@1764602918000</value></item>
+    <item><key>portcullis:challenge</key><value>1764602920000 i-0b</value></item>
+    <item><key>portcullis:alive</key><value>garbage</value></item>
+   </tagSet>
+  </item>
+  <item><instanceId>i-noaz</instanceId></item>
+ </instancesSet></item></reservationSet>
+</DescribeInstancesResponse>"#;
+
+    #[test]
+    fn reads_gateways_from_describe_instances() {
+        let root = xml::parse(INSTANCES).expect("xml");
+        let gateways = parse_instances(&root);
+        assert_eq!(gateways.len(), 1, "the instance without an AZ is skipped");
+        let g = &gateways[0];
+        assert_eq!(g.id, InstanceId("i-0a".into()));
+        assert_eq!(g.eni, EniId("eni-0a".into()), "the primary interface");
+        assert_eq!(g.ip, Some("198.51.100.140".parse().expect("ip")));
+        assert_eq!(g.launched, Millis(1_796_138_918_000));
+        assert!(g.running);
+        assert_eq!(g.state.map(|s| s.since), Some(Millis(1_764_602_918_000)));
+        assert_eq!(g.challenge.as_ref().map(|c| c.by.0.as_str()), Some("i-0b"));
+        assert_eq!(g.alive, None, "an unparsable tag is absent");
+    }
+
+    #[test]
+    fn reads_default_routes_and_what_they_point_at() {
+        let doc = r#"<DescribeRouteTablesResponse><routeTableSet>
+          <item><routeTableId>rtb-a</routeTableId><routeSet>
+            <item><destinationCidrBlock>10.0.0.0/16</destinationCidrBlock><gatewayId>local</gatewayId><state>active</state></item>
+            <item><destinationCidrBlock>0.0.0.0/0</destinationCidrBlock><networkInterfaceId>eni-0a</networkInterfaceId><state>active</state></item>
+            <item><destinationIpv6CidrBlock>::/0</destinationIpv6CidrBlock><natGatewayId>nat-1</natGatewayId><state>active</state></item>
+          </routeSet></item>
+          <item><routeTableId>rtb-b</routeTableId><routeSet>
+            <item><destinationCidrBlock>0.0.0.0/0</destinationCidrBlock><networkInterfaceId>eni-dead</networkInterfaceId><state>blackhole</state></item>
+          </routeSet></item>
+        </routeTableSet></DescribeRouteTablesResponse>"#;
+        let mut layout = Layout {
+            ipv6: true,
+            ..Layout::default()
+        };
+        layout
+            .tables
+            .insert(Az("a".into()), vec![RouteTableId("rtb-a".into())]);
+        layout.tables.insert(
+            Az("b".into()),
+            vec![
+                RouteTableId("rtb-b".into()),
+                RouteTableId("rtb-gone".into()),
+            ],
+        );
+        let routes = parse_routes(&xml::parse(doc).expect("xml"), &layout);
+        let targets: Vec<_> = routes
+            .iter()
+            .map(|r| (r.table.0.as_str(), r.family, r.target.clone()))
+            .collect();
+        assert_eq!(
+            targets,
+            vec![
+                ("rtb-a", Family::V4, Target::Eni(EniId("eni-0a".into()))),
+                ("rtb-a", Family::V6, Target::Other("nat-1".into())),
+                ("rtb-b", Family::V4, Target::Other("blackhole".into())),
+                ("rtb-b", Family::V6, Target::Missing),
+                ("rtb-gone", Family::V4, Target::Missing),
+                ("rtb-gone", Family::V6, Target::Missing),
+            ]
+        );
+    }
+
+    #[test]
+    fn tells_throttling_from_refusals() {
+        let error = |code: &str| {
+            format!(
+                "<Response><Errors><Error><Code>{code}</Code><Message>m</Message></Error></Errors></Response>"
+            )
+        };
+        assert_eq!(
+            answer("CreateTags", 503, &error("RequestLimitExceeded")).map(drop),
+            Err(Ec2Error::Throttled("RequestLimitExceeded".into()))
+        );
+        assert_eq!(
+            answer("ReplaceRoute", 400, &error("UnauthorizedOperation")).map(drop),
+            Err(Ec2Error::Api {
+                action: "ReplaceRoute",
+                code: "UnauthorizedOperation".into(),
+                message: "m".into()
+            })
+        );
+        assert!(matches!(
+            answer("CreateTags", 500, "<html>"),
+            Err(Ec2Error::Api { .. })
+        ));
+        assert!(matches!(
+            answer("CreateTags", 200, "not xml"),
+            Err(Ec2Error::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn encodes_tag_values_for_the_signature() {
+        assert_eq!(
+            form_encode("ready@17 i-0a:b/c~"),
+            "ready%4017%20i-0a%3Ab%2Fc~"
+        );
+    }
+}

@@ -1,0 +1,369 @@
+//! `portcullis ha`: the agent beside each gateway that keeps every AZ's
+//! private routes on a serving gateway.
+//!
+//! Each gateway checks itself (its proxy ready, the internet reachable)
+//! and probes its siblings' readiness every second; every two seconds it
+//! reads the fleet from the EC2 API, decides with [`decide`]'s rule, and
+//! moves to itself the routes the rule gives it. It moves nothing else:
+//! every gateway computes the same owners from the same API reading, so two
+//! never fight over a route.
+//!
+//! - [`fleet`]: the fleet as values (gateways, HA tags, default routes).
+//! - [`decide`]: the ownership rule, with no I/O.
+//! - [`ec2`]: the EC2 query API calls, signed with the SDK's SigV4.
+//! - [`xml`]: the element tree the API's answers are read with.
+//! - [`agent`]: checks, probes, the poll, carrying out the plan.
+
+pub mod agent;
+pub mod decide;
+pub mod ec2;
+pub mod fleet;
+pub mod xml;
+
+use fleet::{Az, InstanceId, Layout, Millis, RouteTableId};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// How long a leaving gateway waits for a sibling to take its routes
+/// before it drains anyway (a fleet of one has nobody to hand over to).
+pub const LEAVE_WAIT: Duration = Duration::from_secs(30);
+/// After its routes have moved, connections already routed here keep
+/// arriving for a moment: the drain starts after this.
+pub const HANDOVER_SETTLE: Duration = Duration::from_secs(3);
+/// The drain command's bound (portcullis's drain timeout, and a margin).
+pub const DRAIN_WAIT: Duration = Duration::from_secs(90);
+const IMDS_TIMEOUT: Duration = Duration::from_secs(3);
+
+#[derive(Debug, thiserror::Error)]
+pub enum HaError {
+    #[error("{path}: {message}")]
+    Config { path: PathBuf, message: String },
+    #[error("instance metadata: {0}")]
+    Imds(String),
+    #[error(transparent)]
+    Ec2(#[from] ec2::Ec2Error),
+    #[error("metrics listener {addr}: {source}")]
+    Metrics {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// `/etc/portcullis/ha.toml`, written by cloud-init from the Terraform
+/// module's inputs; the same on every gateway of the fleet.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct File {
+    /// The value of every gateway's `portcullis:gateway` tag.
+    fleet: String,
+    /// AZ name => that AZ's private route tables.
+    route_tables: BTreeMap<String, Vec<String>>,
+    #[serde(default)]
+    ipv6: bool,
+    /// This gateway's own admin endpoint (its `/readyz`).
+    ready: Option<SocketAddr>,
+    /// Siblings' admin port, probed at their private addresses.
+    probe_port: Option<u16>,
+    /// host:port this gateway must reach to count as able to serve.
+    internet_check: String,
+    /// Run once the routes have moved away, to drain the proxy.
+    #[serde(default)]
+    drain_command: Vec<String>,
+    /// The agent's own `/metrics`.
+    metrics_listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub fleet: String,
+    pub layout: Layout,
+    pub ready: SocketAddr,
+    pub probe_port: u16,
+    pub internet_check: String,
+    pub drain_command: Vec<String>,
+    pub metrics_listen: SocketAddr,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, HaError> {
+        let err = |message: String| HaError::Config {
+            path: path.to_owned(),
+            message,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+        Config::parse(&text).map_err(err)
+    }
+
+    pub fn parse(text: &str) -> Result<Config, String> {
+        let file: File = toml::from_str(text).map_err(|e| e.to_string())?;
+        if file.fleet.trim().is_empty() {
+            return Err("fleet must name the gateways' portcullis:gateway tag".into());
+        }
+        let mut tables = BTreeMap::new();
+        let mut seen = std::collections::HashSet::new();
+        for (az, ids) in file.route_tables {
+            if az.is_empty() {
+                return Err("route-tables: an AZ name is empty".into());
+            }
+            let mut list = Vec::new();
+            for id in ids {
+                let well_formed = id.strip_prefix("rtb-").is_some_and(|hex| {
+                    !hex.is_empty() && hex.bytes().all(|b| b.is_ascii_hexdigit())
+                });
+                if !well_formed {
+                    return Err(format!(
+                        "route-tables.{az}: {id:?} is not a route table id (rtb-…)"
+                    ));
+                }
+                if !seen.insert(id.clone()) {
+                    return Err(format!("route-tables: {id} is listed for two AZs"));
+                }
+                list.push(RouteTableId(id));
+            }
+            tables.insert(Az(az), list);
+        }
+        if !file.internet_check.contains(':') {
+            return Err(format!(
+                "internet-check: {:?} is not host:port",
+                file.internet_check
+            ));
+        }
+        Ok(Config {
+            fleet: file.fleet,
+            layout: Layout {
+                tables,
+                ipv6: file.ipv6,
+            },
+            ready: file
+                .ready
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9090))),
+            probe_port: file.probe_port.unwrap_or(9090),
+            internet_check: file.internet_check,
+            drain_command: file.drain_command,
+            metrics_listen: file
+                .metrics_listen
+                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 9091))),
+        })
+    }
+}
+
+/// The facts IMDS gives about this instance.
+struct Identity {
+    instance: InstanceId,
+    region: String,
+    imds: aws_config::imds::Client,
+}
+
+async fn imds_get(client: &aws_config::imds::Client, path: &str) -> Result<String, HaError> {
+    tokio::time::timeout(IMDS_TIMEOUT, client.get(path))
+        .await
+        .map_err(|_| HaError::Imds(format!("{path}: no answer within {IMDS_TIMEOUT:?}")))?
+        .map(|s| s.as_ref().to_owned())
+        .map_err(|e| HaError::Imds(format!("{path}: {e}")))
+}
+
+async fn identity() -> Result<Identity, HaError> {
+    let provider =
+        aws_config::provider_config::ProviderConfig::default().with_http_client(https_client());
+    let imds = aws_config::imds::Client::builder()
+        .configure(&provider)
+        .connect_timeout(Duration::from_secs(1))
+        .read_timeout(Duration::from_secs(1))
+        .max_attempts(2)
+        .build();
+    let instance = InstanceId(imds_get(&imds, "/latest/meta-data/instance-id").await?);
+    let region = imds_get(&imds, "/latest/meta-data/placement/region").await?;
+    Ok(Identity {
+        instance,
+        region,
+        imds,
+    })
+}
+
+pub(crate) fn https_client() -> aws_smithy_runtime_api::client::http::SharedHttpClient {
+    aws_smithy_http_client::Builder::new()
+        .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
+            aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
+        ))
+        .build_https()
+}
+
+/// Whether the auto-scaling group is taking this instance out (a rollout,
+/// scale-in, instance lifetime): IMDS says so before the lifecycle hook's
+/// wait ends.
+async fn asg_terminating(imds: &aws_config::imds::Client) -> bool {
+    imds_get(imds, "/latest/meta-data/autoscaling/target-lifecycle-state")
+        .await
+        .is_ok_and(|s| s.trim() == "Terminated")
+}
+
+/// Runs until the gateway has left: signalled, or taken out by its group.
+pub async fn run(config: Config) -> Result<(), HaError> {
+    let me = identity().await?;
+    tracing::info!(instance = %me.instance, region = %me.region, fleet = %config.fleet, "HA agent starting");
+    let exporter = crate::telemetry::Exporter::install_ha();
+    let always_ready: crate::admin::Readiness = std::sync::Arc::new(|| Ok(()));
+    crate::admin::spawn(config.metrics_listen, always_ready, exporter).map_err(|source| {
+        HaError::Metrics {
+            addr: config.metrics_listen,
+            source,
+        }
+    })?;
+    let client = ec2::Client::new(&me.region).await?;
+    let mut agent = agent::Agent::new(
+        me.instance.clone(),
+        client,
+        config.fleet.clone(),
+        config.layout.clone(),
+    );
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| HaError::Imds(format!("signal handler: {e}")))?;
+    let mut every = tokio::time::interval(decide::PROBE_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut tick: u64 = 0;
+    let mut left_at: Option<Millis> = None;
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            _ = term.recv() => {
+                if !agent.brain.is_leaving() {
+                    tracing::info!("SIGTERM: handing the routes over, then draining");
+                    agent.brain.leave();
+                }
+            }
+        }
+        tick += 1;
+        check_everyone(&mut agent, &config).await;
+        if tick.is_multiple_of(2) {
+            if !agent.brain.is_leaving() && asg_terminating(&me.imds).await {
+                tracing::info!(
+                    "the auto-scaling group is taking this instance out: handing the routes over"
+                );
+                agent.brain.leave();
+            }
+            let now = Millis::now();
+            agent.poll(now).await;
+            report(&agent, now);
+        }
+        if agent.brain.is_leaving() {
+            let now = Millis::now();
+            let since = *left_at.get_or_insert(now);
+            let said = agent
+                .me()
+                .and_then(|g| g.state)
+                .is_some_and(|s| s.phase == fleet::Phase::Leaving);
+            let handed_over = said && agent.holds_nothing(now);
+            if handed_over || now.since(since) >= LEAVE_WAIT {
+                if !handed_over {
+                    tracing::warn!(
+                        "no sibling took the routes within {LEAVE_WAIT:?}: draining anyway"
+                    );
+                }
+                tokio::time::sleep(HANDOVER_SETTLE).await;
+                drain(&config.drain_command).await;
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Own check and sibling probes, all at once, each bounded.
+async fn check_everyone<E: ec2::Ec2>(agent: &mut agent::Agent<E>, config: &Config) {
+    let (ready, online) = tokio::join!(
+        agent::http_ok(config.ready, "/readyz"),
+        agent::reaches(&config.internet_check),
+    );
+    agent.brain.self_check(ready && online);
+    let siblings: Vec<(InstanceId, SocketAddr)> = agent
+        .fleet(Millis::now())
+        .map(|f| {
+            f.gateways
+                .iter()
+                .filter(|g| &g.id != agent.brain.me() && g.running)
+                .filter_map(|g| Some((g.id.clone(), SocketAddr::new(g.ip?, config.probe_port))))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut probes = tokio::task::JoinSet::new();
+    for (id, addr) in siblings {
+        probes.spawn(async move { (id, agent::http_ok(addr, "/readyz").await) });
+    }
+    // Each probe is bounded by PROBE_TIMEOUT, so this ends in time.
+    while let Some(Ok((id, ok))) = probes.join_next().await {
+        agent.brain.probe(&id, ok);
+    }
+}
+
+fn report<E: ec2::Ec2>(agent: &agent::Agent<E>, now: Millis) {
+    let Some(fleet) = agent.fleet(now) else {
+        return;
+    };
+    metrics::gauge!(crate::telemetry::HA_UNSERVED_ROUTES).set(decide::unserved(fleet, now) as f64);
+    let held = agent.me().map_or(0, |me| {
+        fleet
+            .routes
+            .iter()
+            .filter(|r| r.target == fleet::Target::Eni(me.eni.clone()))
+            .count()
+    });
+    metrics::gauge!(crate::telemetry::HA_ROUTES_HELD).set(held as f64);
+    metrics::gauge!(crate::telemetry::HA_READY).set(if agent.brain.is_ready() { 1.0 } else { 0.0 });
+}
+
+async fn drain(command: &[String]) {
+    let Some((program, args)) = command.split_first() else {
+        return;
+    };
+    tracing::info!(command = %command.join(" "), "routes handed over: draining the proxy");
+    let child = tokio::process::Command::new(program).args(args).status();
+    match tokio::time::timeout(DRAIN_WAIT, child).await {
+        Ok(Ok(status)) if status.success() => {}
+        Ok(Ok(status)) => tracing::warn!(%status, "drain command failed"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "drain command did not start"),
+        Err(_) => tracing::warn!("drain command still running after {DRAIN_WAIT:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_config_and_names_what_is_wrong() {
+        let good = r#"
+            fleet = "prod"
+            internet-check = "s3.us-east-1.amazonaws.com:443"
+            drain-command = ["systemctl", "stop", "portcullis.service"]
+            [route-tables]
+            us-east-1a = ["rtb-0a1"]
+            us-east-1b = ["rtb-0b1", "rtb-0b2"]
+        "#;
+        let c = Config::parse(good).expect("valid");
+        assert_eq!(c.layout.tables.len(), 2);
+        assert_eq!(c.probe_port, 9090);
+        assert_eq!(c.metrics_listen.port(), 9091);
+        let bad = [
+            (good.replace("rtb-0b2", "rtb-0a1"), "listed for two AZs"),
+            (good.replace("rtb-0b2", "subnet-1"), "not a route table id"),
+            (good.replace("\"prod\"", "\" \""), "fleet must name"),
+            (good.replace(":443", ""), "not host:port"),
+            (good.replace("fleet =", "flete ="), "unknown field"),
+        ];
+        for (text, why) in bad {
+            let e = Config::parse(&text).expect_err(why);
+            assert!(e.contains(why), "{e}");
+        }
+    }
+
+    #[tokio::test]
+    async fn probe_of_a_peer_that_never_answers_gives_up_in_time() {
+        // Accepts (the kernel's backlog does) but never answers.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = silent.local_addr().expect("addr");
+        let started = std::time::Instant::now();
+        assert!(!agent::http_ok(addr, "/readyz").await);
+        assert!(started.elapsed() < agent::PROBE_TIMEOUT * 2);
+    }
+}

@@ -17,6 +17,8 @@ step "release build";       cargo build --locked --release
 # Each gateway of the macro-benchmark must carry traffic (a second per
 # workload; the numbers are not kept).
 step "macro-benchmark, short"; bash benches/netns/run.sh --short
+# Failover, rollout and split of two gateways against a local EC2 API.
+step "HA simulation";       timeout 600 bash scripts/ha-sim.sh
 # The tests run against the release build, the binary we ship, and share
 # its compiled dependencies instead of building them a second time.
 step "tests";               cargo test --locked --release --all-targets

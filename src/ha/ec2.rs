@@ -93,6 +93,8 @@ impl Client {
             .unwrap_or_else(|| format!("https://ec2.{region}.amazonaws.com"));
         let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())
             .region(aws_config::Region::new(region.to_owned()))
+            // The instance role's credentials come from IMDS over it.
+            .http_client(super::https_client())
             .load()
             .await;
         let credentials = shared

@@ -164,7 +164,24 @@ async fn imds_get(client: &aws_config::imds::Client, path: &str) -> Result<Strin
         .map_err(|e| HaError::Imds(format!("{path}: {e}")))
 }
 
+/// IMDS answers within moments of boot; until it does, nothing can be done.
+const IDENTITY_WAIT: Duration = Duration::from_secs(60);
+
 async fn identity() -> Result<Identity, HaError> {
+    let started = std::time::Instant::now();
+    loop {
+        match identity_once().await {
+            Ok(id) => return Ok(id),
+            Err(e) if started.elapsed() < IDENTITY_WAIT => {
+                tracing::warn!(error = %e, "instance metadata not answering yet");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn identity_once() -> Result<Identity, HaError> {
     let provider =
         aws_config::provider_config::ProviderConfig::default().with_http_client(https_client());
     let imds = aws_config::imds::Client::builder()

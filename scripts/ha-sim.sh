@@ -1,0 +1,216 @@
+#!/usr/bin/env bash
+# The HA simulation: two "AZs" in network namespaces, each with a private
+# client and a gateway running the real portcullis and the real HA agent
+# (portcullis ha), against a local EC2 API (moto_server) that holds the
+# VPC, route tables, instances and their interfaces; an IMDSv2 responder in
+# each gateway namespace; and a test router that applies the API's route
+# tables to the clients' routes every 300 ms, so a route moved through the
+# API moves the traffic. Each client makes a new allowed connection every
+# 100 ms. Root; bounded to 10 minutes by its caller (scripts/test.sh).
+#
+#   VPC fabric (hs-vpc bridge, 198.51.100.0/24):
+#     client a .10   client b .74   gateway a1 .140   gateway b1 .200 (b2 .201)
+#   internet (hs-net bridge, 192.0.2.0/24): gateways .11/.21/.22, the EC2 API
+#     at 192.0.2.1:5000, the web server at 203.0.113.10:80
+#
+# It measures, and prints as its last three lines:
+#   failover: egress restored after X s     SIGKILL of AZ a's gateway
+#   rollout: N of M connections failed      AZ b's gateway replaced as an ASG would
+#   split: routes moved N times             the gateways cut off from each other
+# and fails if egress is not restored, the AZ's own gateway does not take
+# its routes back, the rollout does not hand over, or a split moves a route.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ -z "${MOTO_SERVER:-}" ]; then
+  # shellcheck source=scripts/setup.sh
+  source scripts/setup.sh
+fi
+# shellcheck source=scripts/topology.sh
+source scripts/topology.sh
+BIN=${PORTCULLIS_BIN:-target/release/portcullis}
+PY="$PORTCULLIS_VENV/bin/python"
+[ -x "$BIN" ] || { echo "ha-sim: build first (cargo build --release): no $BIN" >&2; exit 2; }
+DIR=$(mktemp -d)
+NAMESPACES="hs-net hs-vpc hs-ca hs-cb hs-a1 hs-b1 hs-b2"
+export AWS_ENDPOINT_URL=http://192.0.2.1:5000 AWS_ACCESS_KEY_ID=sim AWS_SECRET_ACCESS_KEY=sim AWS_REGION=us-east-1
+
+cleanup() {
+  local rc=$?
+  # shellcheck disable=SC2086
+  topology_down $NAMESPACES
+  if [ "$rc" -ne 0 ]; then
+    echo "ha-sim: failed; the last lines of each log:" >&2
+    for log in "$DIR"/*.log; do
+      echo "--- $log" >&2
+      tail -n 15 "$log" >&2
+    done
+  fi
+  rm -rf "$DIR"
+}
+trap cleanup EXIT
+# shellcheck disable=SC2086
+topology_down $NAMESPACES
+
+fail() {
+  echo "ha-sim: $*" >&2
+  exit 1
+}
+now() { date +%s.%N; }
+# wait_until SECONDS WHAT COMMAND...: polls COMMAND every 200 ms.
+wait_until() {
+  local bound=$1 what=$2 deadline
+  shift 2
+  deadline=$(($(date +%s) + bound))
+  until "$@" >/dev/null 2>&1; do
+    [ "$(date +%s)" -lt "$deadline" ] || fail "$what: not within ${bound}s"
+    sleep 0.2
+  done
+}
+sim() { ip netns exec hs-net "$PY" scripts/ha_sim.py "$@"; }
+
+# --- the networks
+for ns in $NAMESPACES; do
+  ip netns add "$ns"
+  ip -n "$ns" link set lo up
+done
+for ns in hs-net hs-vpc; do
+  ip -n "$ns" link add br0 type bridge
+  ip -n "$ns" link set br0 up
+done
+ip -n hs-net addr add 192.0.2.1/24 dev br0
+ip -n hs-net addr add 203.0.113.10/32 dev lo
+# plug NS IFNAME FABRIC ADDRESS: a veth from NS onto FABRIC's bridge.
+plug() {
+  local ns=$1 ifname=$2 fabric=$3 address=$4 peer="${1#hs-}-$2"
+  ip -n "$ns" link add "$ifname" type veth peer name "$peer" netns "$fabric"
+  ip -n "$fabric" link set "$peer" master br0 up
+  ip -n "$ns" addr add "$address" dev "$ifname"
+  ip -n "$ns" link set "$ifname" up
+}
+plug hs-ca eth0 hs-vpc 198.51.100.10/24
+plug hs-cb eth0 hs-vpc 198.51.100.74/24
+for ns in hs-ca hs-cb; do ip -n "$ns" route add blackhole default; done
+
+# --- the EC2 API and the web server, "on the internet"
+ip netns exec hs-net "$MOTO_SERVER" -H 192.0.2.1 -p 5000 >"$DIR/moto.log" 2>&1 &
+mkdir -p "$DIR/www" && echo hello >"$DIR/www/index.html"
+ip netns exec hs-net "$PY" -m http.server --bind 203.0.113.10 --directory "$DIR/www" 80 >"$DIR/web.log" 2>&1 &
+wait_until 30 "the EC2 API" ip netns exec hs-net curl -sf -o /dev/null http://192.0.2.1:5000/moto-api/
+sim seed "$DIR/vpc.json"
+table() { "$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]][sys.argv[3]])' "$DIR/vpc.json" "$@"; }
+TABLE_A=$(table tables us-east-1a)
+TABLE_B=$(table tables us-east-1b)
+echo allowed.example >"$DIR/allowlist.txt"
+
+# --- gateways
+# gateway NAME VPC-ADDRESS NET-ADDRESS SUBNET AZ: launches the instance in
+# the API and builds its namespace.
+gateway() {
+  local name=$1 vpc=$2 net=$3 subnet=$4 az=$5 ns="hs-$1" id eni
+  read -r id eni < <(sim launch "$(table subnets "$subnet")" "$vpc" "$az")
+  echo "$id" >"$DIR/$name.id"
+  echo "$eni" >"$DIR/$name.eni"
+  plug "$ns" eth0 hs-vpc "$vpc/24"
+  plug "$ns" eth1 hs-net "$net/24"
+  ip -n "$ns" route add default via 192.0.2.1
+  ip -n "$ns" addr add 169.254.169.254/32 dev lo
+  ip netns exec "$ns" sysctl -qw net.ipv4.ip_forward=1
+  PRIVATE_CIDRS=198.51.100.0/24 PRIVATE_CIDRS6="" MONITORING_CIDRS=198.51.100.0/24 \
+    ip netns exec "$ns" iptables/portcullis-iptables.sh apply
+  printf '{"instance-id": "%s", "placement/region": "us-east-1", "placement/availability-zone": "%s", "autoscaling/target-lifecycle-state": "InService"}\n' \
+    "$id" "$az" >"$DIR/$name.imds.json"
+}
+# start NAME: the instance's processes (IMDS, portcullis, the agent).
+start() {
+  local name=$1 ns="hs-$1" pid
+  ip netns exec "$ns" "$PY" scripts/ha_sim.py imds "$DIR/$name.imds.json" >>"$DIR/$name.imds.log" 2>&1 &
+  ip netns exec "$ns" "$BIN" run --allowlist "$DIR/allowlist.txt" --verify-dst off --drain-timeout 5s \
+    >>"$DIR/$name.audit.log" 2>>"$DIR/$name.portcullis.log" &
+  pid=$!
+  echo "$pid" >"$DIR/$name.portcullis.pid"
+  cat >"$DIR/$name.ha.toml" <<EOF
+fleet = "sim"
+internet-check = "203.0.113.10:80"
+metrics-listen = "127.0.0.1:9091"
+drain-command = ["kill", "-TERM", "$pid"]
+[route-tables]
+"us-east-1a" = ["$TABLE_A"]
+"us-east-1b" = ["$TABLE_B"]
+EOF
+  RUST_LOG=info ip netns exec "$ns" "$BIN" ha --config "$DIR/$name.ha.toml" >>"$DIR/$name.ha.log" 2>&1 &
+}
+# kill_all NAME: the instance dies, all of it at once.
+kill_all() {
+  local pid
+  for pid in $(ip netns pids "hs-$1"); do kill -9 "$pid" 2>/dev/null || true; done
+}
+route_is() { [ "$(sim route "$1")" = "$(cat "$DIR/$2.eni")" ]; }
+state_is() { sim tags "$(cat "$DIR/$1.id")" | grep -q "^portcullis:state $2@"; }
+
+gateway a1 198.51.100.140 192.0.2.11 public-a us-east-1a
+gateway b1 198.51.100.200 192.0.2.21 public-b us-east-1b
+start a1
+start b1
+ip netns exec hs-net "$PY" scripts/ha_sim.py router "$DIR/vpc.json" "$DIR/router.log" &
+wait_until 60 "AZ a's route on its gateway" route_is "$TABLE_A" a1
+wait_until 60 "AZ b's route on its gateway" route_is "$TABLE_B" b1
+ip netns exec hs-ca "$PY" scripts/ha_sim.py client allowed.example 203.0.113.10 "$DIR/ca.log" &
+ip netns exec hs-cb "$PY" scripts/ha_sim.py client allowed.example 203.0.113.10 "$DIR/cb.log" &
+sleep 3
+# count LOG FROM TO [fail]: attempts started in [FROM, TO] (that failed).
+count() {
+  awk -v from="$2" -v to="$3" -v only="${4:-}" \
+    '$1 >= from && $1 <= to && (only == "" || $3 == only) {n++} END {print n+0}' "$1"
+}
+t=$(now)
+[ "$(count "$DIR/ca.log" 0 "$t")" -gt 0 ] || fail "client a made no connection"
+[ "$(count "$DIR/ca.log" 0 "$t" fail)" -eq 0 ] || fail "client a failed before any failure was injected"
+
+# --- 1. SIGKILL AZ a's gateway
+killed=$(now)
+kill_all a1
+served_again() { awk -v t="$killed" '$1 > t && $3 == "ok" {found=1} END {exit !found}' "$DIR/ca.log"; }
+wait_until 60 "AZ a served again after its gateway died" served_again
+restored=$(awk -v t="$killed" '$1 > t && $3 == "ok" {print $2 - t; exit}' "$DIR/ca.log")
+# The instance comes back (a reboot): it takes AZ a back once settled.
+start a1
+wait_until 90 "AZ a's own gateway taking its route back" route_is "$TABLE_A" a1
+
+# --- 2. a planned replacement of AZ b's gateway
+rolled=$(now)
+gateway b2 198.51.100.201 192.0.2.22 public-b us-east-1b
+start b2
+wait_until 60 "the new gateway ready" state_is b2 ready
+# The group takes the old one out: its lifecycle hook's wait begins.
+sed -i 's/"InService"/"Terminated"/' "$DIR/b1.imds.json"
+wait_until 60 "AZ b's route handed to the new gateway" route_is "$TABLE_B" b2
+b1_exited() { ! kill -0 "$(cat "$DIR/b1.portcullis.pid")" 2>/dev/null; }
+wait_until 60 "the old gateway drained" b1_exited
+sim terminate "$(cat "$DIR/b1.id")"
+kill_all b1
+sleep 2
+rolled_end=$(now)
+roll_total=$(count "$DIR/cb.log" "$rolled" "$rolled_end")
+roll_failed=$(count "$DIR/cb.log" "$rolled" "$rolled_end" fail)
+
+# --- 3. the two serving gateways cut off from each other, both healthy
+split=$(now)
+ip netns exec hs-a1 iptables -I INPUT 1 -s 198.51.100.201 -j DROP
+ip netns exec hs-b2 iptables -I INPUT 1 -s 198.51.100.140 -j DROP
+# Long enough for two rounds of challenges (the second after a 30 s backoff).
+sleep 50
+ip netns exec hs-a1 iptables -D INPUT -s 198.51.100.201 -j DROP
+ip netns exec hs-b2 iptables -D INPUT -s 198.51.100.140 -j DROP
+sleep 5
+split_end=$(now)
+moves=$(awk -v from="$split" -v to="$split_end" '$1 >= from && $1 <= to && $2 ~ /^rtb-/ {n++} END {print n+0}' "$DIR/router.log")
+challenges=$(cat "$DIR"/a1.ha.log "$DIR"/b2.ha.log | grep -c 'challenged it' || true)
+[ "$challenges" -gt 0 ] || fail "the split was not noticed: no challenge"
+route_is "$TABLE_A" a1 || fail "AZ a's route left its gateway"
+route_is "$TABLE_B" b2 || fail "AZ b's route left its gateway"
+
+echo "ha-sim: $(cat "$DIR"/*.ha.log | grep -c 'route moved') route moves in all, $challenges challenges during the split"
+printf 'failover: egress restored after %.1f s\n' "$restored"
+echo "rollout: $roll_failed of $roll_total connections failed"
+echo "split: routes moved $moves times"
+[ "$moves" -eq 0 ] || exit 1

@@ -41,6 +41,32 @@ data "aws_iam_policy_document" "gateway" {
     resources = local.route_table_arns
   }
 
+  # The HA agent reads the fleet and the routes every 2 s; these actions
+  # take no resource-level conditions.
+  statement {
+    sid       = "ReadTheFleet"
+    actions   = ["ec2:DescribeInstances", "ec2:DescribeRouteTables"]
+    resources = ["*"]
+  }
+
+  # Its three HA tags, on the fleet's own instances only: its own state,
+  # and a challenge to a sibling that stops answering probes.
+  statement {
+    sid       = "SayHowTheGatewaysAre"
+    actions   = ["ec2:CreateTags"]
+    resources = ["${local.arn_prefix}:ec2:${data.aws_region.current.name}:${data.aws_caller_identity.current.account_id}:instance/*"]
+    condition {
+      test     = "StringEquals"
+      variable = "aws:ResourceTag/portcullis:gateway"
+      values   = [var.name]
+    }
+    condition {
+      test     = "ForAllValues:StringEquals"
+      variable = "aws:TagKeys"
+      values   = ["portcullis:state", "portcullis:alive", "portcullis:challenge"]
+    }
+  }
+
   # Only instances this module launched (they carry its tag) can be
   # changed, and only their source/destination check is needed.
   statement {

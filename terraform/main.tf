@@ -1,8 +1,10 @@
-# A portcullis gateway per availability zone: an auto-scaling group of
-# exactly one instance, which on boot (cloud-init, ami/cloud-init/) starts
-# portcullis and, once it is ready, points its AZ's private route tables at
-# itself. A dead or unready instance is replaced and its successor takes
-# the routes over the same way.
+# portcullis gateways per availability zone: an auto-scaling group of
+# gateways_per_az instances in each, which on boot (cloud-init,
+# ami/cloud-init/) start portcullis and its HA agent (portcullis ha). The
+# agents keep every AZ's private routes on a serving gateway: a dead one's
+# AZ is taken by a sibling within seconds and given back when its own
+# gateway is ready again; a rollout launches the new instance first, and
+# the old one hands its routes over before it drains.
 
 data "aws_partition" "current" {}
 data "aws_region" "current" {}
@@ -10,6 +12,11 @@ data "aws_caller_identity" "current" {}
 
 data "aws_vpc" "this" {
   id = var.vpc_id
+}
+
+data "aws_subnet" "public" {
+  for_each = var.public_subnet_ids
+  id       = each.value
 }
 
 locals {
@@ -33,6 +40,13 @@ locals {
     "      allowlist = \"s3://${var.allowlist_bucket}/${policy.allowlist_key}\"",
   ]]))
 
+  # [route-tables] of ha.toml: every AZ's, so any gateway can take any AZ.
+  ha_route_tables = join("\n", [for az, ids in var.private_route_table_ids : "      \"${az}\" = ${jsonencode(ids)}"])
+
+  # Each AZ's instances reach their lifetime a day apart, so the AZs never
+  # all roll at once.
+  az_index = { for i, az in sort(keys(var.public_subnet_ids)) : az => i }
+
   user_data = { for az, subnet in var.public_subnet_ids : az => templatefile(
     "${path.module}/../ami/cloud-init/user-data.yaml.tftpl",
     {
@@ -51,7 +65,14 @@ locals {
       monitoring_cidrs  = join(" ", var.monitoring_cidrs)
       monitoring_cidrs6 = ""
       allow_forward     = join(" ", var.allow_forward)
-      route_tables      = join(" ", var.private_route_table_ids[az])
+      # Siblings probe the admin port; Prometheus also scrapes the HA agent.
+      allow_input = join(" ", concat(
+        [for s in data.aws_subnet.public : "tcp:9090@${s.cidr_block}"],
+        [for c in var.monitoring_cidrs : "tcp:9091@${c}"],
+      ))
+      fleet             = var.name
+      internet_check    = "s3.${data.aws_region.current.name}.amazonaws.com:443"
+      route_tables      = local.ha_route_tables
       ipv6              = var.route_ipv6 ? "true" : "false"
     }
   ) }
@@ -110,15 +131,25 @@ resource "aws_vpc_security_group_ingress_rule" "forward" {
   to_port           = each.value.rule.to_port
 }
 
+# Siblings probe each other's readiness on the admin port.
+resource "aws_vpc_security_group_ingress_rule" "siblings" {
+  security_group_id            = aws_security_group.gateway.id
+  description                  = "readiness probes between the gateways"
+  referenced_security_group_id = aws_security_group.gateway.id
+  ip_protocol                  = "tcp"
+  from_port                    = 9090
+  to_port                      = 9090
+}
+
 resource "aws_vpc_security_group_ingress_rule" "metrics" {
   for_each = toset(var.monitoring_cidrs)
 
   security_group_id = aws_security_group.gateway.id
-  description       = "Prometheus scrapes from ${each.value}"
+  description       = "Prometheus scrapes from ${each.value} (portcullis 9090, its HA agent 9091)"
   cidr_ipv4         = each.value
   ip_protocol       = "tcp"
   from_port         = 9090
-  to_port           = 9090
+  to_port           = 9091
 }
 
 # Out: the original destinations of web traffic (any address, ports 443
@@ -228,15 +259,16 @@ resource "aws_autoscaling_group" "gateway" {
 
   name_prefix         = "${var.name}-${each.key}-"
   vpc_zone_identifier = [each.value]
-  min_size            = 1
-  max_size            = 1
-  desired_capacity    = 1
+  min_size            = var.gateways_per_az
+  desired_capacity    = var.gateways_per_az
+  # Room for a rollout's new instances beside the old.
+  max_size = 2 * var.gateways_per_az
   # EC2 status checks replace a dead instance; portcullis-health.timer on
-  # the instance reports one whose portcullis stays unready. The grace
-  # period covers boot, the first allowlist fetch and the route takeover.
+  # the instance reports one whose portcullis stays unready. Until then a
+  # sibling's HA agent has long taken the AZ's routes (seconds).
   health_check_type         = "EC2"
   health_check_grace_period = 300
-  max_instance_lifetime     = var.max_instance_lifetime
+  max_instance_lifetime     = var.max_instance_lifetime == 0 ? 0 : max(86400, var.max_instance_lifetime - 86400 * local.az_index[each.key])
   capacity_rebalance        = false
 
   depends_on = [aws_iam_role_policy.gateway, aws_iam_role_policy_attachment.ssm]
@@ -246,12 +278,27 @@ resource "aws_autoscaling_group" "gateway" {
     version = aws_launch_template.gateway[each.key].latest_version
   }
 
-  # A new launch template version (new AMI, new settings) replaces the
-  # instance; the AZ egresses through nothing for the replacement's boot.
+  # The old instance's HA agent sees its target lifecycle state go to
+  # Terminated, hands its routes over and drains portcullis; the hook holds
+  # the termination for that long.
+  initial_lifecycle_hook {
+    name                 = "portcullis-drain"
+    lifecycle_transition = "autoscaling:EC2_INSTANCE_TERMINATING"
+    heartbeat_timeout    = 180
+    default_result       = "CONTINUE"
+  }
+
+  # A new launch template version (new AMI, new settings) launches the new
+  # instance first (max 200%), keeps the old one serving until the new one
+  # has been healthy for the warm-up, and rolls back if it never is.
   instance_refresh {
     strategy = "Rolling"
     preferences {
-      min_healthy_percentage = 0
+      min_healthy_percentage = 100
+      max_healthy_percentage = 200
+      instance_warmup        = 120
+      auto_rollback          = true
+      skip_matching          = true
     }
   }
 

@@ -89,6 +89,17 @@ variable "ami_id" {
   description = "A portcullis AMI built by ami/portcullis.pkr.hcl, of the instance type's architecture."
 }
 
+variable "gateways_per_az" {
+  type        = number
+  default     = 1
+  description = "Gateways in each AZ. 2 keeps a standby beside the one serving, so a single-AZ deployment fails over within the AZ."
+
+  validation {
+    condition     = contains([1, 2, 3], var.gateways_per_az)
+    error_message = "gateways_per_az must be 1, 2 or 3."
+  }
+}
+
 variable "instance_type" {
   type        = string
   default     = "c7gn.large"
@@ -181,7 +192,12 @@ variable "allow_forward" {
 variable "max_instance_lifetime" {
   type        = number
   default     = 1209600
-  description = "Seconds before an instance is replaced (default 14 days), so patches and new AMIs roll through."
+  description = "Seconds before an instance is replaced (default 14 days), so patches and new AMIs roll through. Each AZ after the first (by name) gets a day less, so the AZs roll on different days."
+
+  validation {
+    condition     = var.max_instance_lifetime == 0 || (var.max_instance_lifetime >= 86400 && var.max_instance_lifetime <= 31536000)
+    error_message = "max_instance_lifetime must be 0 (never) or between 86400 (1 day) and 31536000 (365 days)."
+  }
 }
 
 variable "tags" {

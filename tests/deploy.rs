@@ -15,7 +15,7 @@ use support::netns::{Netns, require_root};
 const UNITS: [&str; 5] = [
     "portcullis.service",
     "portcullis-iptables.service",
-    "portcullis-routes.service",
+    "portcullis-ha.service",
     "portcullis-health.service",
     "portcullis-health.timer",
 ];
@@ -103,7 +103,7 @@ fn the_ami_installs_every_file_its_units_run() {
     };
     let units_line = installing("/etc/systemd/system/");
     let scripts_line = installing("/usr/libexec/portcullis/");
-    assert!(sources.len() >= 10, "{sources:?}");
+    assert!(sources.len() >= 9, "{sources:?}");
     for source in &sources {
         assert!(
             repo(source).is_file(),
@@ -142,7 +142,7 @@ fn the_ami_installs_every_file_its_units_run() {
     for unit in [
         "portcullis-iptables.service",
         "portcullis.service",
-        "portcullis-routes.service",
+        "portcullis-ha.service",
         "portcullis-health.timer",
     ] {
         let enable = template
@@ -285,7 +285,7 @@ fn written_file(user_data: &str, path: &str) -> String {
         .collect()
 }
 
-pub const USER_DATA_VALUES: [(&str, &str); 17] = [
+pub const USER_DATA_VALUES: [(&str, &str); 20] = [
     (
         "allowlist_url",
         "s3://egress-config/portcullis/allowlist.txt",
@@ -310,9 +310,17 @@ pub const USER_DATA_VALUES: [(&str, &str); 17] = [
     ("monitoring_cidrs", "10.30.0.0/24"),
     ("monitoring_cidrs6", ""),
     ("allow_forward", "udp:123"),
+    // As terraform/main.tf renders the siblings' and Prometheus's ports.
+    (
+        "allow_input",
+        "tcp:9090@10.20.240.0/24 tcp:9091@10.30.0.0/24",
+    ),
+    ("fleet", "portcullis"),
+    ("internet_check", "s3.us-east-1.amazonaws.com:443"),
+    // As terraform/main.tf renders local.ha_route_tables.
     (
         "route_tables",
-        "rtb-0a1b2c3d4e5f60718 rtb-0a1b2c3d4e5f60719",
+        "      \"us-east-1a\" = [\"rtb-0a1b2c3d4e5f60718\",\"rtb-0a1b2c3d4e5f60719\"]\n      \"us-east-1b\" = [\"rtb-0a1b2c3d4e5f60720\"]",
     ),
     ("ipv6", "true"),
 ];
@@ -372,8 +380,23 @@ fn user_data_is_valid_cloud_config_carrying_a_valid_portcullis_config() {
         filter.contains("PRIVATE_CIDRS=\"10.20.0.0/16\"\n"),
         "{filter}"
     );
-    let routes = written_file(&user_data, "/etc/portcullis/routes.env");
-    assert!(routes.contains("ROUTE_TABLES=\"rtb-0a1b2c3d4e5f60718 rtb-0a1b2c3d4e5f60719\""));
+    let ha = portcullis::ha::Config::parse(&written_file(&user_data, "/etc/portcullis/ha.toml"))
+        .expect("portcullis ha accepts the rendered config");
+    assert_eq!(ha.fleet, "portcullis");
+    assert!(ha.layout.ipv6);
+    let tables: Vec<String> = ha.layout.all_tables().map(|t| t.0.clone()).collect();
+    assert_eq!(
+        tables,
+        [
+            "rtb-0a1b2c3d4e5f60718",
+            "rtb-0a1b2c3d4e5f60719",
+            "rtb-0a1b2c3d4e5f60720"
+        ]
+    );
+    assert_eq!(
+        ha.drain_command,
+        ["systemctl", "stop", "portcullis.service"]
+    );
 
     if let Some(out) = run(
         "cloud-init",

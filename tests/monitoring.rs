@@ -4,7 +4,7 @@
 
 mod support;
 
-use portcullis::telemetry::{FAMILIES, Kind};
+use portcullis::telemetry::{FAMILIES, HA_FAMILIES, Kind};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -32,7 +32,7 @@ fn metric_names(text: &str) -> BTreeSet<String> {
 
 /// Whether `name` is a series portcullis exports.
 fn exported(name: &str) -> bool {
-    FAMILIES.iter().any(|f| {
+    FAMILIES.iter().chain(HA_FAMILIES).any(|f| {
         f.name == name
             || (f.kind == Kind::Histogram
                 && ["_bucket", "_sum", "_count"]

@@ -100,6 +100,9 @@ sim seed "$DIR/vpc.json"
 table() { "$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]][sys.argv[3]])' "$DIR/vpc.json" "$@"; }
 TABLE_A=$(table tables us-east-1a)
 TABLE_B=$(table tables us-east-1b)
+pool() { "$PY" -c 'import json,sys; print(json.dumps(json.load(open(sys.argv[1]))["eips"][sys.argv[2]]))' "$DIR/vpc.json" "$1"; }
+POOL_A=$(pool us-east-1a)
+POOL_B=$(pool us-east-1b)
 echo allowed.example >"$DIR/allowlist.txt"
 
 # --- gateways
@@ -136,6 +139,9 @@ drain-command = ["kill", "-TERM", "$pid"]
 [route-tables]
 "us-east-1a" = ["$TABLE_A"]
 "us-east-1b" = ["$TABLE_B"]
+[eips]
+"us-east-1a" = $POOL_A
+"us-east-1b" = $POOL_B
 EOF
   RUST_LOG=info ip netns exec "$ns" "$BIN" ha --config "$DIR/$name.ha.toml" >>"$DIR/$name.ha.log" 2>&1 &
 }
@@ -144,8 +150,18 @@ kill_all() {
   local pid
   for pid in $(ip netns pids "hs-$1"); do kill -9 "$pid" 2>/dev/null || true; done
 }
+# holds NAME AZ: the instance's interface holds an address of AZ's pool.
+holds() {
+  local held
+  held=$(sim addresses "$DIR/vpc.json")
+  grep -q "^$2 eipalloc-[0-9a-f]* $(cat "$DIR/$1.eni")\$" <<<"$held"
+}
 route_is() { [ "$(sim route "$1")" = "$(cat "$DIR/$2.eni")" ]; }
-state_is() { sim tags "$(cat "$DIR/$1.id")" | grep -q "^portcullis:state $2@"; }
+state_is() {
+  local tags
+  tags=$(sim tags "$(cat "$DIR/$1.id")")
+  grep -q "^portcullis:state $2@" <<<"$tags"
+}
 
 gateway a1 198.51.100.140 192.0.2.11 public-a us-east-1a
 gateway b1 198.51.100.200 192.0.2.21 public-b us-east-1b
@@ -154,6 +170,8 @@ start b1
 ip netns exec hs-net "$PY" scripts/ha_sim.py router "$DIR/vpc.json" "$DIR/router.log" &
 wait_until 60 "AZ a's route on its gateway" route_is "$TABLE_A" a1
 wait_until 60 "AZ b's route on its gateway" route_is "$TABLE_B" b1
+holds a1 us-east-1a || fail "a1 holds no address of AZ a's pool"
+holds b1 us-east-1b || fail "b1 holds no address of AZ b's pool"
 ip netns exec hs-ca "$PY" scripts/ha_sim.py client allowed.example 203.0.113.10 "$DIR/ca.log" &
 ip netns exec hs-cb "$PY" scripts/ha_sim.py client allowed.example 203.0.113.10 "$DIR/cb.log" &
 sleep 3
@@ -181,6 +199,9 @@ rolled=$(now)
 gateway b2 198.51.100.201 192.0.2.22 public-b us-east-1b
 start b2
 wait_until 60 "the new gateway ready" state_is b2 ready
+# It took AZ b's other address; the old one keeps its own while it drains.
+holds b2 us-east-1b || fail "b2 is ready without an address of AZ b's pool"
+holds b1 us-east-1b || fail "b1 lost its address to the new gateway"
 # The group takes the old one out: its lifecycle hook's wait begins.
 sed -i 's/"InService"/"Terminated"/' "$DIR/b1.imds.json"
 wait_until 60 "AZ b's route handed to the new gateway" route_is "$TABLE_B" b2
@@ -209,6 +230,10 @@ challenges=$(cat "$DIR"/a1.ha.log "$DIR"/b2.ha.log | grep -c 'challenged it' || 
 route_is "$TABLE_A" a1 || fail "AZ a's route left its gateway"
 route_is "$TABLE_B" b2 || fail "AZ b's route left its gateway"
 
+holds a1 us-east-1a || fail "a1 lost its address"
+holds b2 us-east-1b || fail "b2 lost its address"
+echo "ha-sim: egress addresses (AZ, allocation, interface):"
+sim addresses "$DIR/vpc.json" | sed 's/^/  /'
 echo "ha-sim: $(cat "$DIR"/*.ha.log | grep -c 'route moved') route moves in all, $challenges challenges during the split"
 printf 'failover: egress restored after %.1f s\n' "$restored"
 echo "rollout: $roll_failed of $roll_total connections failed"

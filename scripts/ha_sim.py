@@ -7,6 +7,7 @@
   client HOST ADDR LOG           a new HTTP connection every 100 ms through the gateway
   tags INSTANCE                  prints the instance's portcullis tags (for waiting)
   route TABLE                    prints the ENI the table's default route points at
+  addresses STATE.json           prints which interface holds each pool address
   terminate INSTANCE             as the auto-scaling group would
 
 The EC2 API is moto_server at $AWS_ENDPOINT_URL; nothing leaves the
@@ -22,12 +23,14 @@ import sys
 import threading
 import time
 
-import boto3
+
 
 FLEET = "sim"
 
 
 def ec2():
+    import boto3  # here, not at the top: the IMDS responder starts faster without it
+
     return boto3.client(
         "ec2",
         endpoint_url=os.environ["AWS_ENDPOINT_URL"],
@@ -51,6 +54,11 @@ def seed(out):
         table = api.create_route_table(VpcId=vpc)["RouteTable"]["RouteTableId"]
         api.associate_route_table(RouteTableId=table, SubnetId=state["subnets"][private])
         state["tables"][az] = table
+    # Each AZ's Elastic IP pool: one more than its gateways.
+    state["eips"] = {
+        az: [api.allocate_address(Domain="vpc")["AllocationId"] for _ in range(2)]
+        for az in ["us-east-1a", "us-east-1b"]
+    }
     with open(out, "w") as f:
         json.dump(state, f)
 
@@ -90,6 +98,16 @@ def route_target(api, table):
 
 def route(table):
     print(route_target(ec2(), table))
+
+
+def addresses(state_file):
+    """Prints "az allocation eni" per pool address."""
+    with open(state_file) as f:
+        state = json.load(f)
+    api = ec2()
+    for az, pool in sorted(state["eips"].items()):
+        for a in api.describe_addresses(AllocationIds=pool)["Addresses"]:
+            print(az, a["AllocationId"], a.get("NetworkInterfaceId") or "-")
 
 
 def terminate(instance):
@@ -221,5 +239,6 @@ if __name__ == "__main__":
         "client": client,
         "tags": tags,
         "route": route,
+        "addresses": addresses,
         "terminate": terminate,
     }[command](*args)

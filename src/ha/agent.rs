@@ -2,6 +2,7 @@
 //! read from EC2 every couple of seconds, and the plan carried out. Every
 //! wait is bounded; a throttled or failing API only delays the next call.
 
+use super::address::{self, Address, AllocationId, Claim};
 use super::decide::{Brain, Plan, Take};
 use super::ec2::{Ec2, Ec2Error};
 use super::fleet::{
@@ -65,7 +66,15 @@ pub(crate) struct Agent<E> {
     backoff: Backoff,
     fleet: Option<(Fleet, Millis)>,
     source_dest_check_off: bool,
+    /// Each AZ's Elastic IP pool (empty: no stable address wanted).
+    eips: std::collections::BTreeMap<super::fleet::Az, Vec<AllocationId>>,
+    /// The pool's address this gateway holds, and when that was checked.
+    address: Option<(Address, Millis)>,
 }
+
+/// A held address is re-read this often (it cannot move while held, but
+/// someone may disassociate it by hand).
+const ADDRESS_RECHECK: Duration = Duration::from_secs(30);
 
 impl<E: Ec2> Agent<E> {
     pub fn new(me: InstanceId, ec2: E, fleet_name: String, layout: Layout) -> Agent<E> {
@@ -77,7 +86,30 @@ impl<E: Ec2> Agent<E> {
             backoff: Backoff::default(),
             fleet: None,
             source_dest_check_off: false,
+            eips: Default::default(),
+            address: None,
         }
+    }
+
+    /// Hold one address of this AZ's pool before saying ready.
+    pub fn with_eips(
+        mut self,
+        eips: std::collections::BTreeMap<super::fleet::Az, Vec<AllocationId>>,
+    ) -> Agent<E> {
+        self.eips = eips;
+        self
+    }
+
+    fn pool(&self) -> &[AllocationId] {
+        self.me()
+            .and_then(|g| self.eips.get(&g.az))
+            .map_or(&[], Vec::as_slice)
+    }
+
+    /// Whether this gateway egresses from its AZ's stable address (or
+    /// none is configured): until then it must not say it is ready.
+    pub fn address_ok(&self) -> bool {
+        self.address.is_some() || (self.me().is_some() && self.pool().is_empty())
     }
 
     /// The last reading, if it is fresh enough to act on.
@@ -125,6 +157,13 @@ impl<E: Ec2> Agent<E> {
         if !self.source_dest_check_off {
             self.turn_off_source_dest_check(now, &mut done).await;
         }
+        let recheck = self
+            .address
+            .as_ref()
+            .is_none_or(|(_, at)| now.since(*at) >= ADDRESS_RECHECK);
+        if recheck && !self.pool().is_empty() {
+            self.claim_address(now, &mut done).await;
+        }
         let Some((fleet, _)) = &self.fleet else {
             return done;
         };
@@ -132,6 +171,48 @@ impl<E: Ec2> Agent<E> {
         let eni = fleet.gateway(self.brain.me()).map(|g| g.eni.clone());
         self.carry_out(plan, eni, now, &mut done).await;
         done
+    }
+
+    async fn claim_address(&mut self, now: Millis, done: &mut Done) {
+        let pool = self.pool().to_vec();
+        let (Some((fleet, _)), Some(me)) = (&self.fleet, self.me()) else {
+            return;
+        };
+        let eni = me.eni.clone();
+        let addresses = match self.ec2.addresses(&pool).await {
+            Ok(a) => a,
+            Err(e) => return self.failed(&e, now, done),
+        };
+        match address::claim(&addresses, fleet, &eni) {
+            Claim::Held(a) => self.address = Some((a, now)),
+            Claim::NoneFree => {
+                self.address = None;
+                tracing::warn!(
+                    "every Elastic IP of this AZ's pool is held by a live gateway: not ready until one is free"
+                );
+            }
+            Claim::Take {
+                address,
+                reassociate,
+            } => match self
+                .ec2
+                .associate(&address.allocation, &eni, reassociate)
+                .await
+            {
+                Ok(()) => {
+                    tracing::warn!(
+                        "address claimed: {} ({}) now on {} (this instance {})",
+                        address.public_ip,
+                        address.allocation,
+                        eni,
+                        self.brain.me()
+                    );
+                    // Confirmed by the next reading: a race is lost there.
+                    self.address = None;
+                }
+                Err(e) => self.failed(&e, now, done),
+            },
+        }
     }
 
     async fn turn_off_source_dest_check(&mut self, now: Millis, done: &mut Done) {
@@ -278,6 +359,7 @@ mod tests {
         /// Outcomes of the next calls, in order: None succeeds.
         failures: RefCell<VecDeque<Option<Ec2Error>>>,
         calls: RefCell<Vec<String>>,
+        pool: RefCell<Vec<Address>>,
     }
 
     impl FakeEc2 {
@@ -331,6 +413,34 @@ mod tests {
         async fn disable_source_dest_check(&self, _: &InstanceId) -> Result<(), Ec2Error> {
             self.next_failure("source_dest_check")
         }
+
+        async fn addresses(&self, _: &[AllocationId]) -> Result<Vec<Address>, Ec2Error> {
+            self.next_failure("addresses")?;
+            Ok(self.pool.borrow().clone())
+        }
+
+        async fn associate(
+            &self,
+            allocation: &AllocationId,
+            eni: &EniId,
+            reassociate: bool,
+        ) -> Result<(), Ec2Error> {
+            self.next_failure("associate")?;
+            let mut pool = self.pool.borrow_mut();
+            let a = pool
+                .iter_mut()
+                .find(|a| &a.allocation == allocation)
+                .ok_or(Ec2Error::Timeout)?;
+            if a.eni.is_some() && !reassociate {
+                return Err(Ec2Error::Api {
+                    action: "AssociateAddress",
+                    code: "Resource.AlreadyAssociated".into(),
+                    message: String::new(),
+                });
+            }
+            a.eni = Some(eni.clone());
+            Ok(())
+        }
     }
 
     const T0: u64 = 1_764_600_000_000;
@@ -347,6 +457,7 @@ mod tests {
             ip: None,
             launched: Millis(T0),
             running: true,
+            booting: false,
             state: None,
             alive: None,
             challenge: None,
@@ -408,6 +519,54 @@ mod tests {
             1
         );
         assert!(agent.poll(at(6000)).await.took.is_empty(), "idempotent");
+    }
+
+    #[tokio::test]
+    async fn gateway_holds_a_pool_address_before_it_may_say_ready() {
+        let (layout, fake) = setup();
+        *fake.pool.borrow_mut() = ["1", "2"]
+            .iter()
+            .map(|n| Address {
+                allocation: AllocationId(format!("eipalloc-{n}")),
+                public_ip: format!("203.0.113.{n}"),
+                eni: None,
+            })
+            .collect();
+        let mut eips = std::collections::BTreeMap::new();
+        eips.insert(
+            Az("a".into()),
+            vec![
+                AllocationId("eipalloc-1".into()),
+                AllocationId("eipalloc-2".into()),
+            ],
+        );
+        let mut a = Agent::new(
+            InstanceId("i-a".into()),
+            fake.clone(),
+            "f".into(),
+            layout.clone(),
+        )
+        .with_eips(eips.clone());
+        assert!(!a.address_ok(), "before the fleet is read");
+        a.poll(at(0)).await;
+        assert!(!a.address_ok(), "claimed, not yet confirmed");
+        a.poll(at(2000)).await;
+        assert!(a.address_ok());
+        // A second gateway of AZ a gets the other address.
+        fake.fleet.borrow_mut().gateways.push(gateway("i-a2", "a"));
+        let mut a2 =
+            Agent::new(InstanceId("i-a2".into()), fake.clone(), "f".into(), layout).with_eips(eips);
+        a2.poll(at(4000)).await;
+        a2.poll(at(6000)).await;
+        assert!(a2.address_ok());
+        let held: Vec<_> = fake.pool.borrow().iter().map(|p| p.eni.clone()).collect();
+        assert_eq!(
+            held,
+            vec![
+                Some(EniId("eni-i-a".into())),
+                Some(EniId("eni-i-a2".into()))
+            ]
+        );
     }
 
     #[tokio::test]

@@ -393,6 +393,7 @@ mod tests {
             ip: None,
             launched: at(launched),
             running: true,
+            booting: false,
             state: Some(Stated {
                 phase: Phase::Ready,
                 since: at(0),

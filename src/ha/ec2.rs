@@ -5,6 +5,7 @@
 //!
 //! Every call has a deadline; errors say whether retrying later can help.
 
+use super::address::{Address, AllocationId};
 use super::decide::Take;
 use super::fleet::{
     Az, Challenge, EniId, Family, Fleet, Gateway, InstanceId, Layout, Millis, Route, RouteTableId,
@@ -68,6 +69,13 @@ pub(crate) trait Ec2 {
     async fn tag(&self, instance: &InstanceId, tags: &[(&str, String)]) -> Result<(), Ec2Error>;
     /// A gateway forwards packets not addressed to it.
     async fn disable_source_dest_check(&self, instance: &InstanceId) -> Result<(), Ec2Error>;
+    async fn addresses(&self, pool: &[AllocationId]) -> Result<Vec<Address>, Ec2Error>;
+    async fn associate(
+        &self,
+        address: &AllocationId,
+        eni: &EniId,
+        reassociate: bool,
+    ) -> Result<(), Ec2Error>;
 }
 
 /// The query-protocol client.
@@ -382,6 +390,50 @@ impl Ec2 for Client {
             .await
             .map(drop)
     }
+
+    async fn addresses(&self, pool: &[AllocationId]) -> Result<Vec<Address>, Ec2Error> {
+        let params: Vec<_> = pool
+            .iter()
+            .enumerate()
+            .map(|(i, a)| param(format!("AllocationId.{}", i + 1), a.0.clone()))
+            .collect();
+        Ok(parse_addresses(
+            &self.call("DescribeAddresses", &params).await?,
+        ))
+    }
+
+    async fn associate(
+        &self,
+        address: &AllocationId,
+        eni: &EniId,
+        reassociate: bool,
+    ) -> Result<(), Ec2Error> {
+        let params = [
+            param("AllocationId", address.0.clone()),
+            param("NetworkInterfaceId", eni.0.clone()),
+            param(
+                "AllowReassociation",
+                if reassociate { "true" } else { "false" },
+            ),
+        ];
+        self.call("AssociateAddress", &params).await.map(drop)
+    }
+}
+
+/// The pool's addresses from a DescribeAddresses answer.
+fn parse_addresses(root: &Element) -> Vec<Address> {
+    root.items("addressesSet")
+        .filter_map(|item| {
+            Some(Address {
+                allocation: AllocationId(item.text_at(&["allocationId"])?.to_owned()),
+                public_ip: item.text_at(&["publicIp"]).unwrap_or("").to_owned(),
+                eni: item
+                    .text_at(&["networkInterfaceId"])
+                    .filter(|e| !e.is_empty())
+                    .map(|e| EniId(e.to_owned())),
+            })
+        })
+        .collect()
 }
 
 /// Gateways from a DescribeInstances answer. An instance that lacks what
@@ -427,6 +479,7 @@ fn parse_instances(root: &Element) -> Vec<Gateway> {
                     .and_then(|ip| ip.parse::<IpAddr>().ok()),
                 launched,
                 running: item.text_at(&["instanceState", "name"]) == Some("running"),
+                booting: item.text_at(&["instanceState", "name"]) == Some("pending"),
                 state: tag(TAG_STATE).and_then(Stated::from_tag),
                 alive: tag(TAG_ALIVE).and_then(alive_from_tag),
                 challenge: tag(TAG_CHALLENGE).and_then(Challenge::from_tag),
@@ -569,6 +622,31 @@ mod tests {
                 ("rtb-b", Family::V6, Target::Missing),
                 ("rtb-gone", Family::V4, Target::Missing),
                 ("rtb-gone", Family::V6, Target::Missing),
+            ]
+        );
+    }
+
+    #[test]
+    fn reads_the_pool_from_describe_addresses() {
+        let doc = r#"<DescribeAddressesResponse><addressesSet>
+          <item><allocationId>eipalloc-1</allocationId><networkInterfaceId>eni-0a</networkInterfaceId><publicIp>203.0.113.7</publicIp></item>
+          <item><allocationId>eipalloc-2</allocationId><networkInterfaceId/><publicIp>203.0.113.8</publicIp></item>
+          <item><publicIp>203.0.113.9</publicIp></item>
+        </addressesSet></DescribeAddressesResponse>"#;
+        let pool = parse_addresses(&xml::parse(doc).expect("xml"));
+        assert_eq!(
+            pool,
+            vec![
+                Address {
+                    allocation: AllocationId("eipalloc-1".into()),
+                    public_ip: "203.0.113.7".into(),
+                    eni: Some(EniId("eni-0a".into())),
+                },
+                Address {
+                    allocation: AllocationId("eipalloc-2".into()),
+                    public_ip: "203.0.113.8".into(),
+                    eni: None,
+                },
             ]
         );
     }

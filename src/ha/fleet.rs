@@ -158,6 +158,8 @@ pub struct Gateway {
     pub launched: Millis,
     /// EC2's own state is `running` (not pending, stopping, terminated).
     pub running: bool,
+    /// EC2's state is `pending`: launching.
+    pub booting: bool,
     pub state: Option<Stated>,
     pub alive: Option<Millis>,
     pub challenge: Option<Challenge>,

@@ -10,10 +10,12 @@
 //!
 //! - [`fleet`]: the fleet as values (gateways, HA tags, default routes).
 //! - [`decide`]: the ownership rule, with no I/O.
+//! - [`address`]: which Elastic IP of its AZ's pool a gateway holds.
 //! - [`ec2`]: the EC2 query API calls, signed with the SDK's SigV4.
 //! - [`xml`]: the element tree the API's answers are read with.
 //! - [`agent`]: checks, probes, the poll, carrying out the plan.
 
+pub mod address;
 pub mod agent;
 pub mod decide;
 pub mod ec2;
@@ -73,6 +75,9 @@ struct File {
     drain_command: Vec<String>,
     /// The agent's own `/metrics`.
     metrics_listen: Option<SocketAddr>,
+    /// AZ name => that AZ's Elastic IP pool (allocation ids).
+    #[serde(default)]
+    eips: BTreeMap<String, Vec<String>>,
 }
 
 #[derive(Debug, Clone)]
@@ -84,6 +89,7 @@ pub struct Config {
     pub internet_check: String,
     pub drain_command: Vec<String>,
     pub metrics_listen: SocketAddr,
+    pub eips: BTreeMap<Az, Vec<address::AllocationId>>,
 }
 
 impl Config {
@@ -124,6 +130,19 @@ impl Config {
             }
             tables.insert(Az(az), list);
         }
+        let mut eips = BTreeMap::new();
+        for (az, ids) in file.eips {
+            let mut pool = Vec::new();
+            for id in ids {
+                if !id.starts_with("eipalloc-") {
+                    return Err(format!(
+                        "eips.{az}: {id:?} is not an allocation id (eipalloc-…)"
+                    ));
+                }
+                pool.push(address::AllocationId(id));
+            }
+            eips.insert(Az(az), pool);
+        }
         if !file.internet_check.contains(':') {
             return Err(format!(
                 "internet-check: {:?} is not host:port",
@@ -145,6 +164,7 @@ impl Config {
             metrics_listen: file
                 .metrics_listen
                 .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 9091))),
+            eips,
         })
     }
 }
@@ -234,7 +254,8 @@ pub async fn run(config: Config) -> Result<(), HaError> {
         client,
         config.fleet.clone(),
         config.layout.clone(),
-    );
+    )
+    .with_eips(config.eips.clone());
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| HaError::Imds(format!("signal handler: {e}")))?;
     let mut every = tokio::time::interval(decide::PROBE_EVERY);
@@ -292,7 +313,9 @@ async fn check_everyone<E: ec2::Ec2>(agent: &mut agent::Agent<E>, config: &Confi
         agent::http_ok(config.ready, "/readyz"),
         agent::reaches(&config.internet_check),
     );
-    agent.brain.self_check(ready && online);
+    agent
+        .brain
+        .self_check(ready && online && agent.address_ok());
     let siblings: Vec<(InstanceId, SocketAddr)> = agent
         .fleet(Millis::now())
         .map(|f| {

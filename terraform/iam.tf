@@ -45,7 +45,7 @@ data "aws_iam_policy_document" "gateway" {
   # take no resource-level conditions.
   statement {
     sid       = "ReadTheFleet"
-    actions   = ["ec2:DescribeInstances", "ec2:DescribeRouteTables"]
+    actions   = ["ec2:DescribeInstances", "ec2:DescribeRouteTables", "ec2:DescribeAddresses"]
     resources = ["*"]
   }
 
@@ -73,6 +73,24 @@ data "aws_iam_policy_document" "gateway" {
     sid       = "DisableSourceDestCheckOnGateways"
     actions   = ["ec2:ModifyInstanceAttribute"]
     resources = ["${local.arn_prefix}:ec2:${data.aws_region.current.name}:${data.aws_caller_identity.current.account_id}:instance/*"]
+    condition {
+      test     = "StringEquals"
+      variable = "aws:ResourceTag/portcullis:gateway"
+      values   = [var.name]
+    }
+  }
+
+  # Each gateway claims an address of its AZ's pool, on its own interface.
+  statement {
+    sid     = "HoldAnEgressAddress"
+    actions = ["ec2:AssociateAddress"]
+    resources = [for id in distinct(flatten(values(local.eips))) :
+    "${local.arn_prefix}:ec2:${data.aws_region.current.name}:${data.aws_caller_identity.current.account_id}:elastic-ip/${id}"]
+  }
+  statement {
+    sid       = "OnTheGatewaysOwnInterfaces"
+    actions   = ["ec2:AssociateAddress"]
+    resources = ["${local.arn_prefix}:ec2:${data.aws_region.current.name}:${data.aws_caller_identity.current.account_id}:network-interface/*"]
     condition {
       test     = "StringEquals"
       variable = "aws:ResourceTag/portcullis:gateway"

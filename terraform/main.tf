@@ -43,6 +43,14 @@ locals {
   # [route-tables] of ha.toml: every AZ's, so any gateway can take any AZ.
   ha_route_tables = join("\n", [for az, ids in var.private_route_table_ids : "      \"${az}\" = ${jsonencode(ids)}"])
 
+  # Each AZ's Elastic IP pool: one more than its gateways, so a rollout's
+  # new instance holds its own while the old one drains on its.
+  eips_per_az = var.gateways_per_az + 1
+  eips = var.eip_allocation_ids != null ? var.eip_allocation_ids : {
+    for az, _ in var.public_subnet_ids : az => [for i in range(local.eips_per_az) : aws_eip.egress["${az} ${i}"].allocation_id]
+  }
+  ha_eips = join("\n", [for az, ids in local.eips : "      \"${az}\" = ${jsonencode(ids)}"])
+
   # Each AZ's instances reach their lifetime a day apart, so the AZs never
   # all roll at once.
   az_index = { for i, az in sort(keys(var.public_subnet_ids)) : az => i }
@@ -73,6 +81,7 @@ locals {
       fleet             = var.name
       internet_check    = "s3.${data.aws_region.current.name}.amazonaws.com:443"
       route_tables      = local.ha_route_tables
+      eips              = local.ha_eips
       ipv6              = var.route_ipv6 ? "true" : "false"
     }
   ) }
@@ -85,6 +94,15 @@ resource "aws_s3_object" "allowlist" {
   source = var.allowlist_file
   etag   = filemd5(var.allowlist_file)
   tags   = local.tags
+}
+
+resource "aws_eip" "egress" {
+  # checkov:skip=CKV2_AWS_19:The gateways' HA agents associate these at boot, one each; each AZ keeps one spare for a rollout's new instance.
+  for_each = var.eip_allocation_ids != null ? {} : {
+    for pair in setproduct(keys(var.public_subnet_ids), range(local.eips_per_az)) : "${pair[0]} ${pair[1]}" => pair[0]
+  }
+  domain = "vpc"
+  tags   = merge(local.tags, { Name = "${var.name}-${each.key}", "portcullis:az" = each.value })
 }
 
 resource "aws_security_group" "gateway" {
@@ -210,6 +228,10 @@ resource "aws_launch_template" "gateway" {
       error_message = "monitor_until needs mode = \"monitor\"."
     }
     precondition {
+      condition     = var.eip_allocation_ids == null || try(alltrue([for az, _ in var.public_subnet_ids : length(var.eip_allocation_ids[az]) >= var.gateways_per_az + 1]), false)
+      error_message = "eip_allocation_ids needs, for every AZ of public_subnet_ids, at least gateways_per_az + 1 addresses (a rollout's new gateway needs its own)."
+    }
+    precondition {
       condition     = var.max_connections_per_source == null || try(var.max_connections_per_source <= var.max_connections, false)
       error_message = "max_connections_per_source must be at most max_connections."
     }
@@ -248,6 +270,12 @@ resource "aws_launch_template" "gateway" {
 
   tag_specifications {
     resource_type = "volume"
+    tags          = local.tags
+  }
+
+  # The fleet tag on the interface scopes AssociateAddress to gateways.
+  tag_specifications {
+    resource_type = "network-interface"
     tags          = local.tags
   }
 

@@ -27,3 +27,13 @@ output "metrics_port" {
   description = "Prometheus scrapes each gateway's private address on this port (/metrics)."
   value       = 9090
 }
+
+output "egress_allocation_ids" {
+  description = "Each AZ's Elastic IP pool (allocation ids): every gateway egresses from one of its AZ's, so partners allowlist them all."
+  value       = local.eips
+}
+
+output "egress_ips" {
+  description = "The public addresses of the pools the module allocated, keyed by AZ (empty when eip_allocation_ids is given)."
+  value       = { for az, _ in var.public_subnet_ids : az => [for k, e in aws_eip.egress : e.public_ip if e.tags["portcullis:az"] == az] }
+}

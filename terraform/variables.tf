@@ -100,6 +100,17 @@ variable "gateways_per_az" {
   }
 }
 
+variable "eip_allocation_ids" {
+  type        = map(list(string))
+  default     = null
+  description = "Your own Elastic IPs as AZ => allocation ids, at least gateways_per_az + 1 per AZ. Null: the module allocates that many per AZ. Each gateway holds one of its AZ's for life; partners allowlist them all."
+
+  validation {
+    condition     = var.eip_allocation_ids == null ? true : alltrue([for ids in values(var.eip_allocation_ids) : alltrue([for id in ids : can(regex("^eipalloc-[0-9a-f]+$", id))])])
+    error_message = "Allocation ids look like eipalloc-0123456789abcdef0."
+  }
+}
+
 variable "instance_type" {
   type        = string
   default     = "c7gn.large"

@@ -285,7 +285,7 @@ fn written_file(user_data: &str, path: &str) -> String {
         .collect()
 }
 
-pub const USER_DATA_VALUES: [(&str, &str); 20] = [
+pub const USER_DATA_VALUES: [(&str, &str); 21] = [
     (
         "allowlist_url",
         "s3://egress-config/portcullis/allowlist.txt",
@@ -323,6 +323,11 @@ pub const USER_DATA_VALUES: [(&str, &str); 20] = [
         "      \"us-east-1a\" = [\"rtb-0a1b2c3d4e5f60718\",\"rtb-0a1b2c3d4e5f60719\"]\n      \"us-east-1b\" = [\"rtb-0a1b2c3d4e5f60720\"]",
     ),
     ("ipv6", "true"),
+    // As terraform/main.tf renders local.ha_eips.
+    (
+        "eips",
+        "      \"us-east-1a\" = [\"eipalloc-0a1\",\"eipalloc-0a2\"]\n      \"us-east-1b\" = [\"eipalloc-0b1\",\"eipalloc-0b2\"]",
+    ),
 ];
 
 #[test]
@@ -393,6 +398,8 @@ fn user_data_is_valid_cloud_config_carrying_a_valid_portcullis_config() {
             "rtb-0a1b2c3d4e5f60720"
         ]
     );
+    let pools: Vec<usize> = ha.eips.values().map(Vec::len).collect();
+    assert_eq!(pools, [2, 2]);
     assert_eq!(
         ha.drain_command,
         ["systemctl", "stop", "portcullis.service"]

@@ -101,8 +101,8 @@ data "aws_iam_policy_document" "gateway" {
   # By name and tag rather than by ARN, so the groups can depend on this
   # policy and their first instance boots with every permission in place.
   statement {
-    sid       = "ReportUnreadyGateways"
-    actions   = ["autoscaling:SetInstanceHealth"]
+    sid       = "ReportUnreadyGatewaysAndEndHookWaits"
+    actions   = ["autoscaling:SetInstanceHealth", "autoscaling:CompleteLifecycleAction"]
     resources = ["${local.arn_prefix}:autoscaling:${data.aws_region.current.name}:${data.aws_caller_identity.current.account_id}:autoScalingGroup:*:autoScalingGroupName/${var.name}-*"]
     condition {
       test     = "StringEquals"

@@ -306,9 +306,19 @@ resource "aws_autoscaling_group" "gateway" {
     version = aws_launch_template.gateway[each.key].latest_version
   }
 
+  # A new instance is in service only once its HA agent says it is ready
+  # (portcullis serving, an egress address held); one that never is is
+  # abandoned, so a rollout of a broken AMI or config stops and rolls back.
+  initial_lifecycle_hook {
+    name                 = "portcullis-ready"
+    lifecycle_transition = "autoscaling:EC2_INSTANCE_LAUNCHING"
+    heartbeat_timeout    = 600
+    default_result       = "ABANDON"
+  }
+
   # The old instance's HA agent sees its target lifecycle state go to
-  # Terminated, hands its routes over and drains portcullis; the hook holds
-  # the termination for that long.
+  # Terminated, hands its routes over, drains portcullis and ends this
+  # wait; the timeout bounds it.
   initial_lifecycle_hook {
     name                 = "portcullis-drain"
     lifecycle_transition = "autoscaling:EC2_INSTANCE_TERMINATING"

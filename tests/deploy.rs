@@ -398,6 +398,15 @@ fn user_data_is_valid_cloud_config_carrying_a_valid_portcullis_config() {
             "rtb-0a1b2c3d4e5f60720"
         ]
     );
+    assert_eq!(ha.hooks.launch.as_deref(), Some("portcullis-ready"));
+    assert_eq!(ha.hooks.terminate.as_deref(), Some("portcullis-drain"));
+    let main = read("terraform/main.tf");
+    for hook in ["portcullis-ready", "portcullis-drain"] {
+        assert!(
+            main.contains(&format!("name                 = \"{hook}\"")),
+            "the module has no {hook} hook"
+        );
+    }
     let pools: Vec<usize> = ha.eips.values().map(Vec::len).collect();
     assert_eq!(pools, [2, 2]);
     assert_eq!(

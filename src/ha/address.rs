@@ -81,6 +81,7 @@ mod tests {
             launched: Millis(0),
             running,
             booting: false,
+            group: None,
             state: None,
             alive: None,
             challenge: None,

@@ -70,6 +70,18 @@ pub(crate) struct Agent<E> {
     eips: std::collections::BTreeMap<super::fleet::Az, Vec<AllocationId>>,
     /// The pool's address this gateway holds, and when that was checked.
     address: Option<(Address, Millis)>,
+    hooks: Hooks,
+    /// The launch hook's wait has been ended (or there was none).
+    launched: bool,
+}
+
+/// The auto-scaling group's lifecycle hooks the agent ends: the launch
+/// hook once it is ready (a new instance that never is is abandoned, and a
+/// rollout stops), the termination hook once it has drained.
+#[derive(Debug, Clone, Default)]
+pub struct Hooks {
+    pub launch: Option<String>,
+    pub terminate: Option<String>,
 }
 
 /// A held address is re-read this often (it cannot move while held, but
@@ -88,6 +100,64 @@ impl<E: Ec2> Agent<E> {
             source_dest_check_off: false,
             eips: Default::default(),
             address: None,
+            hooks: Hooks::default(),
+            launched: false,
+        }
+    }
+
+    pub fn with_hooks(mut self, hooks: Hooks) -> Agent<E> {
+        self.hooks = hooks;
+        self
+    }
+
+    /// Ends the launch hook's wait once this gateway has said it is ready.
+    async fn end_launch_wait(&mut self, now: Millis, done: &mut Done) {
+        let Some(hook) = self.hooks.launch.clone() else {
+            return;
+        };
+        let Some(me) = self.me().cloned() else { return };
+        let said_ready = me
+            .state
+            .is_some_and(|s| s.phase == super::fleet::Phase::Ready);
+        if self.launched || !self.brain.is_ready() || !said_ready {
+            return;
+        }
+        let Some(group) = me.group.clone() else {
+            // Not launched by a group: no hook to end.
+            self.launched = true;
+            return;
+        };
+        match self.ec2.complete_lifecycle(&group, &hook, &me.id).await {
+            Ok(()) => {
+                self.launched = true;
+                tracing::info!(%group, %hook, "ready: ended the launch hook's wait, the group may count this instance in service");
+            }
+            // No wait in progress: launched before the hook existed, or
+            // ended already by an earlier run of the agent.
+            Err(Ec2Error::Api { code, .. }) if code == "ValidationError" => self.launched = true,
+            Err(e) => self.failed(&e, now, done),
+        }
+    }
+
+    /// Ends the termination hook's wait: the routes are handed over and
+    /// the proxy drained. A few tries; the hook's own timeout is the bound.
+    pub async fn end_termination_wait(&mut self) {
+        let (Some(hook), Some(me)) = (self.hooks.terminate.clone(), self.me().cloned()) else {
+            return;
+        };
+        let Some(group) = me.group else { return };
+        for _ in 0..3 {
+            match self.ec2.complete_lifecycle(&group, &hook, &me.id).await {
+                Ok(()) => {
+                    tracing::info!(%group, %hook, "drained: ended the termination hook's wait");
+                    return;
+                }
+                Err(Ec2Error::Api { code, .. }) if code == "ValidationError" => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not end the termination hook's wait");
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                }
+            }
         }
     }
 
@@ -170,6 +240,7 @@ impl<E: Ec2> Agent<E> {
         let plan = self.brain.plan(fleet, now);
         let eni = fleet.gateway(self.brain.me()).map(|g| g.eni.clone());
         self.carry_out(plan, eni, now, &mut done).await;
+        self.end_launch_wait(now, &mut done).await;
         done
     }
 
@@ -419,6 +490,15 @@ mod tests {
             Ok(self.pool.borrow().clone())
         }
 
+        async fn complete_lifecycle(
+            &self,
+            group: &str,
+            hook: &str,
+            _: &InstanceId,
+        ) -> Result<(), Ec2Error> {
+            self.next_failure(&format!("complete {group} {hook}"))
+        }
+
         async fn associate(
             &self,
             allocation: &AllocationId,
@@ -458,6 +538,7 @@ mod tests {
             launched: Millis(T0),
             running: true,
             booting: false,
+            group: None,
             state: None,
             alive: None,
             challenge: None,
@@ -565,6 +646,43 @@ mod tests {
             vec![
                 Some(EniId("eni-i-a".into())),
                 Some(EniId("eni-i-a2".into()))
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn launch_hook_ends_only_once_the_gateway_has_said_it_is_ready() {
+        let (layout, fake) = setup();
+        for g in fake.fleet.borrow_mut().gateways.iter_mut() {
+            g.group = Some("grp-a".into());
+        }
+        let hooks = Hooks {
+            launch: Some("portcullis-ready".into()),
+            terminate: Some("portcullis-drain".into()),
+        };
+        let mut agent = Agent::new(InstanceId("i-a".into()), fake.clone(), "f".into(), layout)
+            .with_hooks(hooks);
+        let completions = |fake: &FakeEc2| {
+            fake.calls
+                .borrow()
+                .iter()
+                .filter(|c| c.starts_with("complete"))
+                .cloned()
+                .collect::<Vec<_>>()
+        };
+        agent.poll(at(0)).await;
+        assert!(completions(&fake).is_empty(), "not ready");
+        ready(&mut agent);
+        agent.poll(at(2000)).await; // says ready
+        agent.poll(at(4000)).await; // reads it back, ends the wait
+        agent.poll(at(6000)).await;
+        assert_eq!(completions(&fake), ["complete grp-a portcullis-ready"]);
+        agent.end_termination_wait().await;
+        assert_eq!(
+            completions(&fake),
+            [
+                "complete grp-a portcullis-ready",
+                "complete grp-a portcullis-drain"
             ]
         );
     }

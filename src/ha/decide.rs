@@ -394,6 +394,7 @@ mod tests {
             launched: at(launched),
             running: true,
             booting: false,
+            group: None,
             state: Some(Stated {
                 phase: Phase::Ready,
                 since: at(0),

@@ -17,7 +17,9 @@ use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
-const API_VERSION: &str = "2016-11-15";
+/// The two query APIs the agent calls: their signing names and versions.
+const EC2: (&str, &str) = ("ec2", "2016-11-15");
+const AUTOSCALING: (&str, &str) = ("autoscaling", "2011-01-01");
 /// One call, from connect to the last byte of the answer.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(3);
 const MAX_RESPONSE_BYTES: usize = 4 << 20;
@@ -70,6 +72,13 @@ pub(crate) trait Ec2 {
     /// A gateway forwards packets not addressed to it.
     async fn disable_source_dest_check(&self, instance: &InstanceId) -> Result<(), Ec2Error>;
     async fn addresses(&self, pool: &[AllocationId]) -> Result<Vec<Address>, Ec2Error>;
+    /// Ends this instance's wait in its auto-scaling group's lifecycle hook.
+    async fn complete_lifecycle(
+        &self,
+        group: &str,
+        hook: &str,
+        instance: &InstanceId,
+    ) -> Result<(), Ec2Error>;
     async fn associate(
         &self,
         address: &AllocationId,
@@ -78,9 +87,33 @@ pub(crate) trait Ec2 {
     ) -> Result<(), Ec2Error>;
 }
 
-/// The query-protocol client.
-pub struct Client {
+/// One query API: where it is, and how requests to it are signed.
+struct Service {
+    name: &'static str,
+    version: &'static str,
     endpoint: String,
+}
+
+impl Service {
+    /// At `AWS_ENDPOINT_URL_<SERVICE>` or `AWS_ENDPOINT_URL` if set (a VPC
+    /// endpoint, or a local test server), else the regional endpoint.
+    fn new((name, version): (&'static str, &'static str), env: &str, region: &str) -> Service {
+        let endpoint = [env, "AWS_ENDPOINT_URL"]
+            .iter()
+            .find_map(|v| std::env::var(v).ok().filter(|v| !v.is_empty()))
+            .unwrap_or_else(|| format!("https://{name}.{region}.amazonaws.com"));
+        Service {
+            name,
+            version,
+            endpoint: endpoint.trim_end_matches('/').to_owned() + "/",
+        }
+    }
+}
+
+/// The query-protocol client, for EC2 and Auto Scaling.
+pub struct Client {
+    ec2: Service,
+    autoscaling: Service,
     region: String,
     credentials: aws_credential_types::provider::SharedCredentialsProvider,
     cached: Mutex<Option<aws_credential_types::Credentials>>,
@@ -91,14 +124,9 @@ pub struct Client {
 }
 
 impl Client {
-    /// For `region`, at `AWS_ENDPOINT_URL_EC2` or `AWS_ENDPOINT_URL` if set
-    /// (a VPC endpoint, or a local test server), with the standard
-    /// credential chain (the instance role on EC2).
+    /// For `region`, with the standard credential chain (the instance role
+    /// on EC2).
     pub async fn new(region: &str) -> Result<Client, Ec2Error> {
-        let endpoint = ["AWS_ENDPOINT_URL_EC2", "AWS_ENDPOINT_URL"]
-            .iter()
-            .find_map(|v| std::env::var(v).ok().filter(|v| !v.is_empty()))
-            .unwrap_or_else(|| format!("https://ec2.{region}.amazonaws.com"));
         let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())
             .region(aws_config::Region::new(region.to_owned()))
             // The instance role's credentials come from IMDS over it.
@@ -130,7 +158,8 @@ impl Client {
                 .pool_idle_timeout(Duration::from_secs(30))
                 .build(https);
         Ok(Client {
-            endpoint: endpoint.trim_end_matches('/').to_owned() + "/",
+            ec2: Service::new(EC2, "AWS_ENDPOINT_URL_EC2", region),
+            autoscaling: Service::new(AUTOSCALING, "AWS_ENDPOINT_URL_AUTO_SCALING", region),
             region: region.to_owned(),
             credentials,
             cached: Mutex::new(None),
@@ -161,24 +190,34 @@ impl Client {
         Ok(c)
     }
 
-    /// One signed call; the parsed answer, or the API's error.
+    /// One signed EC2 call; the parsed answer, or the API's error.
     async fn call(
         &self,
         action: &'static str,
         params: &[(String, String)],
     ) -> Result<Element, Ec2Error> {
-        tokio::time::timeout(CALL_TIMEOUT, self.call_unbounded(action, params))
+        self.call_to(&self.ec2, action, params).await
+    }
+
+    async fn call_to(
+        &self,
+        service: &Service,
+        action: &'static str,
+        params: &[(String, String)],
+    ) -> Result<Element, Ec2Error> {
+        tokio::time::timeout(CALL_TIMEOUT, self.call_unbounded(service, action, params))
             .await
             .map_err(|_| Ec2Error::Timeout)?
     }
 
     async fn call_unbounded(
         &self,
+        service: &Service,
         action: &'static str,
         params: &[(String, String)],
     ) -> Result<Element, Ec2Error> {
         use http_body_util::BodyExt;
-        let mut body = format!("Action={action}&Version={API_VERSION}");
+        let mut body = format!("Action={action}&Version={}", service.version);
         for (k, v) in params {
             body.push('&');
             body.push_str(&form_encode(k));
@@ -188,7 +227,7 @@ impl Client {
         let content_type = "application/x-www-form-urlencoded; charset=utf-8";
         let mut request = http::Request::builder()
             .method("POST")
-            .uri(&self.endpoint)
+            .uri(&service.endpoint)
             .header("content-type", content_type)
             .body(http_body_util::Full::new(bytes::Bytes::from(body.clone())))
             .map_err(|e| Ec2Error::Transport(e.to_string()))?;
@@ -198,7 +237,7 @@ impl Client {
         let params = aws_sigv4::sign::v4::SigningParams::builder()
             .identity(&identity)
             .region(&self.region)
-            .name("ec2")
+            .name(service.name)
             .time(SystemTime::now())
             .settings(settings)
             .build()
@@ -206,7 +245,7 @@ impl Client {
             .into();
         let signable = aws_sigv4::http_request::SignableRequest::new(
             "POST",
-            &self.endpoint,
+            &service.endpoint,
             [("content-type", content_type)].into_iter(),
             aws_sigv4::http_request::SignableBody::Bytes(body.as_bytes()),
         )
@@ -418,6 +457,23 @@ impl Ec2 for Client {
         ];
         self.call("AssociateAddress", &params).await.map(drop)
     }
+
+    async fn complete_lifecycle(
+        &self,
+        group: &str,
+        hook: &str,
+        instance: &InstanceId,
+    ) -> Result<(), Ec2Error> {
+        let params = [
+            param("AutoScalingGroupName", group),
+            param("LifecycleHookName", hook),
+            param("InstanceId", instance.0.clone()),
+            param("LifecycleActionResult", "CONTINUE"),
+        ];
+        self.call_to(&self.autoscaling, "CompleteLifecycleAction", &params)
+            .await
+            .map(drop)
+    }
 }
 
 /// The pool's addresses from a DescribeAddresses answer.
@@ -480,6 +536,7 @@ fn parse_instances(root: &Element) -> Vec<Gateway> {
                 launched,
                 running: item.text_at(&["instanceState", "name"]) == Some("running"),
                 booting: item.text_at(&["instanceState", "name"]) == Some("pending"),
+                group: tag("aws:autoscaling:groupName").map(str::to_owned),
                 state: tag(TAG_STATE).and_then(Stated::from_tag),
                 alive: tag(TAG_ALIVE).and_then(alive_from_tag),
                 challenge: tag(TAG_CHALLENGE).and_then(Challenge::from_tag),
@@ -557,6 +614,7 @@ mod tests {
    </networkInterfaceSet>
    <tagSet>
     <item><key>portcullis:gateway</key><value>prod</value></item>
+    <item><key>aws:autoscaling:groupName</key><value>prod-us-east-1a-1</value></item>
     <item><key>portcullis:state</key><value>ready@1764602918000</value></item>
     <item><key>portcullis:challenge</key><value>1764602920000 i-0b</value></item>
     <item><key>portcullis:alive</key><value>garbage</value></item>
@@ -580,6 +638,7 @@ mod tests {
         assert_eq!(g.state.map(|s| s.since), Some(Millis(1_764_602_918_000)));
         assert_eq!(g.challenge.as_ref().map(|c| c.by.0.as_str()), Some("i-0b"));
         assert_eq!(g.alive, None, "an unparsable tag is absent");
+        assert_eq!(g.group.as_deref(), Some("prod-us-east-1a-1"));
     }
 
     #[test]

@@ -160,6 +160,8 @@ pub struct Gateway {
     pub running: bool,
     /// EC2's state is `pending`: launching.
     pub booting: bool,
+    /// Its auto-scaling group (the `aws:autoscaling:groupName` tag).
+    pub group: Option<String>,
     pub state: Option<Stated>,
     pub alive: Option<Millis>,
     pub challenge: Option<Challenge>,

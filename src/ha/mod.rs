@@ -78,6 +78,10 @@ struct File {
     /// AZ name => that AZ's Elastic IP pool (allocation ids).
     #[serde(default)]
     eips: BTreeMap<String, Vec<String>>,
+    /// The auto-scaling group's launch hook, ended once ready.
+    launch_hook: Option<String>,
+    /// Its termination hook, ended once drained.
+    terminate_hook: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -90,6 +94,7 @@ pub struct Config {
     pub drain_command: Vec<String>,
     pub metrics_listen: SocketAddr,
     pub eips: BTreeMap<Az, Vec<address::AllocationId>>,
+    pub hooks: agent::Hooks,
 }
 
 impl Config {
@@ -165,6 +170,10 @@ impl Config {
                 .metrics_listen
                 .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 9091))),
             eips,
+            hooks: agent::Hooks {
+                launch: file.launch_hook,
+                terminate: file.terminate_hook,
+            },
         })
     }
 }
@@ -255,7 +264,8 @@ pub async fn run(config: Config) -> Result<(), HaError> {
         config.fleet.clone(),
         config.layout.clone(),
     )
-    .with_eips(config.eips.clone());
+    .with_eips(config.eips.clone())
+    .with_hooks(config.hooks.clone());
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| HaError::Imds(format!("signal handler: {e}")))?;
     let mut every = tokio::time::interval(decide::PROBE_EVERY);
@@ -301,6 +311,7 @@ pub async fn run(config: Config) -> Result<(), HaError> {
                 }
                 tokio::time::sleep(HANDOVER_SETTLE).await;
                 drain(&config.drain_command).await;
+                agent.end_termination_wait().await;
                 return Ok(());
             }
         }

@@ -73,7 +73,12 @@ pub(crate) struct Agent<E> {
     hooks: Hooks,
     /// The launch hook's wait has been ended (or there was none).
     launched: bool,
+    /// When a failed call was last logged as a warning.
+    warned: Option<Millis>,
 }
+
+/// A failing API is logged at most this often (each failure is counted).
+const WARN_EVERY: Duration = Duration::from_secs(30);
 
 /// The auto-scaling group's lifecycle hooks the agent ends: the launch
 /// hook once it is ready (a new instance that never is is abandoned, and a
@@ -102,6 +107,7 @@ impl<E: Ec2> Agent<E> {
             address: None,
             hooks: Hooks::default(),
             launched: false,
+            warned: None,
         }
     }
 
@@ -369,7 +375,12 @@ impl<E: Ec2> Agent<E> {
         if matches!(e, Ec2Error::Throttled(_)) {
             self.backoff.throttled(now);
         }
-        tracing::warn!(error = %e, "EC2 call failed; the next poll tries again");
+        if self.warned.is_none_or(|w| now.since(w) >= WARN_EVERY) {
+            self.warned = Some(now);
+            tracing::warn!(error = %e, "EC2 call failed; the next poll tries again");
+        } else {
+            tracing::debug!(error = %e, "EC2 call failed; the next poll tries again");
+        }
     }
 }
 

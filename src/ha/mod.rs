@@ -46,6 +46,8 @@ pub enum HaError {
     Imds(String),
     #[error(transparent)]
     Ec2(#[from] ec2::Ec2Error),
+    #[error("signal handler: {0}")]
+    Signal(std::io::Error),
     #[error("metrics listener {addr}: {source}")]
     Metrics {
         addr: SocketAddr,
@@ -267,17 +269,22 @@ pub async fn run(config: Config) -> Result<(), HaError> {
     .with_eips(config.eips.clone())
     .with_hooks(config.hooks.clone());
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|e| HaError::Imds(format!("signal handler: {e}")))?;
+        .map_err(HaError::Signal)?;
     let mut every = tokio::time::interval(decide::PROBE_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut tick: u64 = 0;
     let mut left_at: Option<Millis> = None;
+    // Taken out by the group, the agent drains the proxy itself and ends
+    // the hook's wait. Stopped by systemd (a shutdown), it only hands over:
+    // systemd stops portcullis next, which drains on its own SIGTERM, and a
+    // stop job started from here would wait on the shutdown it is part of.
+    let mut by_group = false;
     loop {
         tokio::select! {
             _ = every.tick() => {}
             _ = term.recv() => {
                 if !agent.brain.is_leaving() {
-                    tracing::info!("SIGTERM: handing the routes over, then draining");
+                    tracing::info!("SIGTERM: handing the routes over before the proxy stops");
                     agent.brain.leave();
                 }
             }
@@ -290,6 +297,7 @@ pub async fn run(config: Config) -> Result<(), HaError> {
                     "the auto-scaling group is taking this instance out: handing the routes over"
                 );
                 agent.brain.leave();
+                by_group = true;
             }
             let now = Millis::now();
             agent.poll(now).await;
@@ -310,8 +318,10 @@ pub async fn run(config: Config) -> Result<(), HaError> {
                     );
                 }
                 tokio::time::sleep(HANDOVER_SETTLE).await;
-                drain(&config.drain_command).await;
-                agent.end_termination_wait().await;
+                if by_group {
+                    drain(&config.drain_command).await;
+                    agent.end_termination_wait().await;
+                }
                 return Ok(());
             }
         }

@@ -7,6 +7,7 @@
 # tables to the clients' routes every 300 ms, so a route moved through the
 # API moves the traffic. Each client makes a new allowed connection every
 # 100 ms. Root; bounded to 10 minutes by its caller (scripts/test.sh).
+# HA_SIM_KEEP=1 keeps the logs.
 #
 #   VPC fabric (hs-vpc bridge, 198.51.100.0/24):
 #     client a .10   client b .74   gateway a1 .140   gateway b1 .200 (b2 .201)
@@ -45,7 +46,7 @@ cleanup() {
       tail -n 15 "$log" >&2
     done
   fi
-  rm -rf "$DIR"
+  if [ -n "${HA_SIM_KEEP:-}" ]; then echo "ha-sim: logs kept in $DIR" >&2; else rm -rf "$DIR"; fi
 }
 trap cleanup EXIT
 # shellcheck disable=SC2086
@@ -93,8 +94,7 @@ for ns in hs-ca hs-cb; do ip -n "$ns" route add blackhole default; done
 
 # --- the EC2 API and the web server, "on the internet"
 ip netns exec hs-net "$MOTO_SERVER" -H 192.0.2.1 -p 5000 >"$DIR/moto.log" 2>&1 &
-mkdir -p "$DIR/www" && echo hello >"$DIR/www/index.html"
-ip netns exec hs-net "$PY" -m http.server --bind 203.0.113.10 --directory "$DIR/www" 80 >"$DIR/web.log" 2>&1 &
+ip netns exec hs-net "$PY" scripts/ha_sim.py web 203.0.113.10 >"$DIR/web.log" 2>&1 &
 wait_until 30 "the EC2 API" ip netns exec hs-net curl -sf -o /dev/null http://192.0.2.1:5000/moto-api/
 sim seed "$DIR/vpc.json"
 table() { "$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]][sys.argv[3]])' "$DIR/vpc.json" "$@"; }
@@ -118,6 +118,9 @@ gateway() {
   ip -n "$ns" route add default via 192.0.2.1
   ip -n "$ns" addr add 169.254.169.254/32 dev lo
   ip netns exec "$ns" sysctl -qw net.ipv4.ip_forward=1
+  # As the AMI sets it: a hand-off forwards out the interface a packet came
+  # in on, and must not tell the client to go to the sibling itself.
+  ip netns exec "$ns" sysctl -qw net.ipv4.conf.all.send_redirects=0 net.ipv4.conf.eth0.send_redirects=0
   PRIVATE_CIDRS=198.51.100.0/24 PRIVATE_CIDRS6="" MONITORING_CIDRS=198.51.100.0/24 \
     ip netns exec "$ns" iptables/portcullis-iptables.sh apply
   printf '{"instance-id": "%s", "placement/region": "us-east-1", "placement/availability-zone": "%s", "autoscaling/target-lifecycle-state": "InService"}\n' \
@@ -127,7 +130,7 @@ gateway() {
 start() {
   local name=$1 ns="hs-$1" pid
   ip netns exec "$ns" "$PY" scripts/ha_sim.py imds "$DIR/$name.imds.json" >>"$DIR/$name.imds.log" 2>&1 &
-  ip netns exec "$ns" "$BIN" run --allowlist "$DIR/allowlist.txt" --verify-dst off --drain-timeout 5s \
+  ip netns exec "$ns" "$BIN" run --allowlist "$DIR/allowlist.txt" --verify-dst off --drain-timeout 15s \
     >>"$DIR/$name.audit.log" 2>>"$DIR/$name.portcullis.log" &
   pid=$!
   echo "$pid" >"$DIR/$name.portcullis.pid"
@@ -136,6 +139,7 @@ fleet = "sim"
 internet-check = "203.0.113.10:80"
 metrics-listen = "127.0.0.1:9091"
 drain-command = ["kill", "-TERM", "$pid"]
+handoff-command = ["$PWD/ami/scripts/handoff.sh"]
 [route-tables]
 "us-east-1a" = ["$TABLE_A"]
 "us-east-1b" = ["$TABLE_B"]
@@ -202,7 +206,10 @@ wait_until 60 "the new gateway ready" state_is b2 ready
 # It took AZ b's other address; the old one keeps its own while it drains.
 holds b2 us-east-1b || fail "b2 is ready without an address of AZ b's pool"
 holds b1 us-east-1b || fail "b1 lost its address to the new gateway"
-# The group takes the old one out: its lifecycle hook's wait begins.
+# The group takes the old one out: its lifecycle hook's wait begins. A
+# download starts through it, and is still running when the route moves.
+ip netns exec hs-cb "$PY" scripts/ha_sim.py long allowed.example 203.0.113.10 "$DIR/cb-long.log" &
+sleep 0.5
 sed -i 's/"InService"/"Terminated"/' "$DIR/b1.imds.json"
 wait_until 60 "AZ b's route handed to the new gateway" route_is "$TABLE_B" b2
 b1_exited() { ! kill -0 "$(cat "$DIR/b1.portcullis.pid")" 2>/dev/null; }
@@ -211,8 +218,10 @@ sim terminate "$(cat "$DIR/b1.id")"
 kill_all b1
 sleep 2
 rolled_end=$(now)
-roll_total=$(count "$DIR/cb.log" "$rolled" "$rolled_end")
-roll_failed=$(count "$DIR/cb.log" "$rolled" "$rolled_end" fail)
+[ -s "$DIR/cb-long.log" ] || fail "the download across the handover did not finish"
+roll_total=$(($(count "$DIR/cb.log" "$rolled" "$rolled_end") + 1))
+roll_failed=$(($(count "$DIR/cb.log" "$rolled" "$rolled_end" fail) + $(count "$DIR/cb-long.log" 0 "$rolled_end" fail)))
+grep -q ' ok ' "$DIR/cb-long.log" || echo "ha-sim: the download in flight at the handover was cut: $(cat "$DIR/cb-long.log")" >&2
 
 # --- 3. the two serving gateways cut off from each other, both healthy
 split=$(now)

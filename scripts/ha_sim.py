@@ -5,6 +5,8 @@
   imds FILE                      an IMDSv2 responder (one per gateway namespace)
   router STATE.json LOG          applies the API's route tables to the client namespaces
   client HOST ADDR LOG           a new HTTP connection every 100 ms through the gateway
+  long HOST ADDR LOG             one 6 s download through the gateway
+  web ADDR                       the web server the clients reach
   tags INSTANCE                  prints the instance's portcullis tags (for waiting)
   route TABLE                    prints the ENI the table's default route points at
   addresses STATE.json           prints which interface holds each pool address
@@ -151,6 +153,55 @@ class Imds(http.server.BaseHTTPRequestHandler):
         self.wfile.write(data)
 
 
+class Web(http.server.BaseHTTPRequestHandler):
+    """The "internet" web server: / answers at once; /slow streams 64 KiB
+    over 6 s, a download in flight across a route move."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        chunks, body = (60, b"x" * 1024) if self.path == "/slow" else (1, b"hello\n")
+        self.send_response(200)
+        self.send_header("Content-Length", str(chunks * len(body)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        for i in range(chunks):
+            self.wfile.write(body)
+            self.wfile.flush()
+            if chunks > 1:
+                time.sleep(0.1)
+
+
+def web(addr):
+    http.server.ThreadingHTTPServer((addr, 80), Web).serve_forever()
+
+
+def long(host, addr, log):
+    """One download of /slow; logs "start end ok|fail bytes"."""
+    start = time.time()
+    got, ok = 0, False
+    try:
+        with socket.create_connection((addr, 80), timeout=5) as s:
+            s.settimeout(5)
+            s.sendall(f"GET /slow HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+            data = b""
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+            head, _, body = data.partition(b"\r\n\r\n")
+            got = len(body)
+            ok = head.startswith(b"HTTP/1.1 200") and got == 60 * 1024
+    except OSError:
+        ok = False
+    with open(log, "a") as out:
+        print(f"{start:.3f} {time.time():.3f} {'ok' if ok else 'fail'} {got}", file=out)
+
+
 def imds(file):
     Imds.file = file
     server = http.server.ThreadingHTTPServer(("169.254.169.254", 80), Imds)
@@ -237,6 +288,8 @@ if __name__ == "__main__":
         "imds": imds,
         "router": router,
         "client": client,
+        "web": web,
+        "long": long,
         "tags": tags,
         "route": route,
         "addresses": addresses,

@@ -398,6 +398,14 @@ fn user_data_is_valid_cloud_config_carrying_a_valid_portcullis_config() {
             "rtb-0a1b2c3d4e5f60720"
         ]
     );
+    // The hand-off script is one the AMI installs.
+    let handoff = ha.handoff_command.first().expect("a hand-off command");
+    let script = handoff
+        .strip_prefix("/usr/libexec/portcullis/")
+        .expect("an installed script");
+    let template = read("ami/portcullis.pkr.hcl");
+    assert!(template.contains(&format!("\"ami/scripts/{script}\"")));
+    assert!(template.contains(&format!(" {script} ")));
     assert_eq!(ha.hooks.launch.as_deref(), Some("portcullis-ready"));
     assert_eq!(ha.hooks.terminate.as_deref(), Some("portcullis-drain"));
     let main = read("terraform/main.tf");

@@ -13,8 +13,12 @@ use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// One HTTP readiness probe, connect to last byte.
+/// One HTTP readiness probe of a sibling, connect to last byte. Short: a
+/// failed probe only leads to a challenge, which a live sibling answers.
 pub const PROBE_TIMEOUT: Duration = Duration::from_millis(800);
+/// This gateway's own checks: longer, since three failures in a row hand
+/// its routes away. A loaded machine must not fail them by being slow.
+pub const SELF_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 /// A reading older than this is not acted on.
 const STALE_AFTER: Duration = Duration::from_secs(6);
 /// Once throttled, the next call waits this long, doubling up to the cap.
@@ -75,7 +79,25 @@ pub(crate) struct Agent<E> {
     launched: bool,
     /// When a failed call was last logged as a warning.
     warned: Option<Millis>,
+    /// Runs `start PEER` / `stop`: flows of a sibling this gateway took
+    /// routes from are routed on to it (ami/scripts/handoff.sh).
+    handoff_command: Vec<String>,
+    handoff: Option<Handoff>,
 }
+
+/// A hand-off in progress: the sibling whose connections still arrive here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Handoff {
+    pub peer: InstanceId,
+    pub ip: std::net::Ipv4Addr,
+    pub since: Millis,
+}
+
+/// A hand-off ends when its sibling is gone, or after this long (longer
+/// than any drain).
+const HANDOFF_MAX: Duration = Duration::from_secs(300);
+/// The hand-off command's bound.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A failing API is logged at most this often (each failure is counted).
 const WARN_EVERY: Duration = Duration::from_secs(30);
@@ -108,7 +130,74 @@ impl<E: Ec2> Agent<E> {
             hooks: Hooks::default(),
             launched: false,
             warned: None,
+            handoff_command: Vec::new(),
+            handoff: None,
         }
+    }
+
+    pub fn with_handoff(mut self, command: Vec<String>) -> Agent<E> {
+        self.handoff_command = command;
+        self
+    }
+
+    #[cfg(test)]
+    pub fn handoff(&self) -> Option<&Handoff> {
+        self.handoff.as_ref()
+    }
+
+    /// Clears what an earlier run may have left.
+    pub async fn reset_handoff(&mut self) {
+        if !self.handoff_command.is_empty() {
+            run_command(&self.handoff_command, &["stop"]).await;
+        }
+        self.handoff = None;
+    }
+
+    /// Starts a hand-off to the holder a route was just taken from, if it
+    /// is a live sibling in this gateway's AZ (its subnet: packets can be
+    /// sent to it directly) that is leaving.
+    async fn start_handoff(&mut self, from: &Target, now: Millis) {
+        let Some((fleet, _)) = &self.fleet else {
+            return;
+        };
+        let (Some(me), Some(holder)) = (fleet.gateway(self.brain.me()), fleet.holder(from)) else {
+            return;
+        };
+        let Some(std::net::IpAddr::V4(ip)) = holder.ip else {
+            return;
+        };
+        if holder.az != me.az
+            || !holder.running
+            || self.handoff.as_ref().is_some_and(|h| h.ip == ip)
+        {
+            return;
+        }
+        let peer = holder.id.clone();
+        if !self.handoff_command.is_empty()
+            && !run_command(&self.handoff_command, &["start", &ip.to_string()]).await
+        {
+            return;
+        }
+        tracing::warn!(%peer, %ip, "flows in progress on the previous holder are routed on to it");
+        self.handoff = Some(Handoff {
+            peer,
+            ip,
+            since: now,
+        });
+    }
+
+    async fn end_handoff_if_done(&mut self, now: Millis) {
+        let Some(h) = &self.handoff else { return };
+        let peer_live = self
+            .fleet
+            .as_ref()
+            .and_then(|(f, _)| f.gateway(&h.peer))
+            .is_some_and(|g| g.running);
+        if peer_live && now.since(h.since) < HANDOFF_MAX {
+            return;
+        }
+        tracing::info!(peer = %h.peer, "hand-off over: the previous holder is gone");
+        self.reset_handoff().await;
     }
 
     pub fn with_hooks(mut self, hooks: Hooks) -> Agent<E> {
@@ -246,6 +335,16 @@ impl<E: Ec2> Agent<E> {
         let plan = self.brain.plan(fleet, now);
         let eni = fleet.gateway(self.brain.me()).map(|g| g.eni.clone());
         self.carry_out(plan, eni, now, &mut done).await;
+        for from in done
+            .took
+            .iter()
+            .filter(|t| t.reason == super::decide::MoveReason::Handover)
+            .map(|t| t.from.clone())
+            .collect::<Vec<_>>()
+        {
+            self.start_handoff(&from, now).await;
+        }
+        self.end_handoff_if_done(now).await;
         self.end_launch_wait(now, &mut done).await;
         done
     }
@@ -384,8 +483,35 @@ impl<E: Ec2> Agent<E> {
     }
 }
 
+/// Runs `command` with `args`, bounded; whether it succeeded.
+async fn run_command(command: &[String], args: &[&str]) -> bool {
+    let Some((program, fixed)) = command.split_first() else {
+        return false;
+    };
+    let status = tokio::process::Command::new(program)
+        .args(fixed)
+        .args(args)
+        .kill_on_drop(true)
+        .status();
+    match tokio::time::timeout(COMMAND_TIMEOUT, status).await {
+        Ok(Ok(s)) if s.success() => true,
+        Ok(Ok(s)) => {
+            tracing::warn!(command = %command.join(" "), ?args, %s, "command failed");
+            false
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(command = %command.join(" "), error = %e, "command did not start");
+            false
+        }
+        Err(_) => {
+            tracing::warn!(command = %command.join(" "), "command still running after {COMMAND_TIMEOUT:?}");
+            false
+        }
+    }
+}
+
 /// GET `url` (plain http://host:port/path) and whether it answered 200.
-pub async fn http_ok(addr: SocketAddr, path: &str) -> bool {
+pub async fn http_ok(addr: SocketAddr, path: &str, bound: Duration) -> bool {
     let probe = async {
         let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
         let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
@@ -401,14 +527,11 @@ pub async fn http_ok(addr: SocketAddr, path: &str) -> bool {
         }
         Some(head[..got].starts_with(b"HTTP/1.1 200") || head[..got].starts_with(b"HTTP/1.0 200"))
     };
-    matches!(
-        tokio::time::timeout(PROBE_TIMEOUT, probe).await,
-        Ok(Some(true))
-    )
+    matches!(tokio::time::timeout(bound, probe).await, Ok(Some(true)))
 }
 
 /// Whether a TCP connection to `target` (host:port) opens in time.
-pub async fn reaches(target: &str) -> bool {
+pub async fn reaches(target: &str, bound: Duration) -> bool {
     let connect = async {
         let addrs = tokio::net::lookup_host(target).await.ok()?;
         for addr in addrs {
@@ -418,10 +541,7 @@ pub async fn reaches(target: &str) -> bool {
         }
         None
     };
-    matches!(
-        tokio::time::timeout(PROBE_TIMEOUT, connect).await,
-        Ok(Some(()))
-    )
+    matches!(tokio::time::timeout(bound, connect).await, Ok(Some(())))
 }
 
 #[cfg(test)]
@@ -696,6 +816,44 @@ mod tests {
                 "complete grp-a portcullis-drain"
             ]
         );
+    }
+
+    #[tokio::test]
+    async fn handover_from_a_leaving_sibling_of_the_az_hands_its_flows_off_until_it_is_gone() {
+        let (layout, fake) = setup();
+        {
+            let mut fleet = fake.fleet.borrow_mut();
+            let mut old = gateway("i-a0", "a");
+            old.ip = Some("198.51.100.140".parse().expect("ip"));
+            old.state = Some(Stated {
+                phase: Phase::Leaving,
+                since: Millis(T0),
+            });
+            fleet.gateways.push(old);
+            fleet.routes[0].target = Target::Eni(EniId("eni-i-a0".into()));
+        }
+        let mut agent = Agent::new(InstanceId("i-a".into()), fake.clone(), "f".into(), layout);
+        ready(&mut agent);
+        agent.poll(at(0)).await; // says ready
+        let done = agent.poll(at(2000)).await;
+        assert!(
+            done.took.iter().any(|t| t.reason == MoveReason::Handover),
+            "{done:?}"
+        );
+        assert_eq!(
+            agent
+                .handoff()
+                .map(|h| (h.peer.0.as_str(), h.ip.to_string())),
+            Some(("i-a0", "198.51.100.140".to_string()))
+        );
+        agent.poll(at(4000)).await;
+        assert!(agent.handoff().is_some(), "while the sibling runs");
+        fake.fleet
+            .borrow_mut()
+            .gateways
+            .retain(|g| g.id.0 != "i-a0");
+        agent.poll(at(6000)).await;
+        assert!(agent.handoff().is_none(), "ended once it is gone");
     }
 
     #[tokio::test]

@@ -84,6 +84,10 @@ struct File {
     launch_hook: Option<String>,
     /// Its termination hook, ended once drained.
     terminate_hook: Option<String>,
+    /// `start PEER` / `stop` appended: routes flows of a sibling this
+    /// gateway took over from on to it (ami/scripts/handoff.sh).
+    #[serde(default)]
+    handoff_command: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -97,6 +101,7 @@ pub struct Config {
     pub metrics_listen: SocketAddr,
     pub eips: BTreeMap<Az, Vec<address::AllocationId>>,
     pub hooks: agent::Hooks,
+    pub handoff_command: Vec<String>,
 }
 
 impl Config {
@@ -176,6 +181,7 @@ impl Config {
                 launch: file.launch_hook,
                 terminate: file.terminate_hook,
             },
+            handoff_command: file.handoff_command,
         })
     }
 }
@@ -267,7 +273,9 @@ pub async fn run(config: Config) -> Result<(), HaError> {
         config.layout.clone(),
     )
     .with_eips(config.eips.clone())
-    .with_hooks(config.hooks.clone());
+    .with_hooks(config.hooks.clone())
+    .with_handoff(config.handoff_command.clone());
+    agent.reset_handoff().await;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(HaError::Signal)?;
     let mut every = tokio::time::interval(decide::PROBE_EVERY);
@@ -322,6 +330,7 @@ pub async fn run(config: Config) -> Result<(), HaError> {
                     drain(&config.drain_command).await;
                     agent.end_termination_wait().await;
                 }
+                agent.reset_handoff().await;
                 return Ok(());
             }
         }
@@ -330,13 +339,6 @@ pub async fn run(config: Config) -> Result<(), HaError> {
 
 /// Own check and sibling probes, all at once, each bounded.
 async fn check_everyone<E: ec2::Ec2>(agent: &mut agent::Agent<E>, config: &Config) {
-    let (ready, online) = tokio::join!(
-        agent::http_ok(config.ready, "/readyz"),
-        agent::reaches(&config.internet_check),
-    );
-    agent
-        .brain
-        .self_check(ready && online && agent.address_ok());
     let siblings: Vec<(InstanceId, SocketAddr)> = agent
         .fleet(Millis::now())
         .map(|f| {
@@ -349,8 +351,19 @@ async fn check_everyone<E: ec2::Ec2>(agent: &mut agent::Agent<E>, config: &Confi
         .unwrap_or_default();
     let mut probes = tokio::task::JoinSet::new();
     for (id, addr) in siblings {
-        probes.spawn(async move { (id, agent::http_ok(addr, "/readyz").await) });
+        probes.spawn(async move {
+            let ok = agent::http_ok(addr, "/readyz", agent::PROBE_TIMEOUT).await;
+            (id, ok)
+        });
     }
+    let bound = agent::SELF_CHECK_TIMEOUT;
+    let (ready, online) = tokio::join!(
+        agent::http_ok(config.ready, "/readyz", bound),
+        agent::reaches(&config.internet_check, bound),
+    );
+    agent
+        .brain
+        .self_check(ready && online && agent.address_ok());
     // Each probe is bounded by PROBE_TIMEOUT, so this ends in time.
     while let Some(Ok((id, ok))) = probes.join_next().await {
         agent.brain.probe(&id, ok);
@@ -424,7 +437,7 @@ mod tests {
         let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = silent.local_addr().expect("addr");
         let started = std::time::Instant::now();
-        assert!(!agent::http_ok(addr, "/readyz").await);
+        assert!(!agent::http_ok(addr, "/readyz", agent::PROBE_TIMEOUT).await);
         assert!(started.elapsed() < agent::PROBE_TIMEOUT * 2);
     }
 }

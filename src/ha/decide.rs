@@ -183,6 +183,12 @@ impl Brain {
         }
     }
 
+    /// A sibling that is not a candidate (booting, down, dead) starts
+    /// afresh once it is one again.
+    pub fn forget(&mut self, sibling: &InstanceId) {
+        self.peers.remove(sibling);
+    }
+
     /// Siblings no longer in the fleet are forgotten.
     pub fn forget_gone(&mut self, fleet: &Fleet) {
         self.peers.retain(|id, _| fleet.gateway(id).is_some());

@@ -339,16 +339,28 @@ pub async fn run(config: Config) -> Result<(), HaError> {
 
 /// Own check and sibling probes, all at once, each bounded.
 async fn check_everyone<E: ec2::Ec2>(agent: &mut agent::Agent<E>, config: &Config) {
-    let siblings: Vec<(InstanceId, SocketAddr)> = agent
-        .fleet(Millis::now())
+    // Only candidates are probed: a sibling still booting would pile up
+    // failures and be challenged the moment it says it is ready.
+    let now = Millis::now();
+    let (siblings, others): (Vec<_>, Vec<_>) = agent
+        .fleet(now)
         .map(|f| {
             f.gateways
                 .iter()
-                .filter(|g| &g.id != agent.brain.me() && g.running)
-                .filter_map(|g| Some((g.id.clone(), SocketAddr::new(g.ip?, config.probe_port))))
-                .collect()
+                .filter(|g| &g.id != agent.brain.me())
+                .map(|g| (g.id.clone(), g.ip, decide::candidate(g, now)))
+                .collect::<Vec<_>>()
         })
-        .unwrap_or_default();
+        .unwrap_or_default()
+        .into_iter()
+        .partition(|(_, _, candidate)| *candidate);
+    for (id, _, _) in &others {
+        agent.brain.forget(id);
+    }
+    let siblings: Vec<(InstanceId, SocketAddr)> = siblings
+        .into_iter()
+        .filter_map(|(id, ip, _)| Some((id, SocketAddr::new(ip?, config.probe_port))))
+        .collect();
     let mut probes = tokio::task::JoinSet::new();
     for (id, addr) in siblings {
         probes.spawn(async move {

@@ -19,7 +19,8 @@
 #   rollout: N of M connections failed      AZ b's gateway replaced as an ASG would
 #   split: routes moved N times             the gateways cut off from each other
 # and fails if egress is not restored, the AZ's own gateway does not take
-# its routes back, the rollout does not hand over, or a split moves a route.
+# its routes back, the rollout does not hand over or fails a connection
+# (the download in flight included), or a split moves a route.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -z "${MOTO_SERVER:-}" ]; then
@@ -222,6 +223,14 @@ rolled_end=$(now)
 roll_total=$(($(count "$DIR/cb.log" "$rolled" "$rolled_end") + 1))
 roll_failed=$(($(count "$DIR/cb.log" "$rolled" "$rolled_end" fail) + $(count "$DIR/cb-long.log" 0 "$rolled_end" fail)))
 grep -q ' ok ' "$DIR/cb-long.log" || echo "ha-sim: the download in flight at the handover was cut: $(cat "$DIR/cb-long.log")" >&2
+if [ "$roll_failed" -gt 0 ]; then
+  # What the router applied, and when the failed attempts started, beside
+  # the rollout's own moments, for the log tails printed on exit.
+  echo "ha-sim: rollout from $rolled to $rolled_end; $roll_failed failed, first and last:" >&2
+  awk '$3 == "fail"' "$DIR/cb.log" | sed -n '1p;$p' >&2
+  cat "$DIR/router.log" >&2
+  fail "rollout: $roll_failed of $roll_total connections failed"
+fi
 
 # --- 3. the two serving gateways cut off from each other, both healthy
 split=$(now)

@@ -37,6 +37,9 @@ pub const HANDOVER_SETTLE: Duration = Duration::from_secs(3);
 /// The drain command's bound (portcullis's drain timeout, and a margin).
 pub const DRAIN_WAIT: Duration = Duration::from_secs(90);
 const IMDS_TIMEOUT: Duration = Duration::from_secs(3);
+/// After the termination hook's wait is ended, EC2 shuts the instance
+/// down within moments; the agent waits for it at most this long.
+const TERMINATION_WAIT: Duration = Duration::from_secs(600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum HaError {
@@ -326,11 +329,15 @@ pub async fn run(config: Config) -> Result<(), HaError> {
                     );
                 }
                 tokio::time::sleep(HANDOVER_SETTLE).await;
+                agent.reset_handoff().await;
                 if by_group {
                     drain(&config.drain_command).await;
                     agent.end_termination_wait().await;
+                    // The instance is being terminated. Exiting now would
+                    // have systemd start the agent again, over and over,
+                    // until it is; wait for the shutdown's SIGTERM instead.
+                    let _ = tokio::time::timeout(TERMINATION_WAIT, term.recv()).await;
                 }
-                agent.reset_handoff().await;
                 return Ok(());
             }
         }

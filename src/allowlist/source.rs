@@ -262,13 +262,8 @@ async fn s3_client() -> aws_sdk_s3::Client {
         .connect_timeout(S3_CONNECT_TIMEOUT)
         .operation_timeout(S3_OPERATION_TIMEOUT)
         .build();
-    let https = aws_smithy_http_client::Builder::new()
-        .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
-            aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
-        ))
-        .build_https();
     let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .http_client(https)
+        .http_client(crate::ha::https_client())
         .timeout_config(timeouts)
         .load()
         .await;

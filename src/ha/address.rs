@@ -69,22 +69,13 @@ pub fn claim(pool: &[Address], fleet: &Fleet, mine: &EniId) -> Claim {
 
 #[cfg(test)]
 mod tests {
-    use super::super::fleet::{Az, Gateway, InstanceId, Millis};
+    use super::super::fleet::Gateway;
     use super::*;
 
     fn gw(id: &str, running: bool) -> Gateway {
         Gateway {
-            id: InstanceId(format!("i-{id}")),
-            az: Az("a".into()),
-            eni: EniId(format!("eni-{id}")),
-            ip: None,
-            launched: Millis(0),
             running,
-            booting: false,
-            group: None,
-            state: None,
-            alive: None,
-            challenge: None,
+            ..Gateway::sample(&format!("i-{id}"), "a", &format!("eni-{id}"))
         }
     }
 

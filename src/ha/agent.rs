@@ -662,17 +662,8 @@ mod tests {
 
     fn gateway(id: &str, az: &str) -> Gateway {
         Gateway {
-            id: InstanceId(id.into()),
-            az: Az(az.into()),
-            eni: EniId(format!("eni-{id}")),
-            ip: None,
             launched: Millis(T0),
-            running: true,
-            booting: false,
-            group: None,
-            state: None,
-            alive: None,
-            challenge: None,
+            ..Gateway::sample(id, az, &format!("eni-{id}"))
         }
     }
 

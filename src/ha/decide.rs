@@ -393,20 +393,13 @@ mod tests {
 
     fn gw(id: &str, az: &str, launched: u64) -> Gateway {
         Gateway {
-            id: InstanceId(format!("i-{id}")),
-            az: Az(az.into()),
-            eni: EniId(format!("eni-{id}")),
-            ip: None,
             launched: at(launched),
-            running: true,
-            booting: false,
-            group: None,
             state: Some(Stated {
                 phase: Phase::Ready,
                 since: at(0),
             }),
             alive: Some(at(0)),
-            challenge: None,
+            ..Gateway::sample(&format!("i-{id}"), az, &format!("eni-{id}"))
         }
     }
 

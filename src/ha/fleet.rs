@@ -167,6 +167,26 @@ pub struct Gateway {
     pub challenge: Option<Challenge>,
 }
 
+#[cfg(test)]
+impl Gateway {
+    /// A running gateway that has said nothing of itself yet.
+    pub fn sample(id: &str, az: &str, eni: &str) -> Gateway {
+        Gateway {
+            id: InstanceId(id.into()),
+            az: Az(az.into()),
+            eni: EniId(eni.into()),
+            ip: None,
+            launched: Millis(0),
+            running: true,
+            booting: false,
+            group: None,
+            state: None,
+            alive: None,
+            challenge: None,
+        }
+    }
+}
+
 /// Which default route of a table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Family {

@@ -239,6 +239,8 @@ async fn identity_once() -> Result<Identity, HaError> {
     })
 }
 
+/// The SDK's HTTPS client with rustls on ring (its default, aws-lc, is a
+/// large C build), for the S3 list source, IMDS and the credential chain.
 pub(crate) fn https_client() -> aws_smithy_runtime_api::client::http::SharedHttpClient {
     aws_smithy_http_client::Builder::new()
         .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(

@@ -291,15 +291,16 @@ impl<E: Ec2> Agent<E> {
             .and_then(|(f, _)| f.gateway(self.brain.me()))
     }
 
+    /// How many default routes point at this gateway, by a fresh reading.
+    pub fn routes_held(&self, now: Millis) -> Option<usize> {
+        let (fleet, me) = (self.fleet(now)?, self.me()?);
+        let mine = Target::Eni(me.eni.clone());
+        Some(fleet.routes.iter().filter(|r| r.target == mine).count())
+    }
+
     /// Whether no default route points at this gateway any more.
     pub fn holds_nothing(&self, now: Millis) -> bool {
-        let (Some(fleet), Some(me)) = (self.fleet(now), self.me()) else {
-            return false;
-        };
-        !fleet
-            .routes
-            .iter()
-            .any(|r| r.target == Target::Eni(me.eni.clone()))
+        self.routes_held(now) == Some(0)
     }
 
     /// One round: read the fleet, decide, act.

@@ -396,13 +396,7 @@ fn report<E: ec2::Ec2>(agent: &agent::Agent<E>, now: Millis) {
         return;
     };
     metrics::gauge!(crate::telemetry::HA_UNSERVED_ROUTES).set(decide::unserved(fleet, now) as f64);
-    let held = agent.me().map_or(0, |me| {
-        fleet
-            .routes
-            .iter()
-            .filter(|r| r.target == fleet::Target::Eni(me.eni.clone()))
-            .count()
-    });
+    let held = agent.routes_held(now).unwrap_or(0);
     metrics::gauge!(crate::telemetry::HA_ROUTES_HELD).set(held as f64);
     metrics::gauge!(crate::telemetry::HA_READY).set(if agent.brain.is_ready() { 1.0 } else { 0.0 });
 }

@@ -10,17 +10,19 @@
 # HA_SIM_KEEP=1 keeps the logs.
 #
 #   VPC fabric (hs-vpc bridge, 198.51.100.0/24):
-#     client a .10   client b .74   gateway a1 .140   gateway b1 .200 (b2 .201)
-#   internet (hs-net bridge, 192.0.2.0/24): gateways .11/.21/.22, the EC2 API
-#     at 192.0.2.1:5000, the web server at 203.0.113.10:80
+#     client a .10   client b .74   gateways a1 .140 (a2 .141)   b1 .200 (b2 .201)
+#   internet (hs-net bridge, 192.0.2.0/24): gateways .11/.12/.21/.22, the EC2
+#     API at 192.0.2.1:5000, the web server at 203.0.113.10:80
 #
 # It measures, and prints as its last three lines:
 #   failover: egress restored after X s     SIGKILL of AZ a's gateway
-#   rollout: N of M connections failed      AZ b's gateway replaced as an ASG would
+#   rollout: N of M connections failed      both AZs' gateways replaced, as one
+#                                           apply has the ASGs do it
 #   split: routes moved N times             the gateways cut off from each other
 # and fails if egress is not restored, the AZ's own gateway does not take
-# its routes back, the rollout does not hand over or fails a connection
-# (the download in flight included), or a split moves a route.
+# its routes back, the rollout does not hand over, does not go one AZ at a
+# time or fails a connection (the downloads in flight included), or a split
+# moves a route.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -z "${MOTO_SERVER:-}" ]; then
@@ -33,14 +35,26 @@ BIN=${PORTCULLIS_BIN:-target/release/portcullis}
 PY="$PORTCULLIS_VENV/bin/python"
 [ -x "$BIN" ] || { echo "ha-sim: build first (cargo build --release): no $BIN" >&2; exit 2; }
 DIR=$(mktemp -d)
-NAMESPACES="hs-net hs-vpc hs-ca hs-cb hs-a1 hs-b1 hs-b2"
+NAMESPACES="hs-net hs-vpc hs-ca hs-cb hs-a1 hs-a2 hs-b1 hs-b2"
 export AWS_ENDPOINT_URL=http://192.0.2.1:5000 AWS_ACCESS_KEY_ID=sim AWS_SECRET_ACCESS_KEY=sim AWS_REGION=us-east-1
 
 cleanup() {
   local rc=$?
+  disown -a
   # shellcheck disable=SC2086
   topology_down $NAMESPACES
   if [ "$rc" -ne 0 ]; then
+    # Whether each gateway still reaches the "internet" side, and what its
+    # links and neighbours look like: a gateway cut off shows here.
+    for ns in hs-a1 hs-a2 hs-b1 hs-b2; do
+      ip -n "$ns" link show eth1 >/dev/null 2>&1 || continue
+      echo "--- $ns: the EC2 API $(ip netns exec "$ns" curl -s -m 1 -o /dev/null -w '%{http_code}' http://192.0.2.1:5000/moto-api/ || echo unreachable)" >&2
+      ip -n "$ns" -br addr >&2
+      ip -n "$ns" neigh >&2
+      ip -n "$ns" route >&2
+    done
+    ip -n hs-net neigh >&2 || true
+    bridge -n hs-net fdb show br br0 >&2 || true
     echo "ha-sim: failed; the last lines of each log:" >&2
     for log in "$DIR"/*.log; do
       echo "--- $log" >&2
@@ -107,11 +121,12 @@ POOL_B=$(pool us-east-1b)
 echo allowed.example >"$DIR/allowlist.txt"
 
 # --- gateways
-# gateway NAME VPC-ADDRESS NET-ADDRESS SUBNET AZ: launches the instance in
-# the API and builds its namespace.
+# gateway NAME VPC-ADDRESS NET-ADDRESS SUBNET AZ RELEASE: launches the
+# instance in the API, tagged with its release as the module's launch
+# template does, and builds its namespace.
 gateway() {
-  local name=$1 vpc=$2 net=$3 subnet=$4 az=$5 ns="hs-$1" id eni
-  read -r id eni < <(sim launch "$(table subnets "$subnet")" "$vpc" "$az")
+  local name=$1 vpc=$2 net=$3 subnet=$4 az=$5 release=$6 ns="hs-$1" id eni
+  read -r id eni < <(sim launch "$(table subnets "$subnet")" "$vpc" "$az" "$release")
   echo "$id" >"$DIR/$name.id"
   echo "$eni" >"$DIR/$name.eni"
   plug "$ns" eth0 hs-vpc "$vpc/24"
@@ -141,6 +156,7 @@ internet-check = "203.0.113.10:80"
 metrics-listen = "127.0.0.1:9091"
 drain-command = ["kill", "-TERM", "$pid"]
 handoff-command = ["$PWD/ami/scripts/handoff.sh"]
+rollout-soak = "${SOAK}s"
 [route-tables]
 "us-east-1a" = ["$TABLE_A"]
 "us-east-1b" = ["$TABLE_B"]
@@ -153,6 +169,8 @@ EOF
 # kill_all NAME: the instance dies, all of it at once.
 kill_all() {
   local pid
+  # Killed on purpose: no "Killed" job notices after the last lines.
+  disown -a
   for pid in $(ip netns pids "hs-$1"); do kill -9 "$pid" 2>/dev/null || true; done
 }
 # holds NAME AZ: the instance's interface holds an address of AZ's pool.
@@ -168,8 +186,11 @@ state_is() {
   grep -q "^portcullis:state $2@" <<<"$tags"
 }
 
-gateway a1 198.51.100.140 192.0.2.11 public-a us-east-1a
-gateway b1 198.51.100.200 192.0.2.21 public-b us-east-1b
+# How long AZ a must have been served by a new release before AZ b's new
+# gateway says it is ready (60 s in production).
+SOAK=5
+gateway a1 198.51.100.140 192.0.2.11 public-a us-east-1a r1
+gateway b1 198.51.100.200 192.0.2.21 public-b us-east-1b r1
 start a1
 start b1
 ip netns exec hs-net "$PY" scripts/ha_sim.py router "$DIR/vpc.json" "$DIR/router.log" &
@@ -199,56 +220,81 @@ restored=$(awk -v t="$killed" '$1 > t && $3 == "ok" {print $2 - t; exit}' "$DIR/
 start a1
 wait_until 90 "AZ a's own gateway taking its route back" route_is "$TABLE_A" a1
 
-# --- 2. a planned replacement of AZ b's gateway
+# --- 2. a rollout: one apply has both AZs' groups launch a new gateway
+# (release r2) beside the old, at once
 rolled=$(now)
-gateway b2 198.51.100.201 192.0.2.22 public-b us-east-1b
+gateway a2 198.51.100.141 192.0.2.12 public-a us-east-1a r2
+gateway b2 198.51.100.201 192.0.2.22 public-b us-east-1b r2
+start a2
 start b2
-wait_until 60 "the new gateway ready" state_is b2 ready
-# It took AZ b's other address; the old one keeps its own while it drains.
+wait_until 60 "AZ a's new gateway ready" state_is a2 ready
+# Each took its AZ's spare address; the old ones keep theirs while they drain.
+holds a2 us-east-1a || fail "a2 is ready without an address of AZ a's pool"
+holds a1 us-east-1a || fail "a1 lost its address to the new gateway"
+sleep 2
+! state_is b2 ready || fail "AZ b's new gateway said ready before AZ a had rolled"
+# retire NAME TABLE NEW: the group takes the old gateway out (its lifecycle
+# hook's wait begins) while a download runs through it; the new one takes
+# the route (at $handed), the old one drains and is terminated.
+retire() {
+  local old=$1 table=$2 new=$3 client=hs-c${1:0:1}
+  ip netns exec "$client" "$PY" scripts/ha_sim.py long allowed.example 203.0.113.10 "$DIR/$client-long.log" &
+  sleep 0.5
+  sed -i 's/"InService"/"Terminated"/' "$DIR/$old.imds.json"
+  wait_until 60 "the route of $old's AZ handed to $new" route_is "$table" "$new"
+  handed=$(now)
+  exited() { ! kill -0 "$(cat "$DIR/$old.portcullis.pid")" 2>/dev/null; }
+  wait_until 60 "$old drained" exited
+  sim terminate "$(cat "$DIR/$old.id")"
+  kill_all "$old"
+}
+retire a1 "$TABLE_A" a2
+a_rolled=$handed
+wait_until 60 "AZ b's new gateway ready" state_is b2 ready
+b2_ready=$(sim tags "$(cat "$DIR/b2.id")" | sed -n 's/^portcullis:state ready@//p')
+# Seen a moment after it happened: a second of slack on the soak.
+awk -v r="$b2_ready" -v a="$a_rolled" -v soak="$SOAK" 'BEGIN {exit !(r / 1000 >= a + soak - 1)}' ||
+  fail "AZ b's new gateway said ready $(awk -v r="$b2_ready" -v a="$a_rolled" 'BEGIN {print r / 1000 - a}') s after AZ a rolled, before the ${SOAK} s soak"
 holds b2 us-east-1b || fail "b2 is ready without an address of AZ b's pool"
 holds b1 us-east-1b || fail "b1 lost its address to the new gateway"
-# The group takes the old one out: its lifecycle hook's wait begins. A
-# download starts through it, and is still running when the route moves.
-ip netns exec hs-cb "$PY" scripts/ha_sim.py long allowed.example 203.0.113.10 "$DIR/cb-long.log" &
-sleep 0.5
-sed -i 's/"InService"/"Terminated"/' "$DIR/b1.imds.json"
-wait_until 60 "AZ b's route handed to the new gateway" route_is "$TABLE_B" b2
-b1_exited() { ! kill -0 "$(cat "$DIR/b1.portcullis.pid")" 2>/dev/null; }
-wait_until 60 "the old gateway drained" b1_exited
-sim terminate "$(cat "$DIR/b1.id")"
-kill_all b1
+retire b1 "$TABLE_B" b2
 sleep 2
 rolled_end=$(now)
-[ -s "$DIR/cb-long.log" ] || fail "the download across the handover did not finish"
-roll_total=$(($(count "$DIR/cb.log" "$rolled" "$rolled_end") + 1))
-roll_failed=$(($(count "$DIR/cb.log" "$rolled" "$rolled_end" fail) + $(count "$DIR/cb-long.log" 0 "$rolled_end" fail)))
-grep -q ' ok ' "$DIR/cb-long.log" || echo "ha-sim: the download in flight at the handover was cut: $(cat "$DIR/cb-long.log")" >&2
+roll_total=0
+roll_failed=0
+for client in ca cb; do
+  [ -s "$DIR/hs-$client-long.log" ] || fail "the download through $client's old gateway did not finish"
+  grep -q ' ok ' "$DIR/hs-$client-long.log" ||
+    echo "ha-sim: the download in flight at $client's handover was cut: $(cat "$DIR/hs-$client-long.log")" >&2
+  roll_total=$((roll_total + $(count "$DIR/$client.log" "$rolled" "$rolled_end") + 1))
+  roll_failed=$((roll_failed + $(count "$DIR/$client.log" "$rolled" "$rolled_end" fail) + $(count "$DIR/hs-$client-long.log" 0 "$rolled_end" fail)))
+done
 if [ "$roll_failed" -gt 0 ]; then
   # What the router applied, and when the failed attempts started, beside
   # the rollout's own moments, for the log tails printed on exit.
-  echo "ha-sim: rollout from $rolled to $rolled_end; $roll_failed failed, first and last:" >&2
-  awk '$3 == "fail"' "$DIR/cb.log" | sed -n '1p;$p' >&2
+  echo "ha-sim: rollout from $rolled to $rolled_end (AZ a done at $a_rolled); $roll_failed failed, first and last:" >&2
+  cat "$DIR/ca.log" "$DIR/cb.log" | awk '$3 == "fail"' | sort -n | sed -n '1p;$p' >&2
   cat "$DIR/router.log" >&2
   fail "rollout: $roll_failed of $roll_total connections failed"
 fi
 
 # --- 3. the two serving gateways cut off from each other, both healthy
 split=$(now)
-ip netns exec hs-a1 iptables -I INPUT 1 -s 198.51.100.201 -j DROP
-ip netns exec hs-b2 iptables -I INPUT 1 -s 198.51.100.140 -j DROP
+ip netns exec hs-a2 iptables -I INPUT 1 -s 198.51.100.201 -j DROP
+ip netns exec hs-b2 iptables -I INPUT 1 -s 198.51.100.141 -j DROP
 # Long enough for two rounds of challenges (the second after a 30 s backoff).
 sleep 50
-ip netns exec hs-a1 iptables -D INPUT -s 198.51.100.201 -j DROP
-ip netns exec hs-b2 iptables -D INPUT -s 198.51.100.140 -j DROP
+ip netns exec hs-a2 iptables -D INPUT -s 198.51.100.201 -j DROP
+ip netns exec hs-b2 iptables -D INPUT -s 198.51.100.141 -j DROP
 sleep 5
 split_end=$(now)
 moves=$(awk -v from="$split" -v to="$split_end" '$1 >= from && $1 <= to && $2 ~ /^rtb-/ {n++} END {print n+0}' "$DIR/router.log")
-challenges=$(cat "$DIR"/a1.ha.log "$DIR"/b2.ha.log | grep -c 'challenged it' || true)
+challenges=$(cat "$DIR"/a2.ha.log "$DIR"/b2.ha.log | grep -c 'challenged it' || true)
 [ "$challenges" -gt 0 ] || fail "the split was not noticed: no challenge"
-route_is "$TABLE_A" a1 || fail "AZ a's route left its gateway"
+route_is "$TABLE_A" a2 || fail "AZ a's route left its gateway"
 route_is "$TABLE_B" b2 || fail "AZ b's route left its gateway"
 
-holds a1 us-east-1a || fail "a1 lost its address"
+holds a2 us-east-1a || fail "a2 lost its address"
 holds b2 us-east-1b || fail "b2 lost its address"
 echo "ha-sim: egress addresses (AZ, allocation, interface):"
 sim addresses "$DIR/vpc.json" | sed 's/^/  /'

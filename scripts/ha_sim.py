@@ -1,7 +1,7 @@
 """Helpers of scripts/ha-sim.sh, each a subcommand:
 
   seed OUT.json                  the VPC, subnets and route tables in the EC2 API
-  launch SUBNET IP AZ            one gateway instance; prints its instance id and ENI
+  launch SUBNET IP AZ RELEASE    one gateway instance; prints its instance id and ENI
   imds FILE                      an IMDSv2 responder (one per gateway namespace)
   router STATE.json LOG          applies the API's route tables to the client namespaces
   client HOST ADDR LOG           a new HTTP connection every 100 ms through the gateway
@@ -20,6 +20,7 @@ import http.server
 import json
 import os
 import socket
+import socketserver
 import subprocess
 import sys
 import threading
@@ -65,7 +66,7 @@ def seed(out):
         json.dump(state, f)
 
 
-def launch(subnet, ip, az):
+def launch(subnet, ip, az, release):
     api = ec2()
     instance = api.run_instances(
         ImageId="ami-12c6146b",
@@ -75,7 +76,13 @@ def launch(subnet, ip, az):
         PrivateIpAddress=ip,
         Placement={"AvailabilityZone": az},
         TagSpecifications=[
-            {"ResourceType": "instance", "Tags": [{"Key": "portcullis:gateway", "Value": FLEET}]}
+            {
+                "ResourceType": "instance",
+                "Tags": [
+                    {"Key": "portcullis:gateway", "Value": FLEET},
+                    {"Key": "portcullis:release", "Value": release},
+                ],
+            }
         ],
     )["Instances"][0]
     print(instance["InstanceId"], instance["NetworkInterfaces"][0]["NetworkInterfaceId"])
@@ -114,6 +121,15 @@ def addresses(state_file):
 
 def terminate(instance):
     ec2().terminate_instances(InstanceIds=[instance])
+
+
+class Server(socketserver.ThreadingTCPServer):
+    """An HTTP server without http.server's bind-time getfqdn(): in a
+    namespace with a default route that reverse lookup waits out the
+    resolver's timeouts (10 s) before the server listens."""
+
+    daemon_threads = True
+    allow_reuse_address = True
 
 
 class Imds(http.server.BaseHTTPRequestHandler):
@@ -176,7 +192,7 @@ class Web(http.server.BaseHTTPRequestHandler):
 
 
 def web(addr):
-    http.server.ThreadingHTTPServer((addr, 80), Web).serve_forever()
+    Server((addr, 80), Web).serve_forever()
 
 
 def long(host, addr, log):
@@ -204,7 +220,7 @@ def long(host, addr, log):
 
 def imds(file):
     Imds.file = file
-    server = http.server.ThreadingHTTPServer(("169.254.169.254", 80), Imds)
+    server = Server(("169.254.169.254", 80), Imds)
     server.serve_forever()
 
 

@@ -83,6 +83,8 @@ pub(crate) struct Agent<E> {
     /// routes from are routed on to it (ami/scripts/handoff.sh).
     handoff_command: Vec<String>,
     handoff: Option<Handoff>,
+    /// The earlier AZ a rollout was last logged as waiting on.
+    rollout_wait: Option<super::fleet::Az>,
 }
 
 /// A hand-off in progress: the sibling whose connections still arrive here.
@@ -132,6 +134,7 @@ impl<E: Ec2> Agent<E> {
             warned: None,
             handoff_command: Vec::new(),
             handoff: None,
+            rollout_wait: None,
         }
     }
 
@@ -198,6 +201,11 @@ impl<E: Ec2> Agent<E> {
         }
         tracing::info!(peer = %h.peer, "hand-off over: the previous holder is gone");
         self.reset_handoff().await;
+    }
+
+    pub fn with_rollout_soak(mut self, soak: Duration) -> Agent<E> {
+        self.brain = self.brain.with_rollout_soak(soak);
+        self
     }
 
     pub fn with_hooks(mut self, hooks: Hooks) -> Agent<E> {
@@ -334,6 +342,10 @@ impl<E: Ec2> Agent<E> {
             return done;
         };
         let plan = self.brain.plan(fleet, now);
+        self.log_rollout_wait();
+        let Some((fleet, _)) = &self.fleet else {
+            return done;
+        };
         let eni = fleet.gateway(self.brain.me()).map(|g| g.eni.clone());
         self.carry_out(plan, eni, now, &mut done).await;
         for from in done
@@ -348,6 +360,23 @@ impl<E: Ec2> Agent<E> {
         self.end_handoff_if_done(now).await;
         self.end_launch_wait(now, &mut done).await;
         done
+    }
+
+    fn log_rollout_wait(&mut self) {
+        let waits = self.brain.rollout_waits_for().cloned();
+        if waits == self.rollout_wait {
+            return;
+        }
+        match (&waits, &self.rollout_wait) {
+            (Some(az), _) => tracing::info!(
+                "rollout: {az} is not served by this release yet; this gateway says ready only once it is"
+            ),
+            (None, Some(az)) => tracing::info!(
+                "rollout: {az} is served by this release; ready once it has been for the soak time"
+            ),
+            (None, None) => {}
+        }
+        self.rollout_wait = waits;
     }
 
     async fn claim_address(&mut self, now: Millis, done: &mut Done) {

@@ -23,6 +23,7 @@ use super::fleet::{
     Az, Challenge, Family, Fleet, Gateway, InstanceId, Layout, Millis, Phase, Route, RouteTableId,
     Stated, Target,
 };
+use super::rollout::{self, Gate};
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -125,6 +126,7 @@ pub struct Brain {
     passes: u32,
     failures: u32,
     peers: HashMap<InstanceId, Peer>,
+    rollout: Gate,
 }
 
 impl Brain {
@@ -136,7 +138,20 @@ impl Brain {
             passes: 0,
             failures: 0,
             peers: HashMap::new(),
+            rollout: Gate::new(rollout::SOAK),
         }
+    }
+
+    /// How long an earlier AZ must have been served by a new release
+    /// before this gateway, part of the rollout, says it is ready.
+    pub fn with_rollout_soak(mut self, soak: Duration) -> Brain {
+        self.rollout = Gate::new(soak);
+        self
+    }
+
+    /// The earlier AZ whose rollout this gateway waits on, if it does.
+    pub fn rollout_waits_for(&self) -> Option<&Az> {
+        self.rollout.waiting_for()
     }
 
     pub fn me(&self) -> &InstanceId {
@@ -204,7 +219,8 @@ impl Brain {
         peer.quiet_until = Some(at.plus(backoff));
     }
 
-    pub fn plan(&self, fleet: &Fleet, now: Millis) -> Plan {
+    pub fn plan(&mut self, fleet: &Fleet, now: Millis) -> Plan {
+        self.rollout.update(&self.layout, fleet, &self.me, now);
         Plan {
             publish: self.publish(fleet, now),
             challenges: self.challenges(fleet, now),
@@ -218,6 +234,9 @@ impl Brain {
         let fresh = |phase| Stated { phase, since: now };
         match self.wanted {
             Wanted::Starting => None,
+            // A rollout one AZ at a time: not ready before the AZ before
+            // this one is served by this release (`rollout`).
+            Wanted::Ready if mine.state.is_none() && !self.rollout.is_open() => None,
             Wanted::Down if !phase(Phase::Down) => Some(Publish {
                 state: Some(fresh(Phase::Down)),
                 alive: None,
@@ -317,12 +336,19 @@ fn settled(g: &Gateway, now: Millis) -> bool {
     g.state.is_some_and(|s| now.since(s.since) >= SETTLE)
 }
 
-/// The candidates for `az`'s routes, best first.
-fn ranked<'f>(layout: &Layout, fleet: &'f Fleet, az: &Az, now: Millis) -> Vec<&'f Gateway> {
+/// Every AZ of the layout and the fleet, in name order: the order AZs
+/// fail over in and roll out in.
+pub fn azs<'f>(layout: &'f Layout, fleet: &'f Fleet) -> Vec<&'f Az> {
     let mut azs: Vec<&Az> = layout.tables.keys().collect();
     azs.extend(fleet.gateways.iter().map(|g| &g.az));
     azs.sort();
     azs.dedup();
+    azs
+}
+
+/// The candidates for `az`'s routes, best first.
+fn ranked<'f>(layout: &Layout, fleet: &'f Fleet, az: &Az, now: Millis) -> Vec<&'f Gateway> {
+    let azs = azs(layout, fleet);
     let at = azs.iter().position(|a| *a == az).unwrap_or(0);
     let distance = |a: &Az| {
         let i = azs.iter().position(|x| *x == a).unwrap_or(0);
@@ -522,7 +548,7 @@ mod tests {
         challenge(&mut fleet, "b1", "a1", 100);
 
         // Each answers the challenge on itself, above its time.
-        for (brain, own) in [(&a1, "a1"), (&b1, "b1")] {
+        for (brain, own) in [(&mut a1, "a1"), (&mut b1, "b1")] {
             let plan = brain.plan(&fleet, at(102));
             assert_eq!(
                 plan.publish,
@@ -534,7 +560,7 @@ mod tests {
             gateway_mut(&mut fleet, own).alive = Some(at(102));
         }
         for t in [106, 120, 129] {
-            for brain in [&a1, &b1] {
+            for brain in [&mut a1, &mut b1] {
                 assert_eq!(brain.plan(&fleet, at(t)), Plan::default(), "at +{t}s");
             }
         }
@@ -567,7 +593,7 @@ mod tests {
             phase: Phase::Ready,
             since: at(100),
         });
-        let a1 = ready_brain("a1");
+        let mut a1 = ready_brain("a1");
         assert!(a1.plan(&fleet, at(109)).takes.is_empty(), "still settling");
         let takes = a1.plan(&fleet, at(110)).takes;
         assert_eq!(takes.len(), 1);
@@ -667,7 +693,7 @@ mod tests {
             since: at(60),
         });
         fleet.gateways.push(new);
-        let b2 = ready_brain("b2");
+        let mut b2 = ready_brain("b2");
         // Ready and settled, but the older b1 holds AZ b and ranks first.
         assert!(b2.plan(&fleet, at(200)).takes.is_empty());
         gateway_mut(&mut fleet, "b1").state = Some(Stated {
@@ -680,6 +706,36 @@ mod tests {
         assert_eq!(takes[0].table, RouteTableId("rtb-b".into()));
         // a1 is in another AZ and ranks after b2: it stays out of it.
         assert!(ready_brain("a1").plan(&fleet, at(200)).takes.is_empty());
+    }
+
+    #[test]
+    fn rollout_says_ready_in_the_second_az_only_after_the_first_has_rolled() {
+        // One apply: both AZs' groups launch a release-2 gateway at once.
+        let mut fleet = pair();
+        for g in &mut fleet.gateways {
+            g.release = Some("r1".into());
+        }
+        for (id, az) in [("a2", "a"), ("b2", "b")] {
+            let mut new = gw(id, az, 50);
+            new.state = None;
+            new.release = Some("r2".into());
+            fleet.gateways.push(new);
+        }
+        let mut a2 = ready_brain("a2");
+        let mut b2 = ready_brain("b2").with_rollout_soak(Duration::from_secs(60));
+        let said = |p: Plan| p.publish.and_then(|p| p.state).map(|s| s.phase);
+        assert_eq!(said(a2.plan(&fleet, at(100))), Some(Phase::Ready));
+        assert_eq!(said(b2.plan(&fleet, at(100))), None, "AZ a still on r1");
+        assert_eq!(b2.rollout_waits_for(), Some(&Az("a".into())));
+        // a2 says ready, and takes AZ a once a1 hands it over.
+        gateway_mut(&mut fleet, "a2").state = Some(Stated {
+            phase: Phase::Ready,
+            since: at(100),
+        });
+        fleet.routes[0] = route("a", "a2");
+        assert_eq!(said(b2.plan(&fleet, at(150))), None, "soaking");
+        assert_eq!(said(b2.plan(&fleet, at(209))), None, "soaking");
+        assert_eq!(said(b2.plan(&fleet, at(210))), Some(Phase::Ready));
     }
 
     #[test]

@@ -9,7 +9,7 @@ use super::address::{Address, AllocationId};
 use super::decide::Take;
 use super::fleet::{
     Az, Challenge, EniId, Family, Fleet, Gateway, InstanceId, Layout, Millis, Route, RouteTableId,
-    Stated, TAG_ALIVE, TAG_CHALLENGE, TAG_STATE, Target, alive_from_tag,
+    Stated, TAG_ALIVE, TAG_CHALLENGE, TAG_RELEASE, TAG_STATE, Target, alive_from_tag,
 };
 use super::xml::{self, Element};
 use hyper_rustls::ConfigBuilderExt as _;
@@ -537,6 +537,7 @@ fn parse_instances(root: &Element) -> Vec<Gateway> {
                 running: item.text_at(&["instanceState", "name"]) == Some("running"),
                 booting: item.text_at(&["instanceState", "name"]) == Some("pending"),
                 group: tag("aws:autoscaling:groupName").map(str::to_owned),
+                release: tag(TAG_RELEASE).map(str::to_owned),
                 state: tag(TAG_STATE).and_then(Stated::from_tag),
                 alive: tag(TAG_ALIVE).and_then(alive_from_tag),
                 challenge: tag(TAG_CHALLENGE).and_then(Challenge::from_tag),
@@ -615,6 +616,7 @@ mod tests {
    <tagSet>
     <item><key>portcullis:gateway</key><value>prod</value></item>
     <item><key>aws:autoscaling:groupName</key><value>prod-us-east-1a-1</value></item>
+    <item><key>portcullis:release</key><value>5f2c0e1a9b</value></item>
     <item><key>portcullis:state</key><value>ready@1764602918000</value></item>
     <item><key>portcullis:challenge</key><value>1764602920000 i-0b</value></item>
     <item><key>portcullis:alive</key><value>garbage</value></item>
@@ -637,6 +639,7 @@ mod tests {
         assert!(g.running);
         assert_eq!(g.state.map(|s| s.since), Some(Millis(1_764_602_918_000)));
         assert_eq!(g.challenge.as_ref().map(|c| c.by.0.as_str()), Some("i-0b"));
+        assert_eq!(g.release.as_deref(), Some("5f2c0e1a9b"));
         assert_eq!(g.alive, None, "an unparsable tag is absent");
         assert_eq!(g.group.as_deref(), Some("prod-us-east-1a-1"));
     }

@@ -102,6 +102,10 @@ pub struct Challenge {
 pub const TAG_STATE: &str = "portcullis:state";
 pub const TAG_ALIVE: &str = "portcullis:alive";
 pub const TAG_CHALLENGE: &str = "portcullis:challenge";
+/// What the instance was launched to run (written by the deployment, e.g.
+/// the Terraform module's hash of the AMI and the settings): a gateway
+/// whose AZ still runs another release is part of a rollout.
+pub const TAG_RELEASE: &str = "portcullis:release";
 
 impl Stated {
     /// `ready@1764601200000`
@@ -162,6 +166,8 @@ pub struct Gateway {
     pub booting: bool,
     /// Its auto-scaling group (the `aws:autoscaling:groupName` tag).
     pub group: Option<String>,
+    /// `portcullis:release`, if the deployment tags it.
+    pub release: Option<String>,
     pub state: Option<Stated>,
     pub alive: Option<Millis>,
     pub challenge: Option<Challenge>,
@@ -180,6 +186,7 @@ impl Gateway {
             running: true,
             booting: false,
             group: None,
+            release: None,
             state: None,
             alive: None,
             challenge: None,

@@ -10,6 +10,7 @@
 //!
 //! - [`fleet`]: the fleet as values (gateways, HA tags, default routes).
 //! - [`decide`]: the ownership rule, with no I/O.
+//! - [`rollout`]: a rollout's new gateways say ready one AZ at a time.
 //! - [`address`]: which Elastic IP of its AZ's pool a gateway holds.
 //! - [`ec2`]: the EC2 query API calls, signed with the SDK's SigV4.
 //! - [`xml`]: the element tree the API's answers are read with.
@@ -20,6 +21,7 @@ pub mod agent;
 pub mod decide;
 pub mod ec2;
 pub mod fleet;
+pub mod rollout;
 pub mod xml;
 
 use fleet::{Az, InstanceId, Layout, Millis, RouteTableId};
@@ -91,6 +93,9 @@ struct File {
     /// gateway took over from on to it (ami/scripts/handoff.sh).
     #[serde(default)]
     handoff_command: Vec<String>,
+    /// How long an earlier AZ must have been served by a new release
+    /// before a later AZ's new gateway says it is ready (`rollout`).
+    rollout_soak: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -105,6 +110,7 @@ pub struct Config {
     pub eips: BTreeMap<Az, Vec<address::AllocationId>>,
     pub hooks: agent::Hooks,
     pub handoff_command: Vec<String>,
+    pub rollout_soak: Duration,
 }
 
 impl Config {
@@ -164,6 +170,12 @@ impl Config {
                 file.internet_check
             ));
         }
+        let rollout_soak = match &file.rollout_soak {
+            Some(s) => {
+                crate::config::parse_duration(s).map_err(|e| format!("rollout-soak: {e}"))?
+            }
+            None => rollout::SOAK,
+        };
         Ok(Config {
             fleet: file.fleet,
             layout: Layout {
@@ -185,6 +197,7 @@ impl Config {
                 terminate: file.terminate_hook,
             },
             handoff_command: file.handoff_command,
+            rollout_soak,
         })
     }
 }
@@ -279,7 +292,8 @@ pub async fn run(config: Config) -> Result<(), HaError> {
     )
     .with_eips(config.eips.clone())
     .with_hooks(config.hooks.clone())
-    .with_handoff(config.handoff_command.clone());
+    .with_handoff(config.handoff_command.clone())
+    .with_rollout_soak(config.rollout_soak);
     agent.reset_handoff().await;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(HaError::Signal)?;
@@ -433,7 +447,17 @@ mod tests {
         assert_eq!(c.layout.tables.len(), 2);
         assert_eq!(c.probe_port, 9090);
         assert_eq!(c.metrics_listen.port(), 9091);
+        assert_eq!(c.rollout_soak, rollout::SOAK);
+        let soak = format!("rollout-soak = \"5s\"\n{good}");
+        assert_eq!(
+            Config::parse(&soak).map(|c| c.rollout_soak),
+            Ok(Duration::from_secs(5))
+        );
         let bad = [
+            (
+                format!("rollout-soak = \"5\"\n{good}"),
+                "rollout-soak: invalid duration",
+            ),
             (good.replace("rtb-0b2", "rtb-0a1"), "listed for two AZs"),
             (good.replace("rtb-0b2", "subnet-1"), "not a route table id"),
             (good.replace("\"prod\"", "\" \""), "fleet must name"),

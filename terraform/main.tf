@@ -52,7 +52,8 @@ locals {
   ha_eips = join("\n", [for az, ids in local.eips : "      \"${az}\" = ${jsonencode(ids)}"])
 
   # Each AZ's instances reach their lifetime a day apart, so the AZs never
-  # all roll at once.
+  # all roll at once; an apply's rollout goes one AZ at a time through the
+  # agents (local.release).
   az_index = { for i, az in sort(keys(var.public_subnet_ids)) : az => i }
 
   user_data = { for az, subnet in var.public_subnet_ids : az => templatefile(
@@ -78,13 +79,19 @@ locals {
         [for s in data.aws_subnet.public : "tcp:9090@${s.cidr_block}"],
         [for c in var.monitoring_cidrs : "tcp:9091@${c}"],
       ))
-      fleet             = var.name
-      internet_check    = "s3.${data.aws_region.current.name}.amazonaws.com:443"
-      route_tables      = local.ha_route_tables
-      eips              = local.ha_eips
-      ipv6              = var.route_ipv6 ? "true" : "false"
+      fleet          = var.name
+      internet_check = "s3.${data.aws_region.current.name}.amazonaws.com:443"
+      route_tables   = local.ha_route_tables
+      eips           = local.ha_eips
+      ipv6           = var.route_ipv6 ? "true" : "false"
     }
   ) }
+
+  # What the gateways are launched to run, the same in every AZ: a new
+  # instance whose AZ still runs another release is part of a rollout, and
+  # says it is ready only once every AZ before its own (in name order) is
+  # served by the new release (src/ha/rollout.rs).
+  release = substr(sha256(jsonencode([var.ami_id, var.instance_type, [for az in sort(keys(local.user_data)) : local.user_data[az]]])), 0, 16)
 }
 
 resource "aws_s3_object" "allowlist" {
@@ -265,7 +272,7 @@ resource "aws_launch_template" "gateway" {
 
   tag_specifications {
     resource_type = "instance"
-    tags          = merge(local.tags, { Name = "${var.name}-${each.key}" })
+    tags          = merge(local.tags, { Name = "${var.name}-${each.key}", "portcullis:release" = local.release })
   }
 
   tag_specifications {
@@ -309,10 +316,14 @@ resource "aws_autoscaling_group" "gateway" {
   # A new instance is in service only once its HA agent says it is ready
   # (portcullis serving, an egress address held); one that never is is
   # abandoned, so a rollout of a broken AMI or config stops and rolls back.
+  # In a rollout each AZ's new instance also waits for the AZs before its
+  # own to roll (about 4 minutes each: boot, warm-up, hand-over, soak), so
+  # later AZs wait longer; a release that never gets ready in the first AZ
+  # is abandoned in every AZ.
   initial_lifecycle_hook {
     name                 = "portcullis-ready"
     lifecycle_transition = "autoscaling:EC2_INSTANCE_LAUNCHING"
-    heartbeat_timeout    = 600
+    heartbeat_timeout    = min(7200, 600 + 300 * local.az_index[each.key])
     default_result       = "ABANDON"
   }
 

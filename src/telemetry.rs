@@ -49,6 +49,7 @@ pub const HA_API_ERRORS: &str = "portcullis_ha_api_errors_total";
 pub const HA_UNSERVED_ROUTES: &str = "portcullis_ha_unserved_routes";
 pub const HA_ROUTES_HELD: &str = "portcullis_ha_routes_held";
 pub const HA_READY: &str = "portcullis_ha_ready";
+pub const HA_AZ_GATEWAYS: &str = "portcullis_ha_az_gateways";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -263,6 +264,12 @@ pub const HA_FAMILIES: &[Family] = &[
         Kind::Gauge,
         &[],
         "1 while this gateway's own checks pass (its proxy ready, the internet reachable), so it may serve and take routes.",
+    ),
+    family(
+        HA_AZ_GATEWAYS,
+        Kind::Gauge,
+        &["az"],
+        "Serving gateways (running, ready, not dead) in each AZ of the fleet's layout, as this gateway last read the fleet; az is one of the configured AZ names.",
     ),
 ];
 

@@ -1,4 +1,6 @@
-# The gateway's instance role: the least it needs to run and fail over.
+# The gateways' instance roles, one per AZ: the least each needs to run and
+# fail over. Per AZ so that a gateway can report health and end lifecycle
+# waits in its own AZ's group only.
 
 data "aws_iam_policy_document" "assume" {
   statement {
@@ -11,14 +13,16 @@ data "aws_iam_policy_document" "assume" {
 }
 
 resource "aws_iam_role" "gateway" {
-  name_prefix        = "${var.name}-"
+  for_each           = var.public_subnet_ids
+  name_prefix        = "${var.name}-${each.key}-"
   assume_role_policy = data.aws_iam_policy_document.assume.json
   tags               = local.tags
 }
 
 resource "aws_iam_instance_profile" "gateway" {
-  name_prefix = "${var.name}-"
-  role        = aws_iam_role.gateway.name
+  for_each    = var.public_subnet_ids
+  name_prefix = "${var.name}-${each.key}-"
+  role        = aws_iam_role.gateway[each.key].name
   tags        = local.tags
 }
 
@@ -33,6 +37,22 @@ data "aws_iam_policy_document" "gateway" {
     sid       = "ReadTheAllowlist"
     actions   = ["s3:GetObject"]
     resources = [for key in concat([var.allowlist_key], [for p in values(var.policies) : p.allowlist_key]) : "${local.arn_prefix}:s3:::${var.allowlist_bucket}/${key}"]
+  }
+
+  # A bucket encrypted with a customer-managed key: decrypting through S3
+  # only, not the key for anything else.
+  dynamic "statement" {
+    for_each = var.allowlist_kms_key_arn == null ? [] : [var.allowlist_kms_key_arn]
+    content {
+      sid       = "DecryptTheAllowlist"
+      actions   = ["kms:Decrypt"]
+      resources = [statement.value]
+      condition {
+        test     = "StringEquals"
+        variable = "kms:ViaService"
+        values   = ["s3.${data.aws_region.current.name}.amazonaws.com"]
+      }
+    }
   }
 
   statement {
@@ -67,12 +87,12 @@ data "aws_iam_policy_document" "gateway" {
     }
   }
 
-  # Only instances this module launched (they carry its tag) can be
-  # changed, and only their source/destination check is needed.
+  # A gateway turns off its own source/destination check, on itself only
+  # (the instance the request comes from), and only as one of the fleet.
   statement {
-    sid       = "DisableSourceDestCheckOnGateways"
+    sid       = "DisableItsOwnSourceDestCheck"
     actions   = ["ec2:ModifyInstanceAttribute"]
-    resources = ["${local.arn_prefix}:ec2:${data.aws_region.current.name}:${data.aws_caller_identity.current.account_id}:instance/*"]
+    resources = ["$${ec2:SourceInstanceARN}"]
     condition {
       test     = "StringEquals"
       variable = "aws:ResourceTag/portcullis:gateway"
@@ -98,12 +118,34 @@ data "aws_iam_policy_document" "gateway" {
     }
   }
 
-  # By name and tag rather than by ARN, so the groups can depend on this
-  # policy and their first instance boots with every permission in place.
+  # Session Manager's shell (no SSH port, no key pairs): the agent's
+  # registration and its channels, and nothing else of SSM.
+  dynamic "statement" {
+    for_each = var.session_manager ? [1] : []
+    content {
+      sid = "SessionManagerShell"
+      actions = [
+        "ssm:UpdateInstanceInformation",
+        "ssmmessages:CreateControlChannel",
+        "ssmmessages:CreateDataChannel",
+        "ssmmessages:OpenControlChannel",
+        "ssmmessages:OpenDataChannel",
+      ]
+      resources = ["*"]
+    }
+  }
+}
+
+# Each AZ's gateways report health and end lifecycle waits in their own
+# group only. By name prefix and tag rather than by ARN, so the group can
+# depend on this policy and its first instance boots with every permission
+# in place.
+data "aws_iam_policy_document" "own_group" {
+  for_each = var.public_subnet_ids
   statement {
     sid       = "ReportUnreadyGatewaysAndEndHookWaits"
     actions   = ["autoscaling:SetInstanceHealth", "autoscaling:CompleteLifecycleAction"]
-    resources = ["${local.arn_prefix}:autoscaling:${data.aws_region.current.name}:${data.aws_caller_identity.current.account_id}:autoScalingGroup:*:autoScalingGroupName/${var.name}-*"]
+    resources = ["${local.arn_prefix}:autoscaling:${data.aws_region.current.name}:${data.aws_caller_identity.current.account_id}:autoScalingGroup:*:autoScalingGroupName/${var.name}-${each.key}-*"]
     condition {
       test     = "StringEquals"
       variable = "autoscaling:ResourceTag/portcullis:gateway"
@@ -113,13 +155,15 @@ data "aws_iam_policy_document" "gateway" {
 }
 
 resource "aws_iam_role_policy" "gateway" {
-  name   = "portcullis-gateway"
-  role   = aws_iam_role.gateway.id
-  policy = data.aws_iam_policy_document.gateway.json
+  for_each = var.public_subnet_ids
+  name     = "portcullis-gateway"
+  role     = aws_iam_role.gateway[each.key].id
+  policy   = data.aws_iam_policy_document.gateway.json
 }
 
-# Shell access through Session Manager: no SSH port, no key pairs.
-resource "aws_iam_role_policy_attachment" "ssm" {
-  role       = aws_iam_role.gateway.name
-  policy_arn = "${local.arn_prefix}:iam::aws:policy/AmazonSSMManagedInstanceCore"
+resource "aws_iam_role_policy" "own_group" {
+  for_each = var.public_subnet_ids
+  name     = "portcullis-own-group"
+  role     = aws_iam_role.gateway[each.key].id
+  policy   = data.aws_iam_policy_document.own_group[each.key].json
 }

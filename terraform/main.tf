@@ -19,8 +19,40 @@ data "aws_subnet" "public" {
   id       = each.value
 }
 
+# The route tables the gateways' own (public) subnets use: an explicit
+# association, or else the VPC's main table. Pointing one of these at a
+# gateway would loop its own egress through itself.
+data "aws_route_tables" "public" {
+  for_each = var.public_subnet_ids
+  vpc_id   = var.vpc_id
+  filter {
+    name   = "association.subnet-id"
+    values = [each.value]
+  }
+}
+
+data "aws_route_tables" "main" {
+  vpc_id = var.vpc_id
+  filter {
+    name   = "association.main"
+    values = ["true"]
+  }
+}
+
+# The private route tables as they are before this module touches them:
+# an IPv6 default route there that is not the gateways' bypasses them.
+data "aws_route_table" "private" {
+  for_each       = toset(flatten(values(var.private_route_table_ids)))
+  route_table_id = each.value
+}
+
 locals {
-  private_cidrs = length(var.private_cidrs) > 0 ? var.private_cidrs : [data.aws_vpc.this.cidr_block]
+  # Every CIDR of the VPC, secondary ones (EKS pod ranges) included, unless
+  # the operator names the networks.
+  vpc_cidrs = distinct(concat([data.aws_vpc.this.cidr_block], [
+    for a in data.aws_vpc.this.cidr_block_associations : a.cidr_block if a.state == "associated"
+  ]))
+  private_cidrs = length(var.private_cidrs) > 0 ? var.private_cidrs : local.vpc_cidrs
   tags          = merge(var.tags, { "portcullis:gateway" = var.name })
 
   # ALLOW_FORWARD rules as security group rules: the gateway must accept
@@ -87,11 +119,20 @@ locals {
     }
   ) }
 
+  gateway_route_tables = distinct(flatten([
+    for az, found in data.aws_route_tables.public : length(found.ids) > 0 ? found.ids : data.aws_route_tables.main.ids
+  ]))
+  private_route_tables = flatten(values(var.private_route_table_ids))
+  ipv6_bypasses = [
+    for id, table in data.aws_route_table.private : id
+    if anytrue([for r in table.routes : r.ipv6_cidr_block == "::/0" && r.network_interface_id == ""])
+  ]
+
   # What the gateways are launched to run, the same in every AZ: a new
   # instance whose AZ still runs another release is part of a rollout, and
   # says it is ready only once every AZ before its own (in name order) is
   # served by the new release (src/ha/rollout.rs).
-  release = substr(sha256(jsonencode([var.ami_id, var.instance_type, [for az in sort(keys(local.user_data)) : local.user_data[az]]])), 0, 16)
+  release = substr(sha256(jsonencode([var.ami_id, var.instance_types, [for az in sort(keys(local.user_data)) : local.user_data[az]]])), 0, 16)
 }
 
 resource "aws_s3_object" "allowlist" {
@@ -99,8 +140,10 @@ resource "aws_s3_object" "allowlist" {
   bucket = var.allowlist_bucket
   key    = var.allowlist_key
   source = var.allowlist_file
-  etag   = filemd5(var.allowlist_file)
-  tags   = local.tags
+  # Not etag: with SSE-KMS the object's ETag is not its MD5, and every plan
+  # would show a change.
+  source_hash = filemd5(var.allowlist_file)
+  tags        = local.tags
 }
 
 resource "aws_eip" "egress" {
@@ -221,12 +264,12 @@ resource "aws_launch_template" "gateway" {
   name_prefix   = "${var.name}-${each.key}-"
   description   = "portcullis gateway for ${each.key}"
   image_id      = var.ami_id
-  instance_type = var.instance_type
+  instance_type = var.instance_types[0]
   user_data     = base64encode(local.user_data[each.key])
   ebs_optimized = true
 
   iam_instance_profile {
-    arn = aws_iam_instance_profile.gateway.arn
+    arn = aws_iam_instance_profile.gateway[each.key].arn
   }
 
   lifecycle {
@@ -242,12 +285,34 @@ resource "aws_launch_template" "gateway" {
       condition     = var.max_connections_per_source == null || try(var.max_connections_per_source <= var.max_connections, false)
       error_message = "max_connections_per_source must be at most max_connections."
     }
+    precondition {
+      condition     = toset(keys(var.public_subnet_ids)) == toset(keys(var.private_route_table_ids))
+      error_message = "public_subnet_ids and private_route_table_ids must name the same AZs (public: ${join(", ", sort(keys(var.public_subnet_ids)))}; private: ${join(", ", sort(keys(var.private_route_table_ids)))})."
+    }
+    precondition {
+      condition     = length(local.private_route_tables) == length(distinct(local.private_route_tables))
+      error_message = "A route table is listed for two AZs in private_route_table_ids: each AZ's gateways would take it from the other's."
+    }
+    precondition {
+      condition     = length(setintersection(local.private_route_tables, local.gateway_route_tables)) == 0
+      error_message = "private_route_table_ids lists ${join(", ", setintersection(local.private_route_tables, local.gateway_route_tables))}, the route table of the gateways' own public subnets: its default route must stay on the internet gateway."
+    }
+    precondition {
+      condition     = !var.route_ipv6 || length(var.private_cidrs6) > 0
+      error_message = "route_ipv6 needs private_cidrs6: the IPv6 networks whose web traffic the gateways inspect."
+    }
+    precondition {
+      condition     = var.route_ipv6 || length(local.ipv6_bypasses) == 0
+      error_message = "Route tables ${join(", ", local.ipv6_bypasses)} send IPv6 (::/0) around the gateways: set route_ipv6 = true with private_cidrs6, or remove those routes."
+    }
   }
 
   network_interfaces {
     associate_public_ip_address = true
     delete_on_termination       = true
     security_groups             = [aws_security_group.gateway.id]
+    # Its own IPv6 address: the gateway forwards the AZ's IPv6 egress.
+    ipv6_address_count = var.route_ipv6 ? 1 : 0
   }
 
   metadata_options {
@@ -305,12 +370,38 @@ resource "aws_autoscaling_group" "gateway" {
   health_check_grace_period = 300
   max_instance_lifetime     = var.max_instance_lifetime == 0 ? 0 : max(86400, var.max_instance_lifetime - 86400 * local.az_index[each.key])
   capacity_rebalance        = false
+  # The group's own view in CloudWatch: in service, pending, terminating.
+  metrics_granularity = "1Minute"
+  enabled_metrics = [
+    "GroupDesiredCapacity",
+    "GroupInServiceInstances",
+    "GroupPendingInstances",
+    "GroupTerminatingInstances",
+    "GroupTotalInstances",
+  ]
 
-  depends_on = [aws_iam_role_policy.gateway, aws_iam_role_policy_attachment.ssm]
+  depends_on = [aws_iam_role_policy.gateway, aws_iam_role_policy.own_group]
 
-  launch_template {
-    id      = aws_launch_template.gateway[each.key].id
-    version = aws_launch_template.gateway[each.key].latest_version
+  # On-demand only, in the order of instance_types: a shortage of the
+  # first type in this AZ launches the next rather than nothing.
+  mixed_instances_policy {
+    instances_distribution {
+      on_demand_allocation_strategy            = "prioritized"
+      on_demand_base_capacity                  = 0
+      on_demand_percentage_above_base_capacity = 100
+    }
+    launch_template {
+      launch_template_specification {
+        launch_template_id = aws_launch_template.gateway[each.key].id
+        version            = aws_launch_template.gateway[each.key].latest_version
+      }
+      dynamic "override" {
+        for_each = var.instance_types
+        content {
+          instance_type = override.value
+        }
+      }
+    }
   }
 
   # A new instance is in service only once its HA agent says it is ready

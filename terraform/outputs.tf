@@ -3,9 +3,9 @@ output "security_group_id" {
   value       = aws_security_group.gateway.id
 }
 
-output "role_arn" {
-  description = "The gateways' instance role."
-  value       = aws_iam_role.gateway.arn
+output "role_arns" {
+  description = "The gateways' instance role of each AZ, keyed by AZ."
+  value       = { for az, role in aws_iam_role.gateway : az => role.arn }
 }
 
 output "autoscaling_group_names" {

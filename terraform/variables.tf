@@ -27,7 +27,7 @@ variable "private_route_table_ids" {
 variable "private_cidrs" {
   type        = list(string)
   default     = []
-  description = "IPv4 networks whose web traffic the gateways inspect. Empty: the VPC's primary CIDR."
+  description = "IPv4 networks whose web traffic the gateways inspect. Empty: every CIDR of the VPC, secondary ones included."
 }
 
 variable "private_cidrs6" {
@@ -56,6 +56,23 @@ variable "allowlist_key" {
   type        = string
   default     = "portcullis/allowlist.txt"
   description = "Key of the allowlist object; the instances may read this one key only."
+}
+
+variable "allowlist_kms_key_arn" {
+  type        = string
+  default     = null
+  description = "The KMS key the list bucket encrypts with (SSE-KMS with a customer-managed key): the gateways may decrypt with it through S3 only. Null: SSE-S3 or no encryption."
+
+  validation {
+    condition     = var.allowlist_kms_key_arn == null || can(regex("^arn:aws[a-z-]*:kms:[a-z0-9-]+:[0-9]{12}:key/.+$", var.allowlist_kms_key_arn))
+    error_message = "allowlist_kms_key_arn is a key ARN, arn:aws:kms:REGION:ACCOUNT:key/ID."
+  }
+}
+
+variable "session_manager" {
+  type        = bool
+  default     = true
+  description = "Allow a shell through AWS Systems Manager Session Manager (the agent's registration and its channels, nothing else of SSM). The gateways have no SSH."
 }
 
 variable "allowlist_file" {
@@ -111,10 +128,15 @@ variable "eip_allocation_ids" {
   }
 }
 
-variable "instance_type" {
-  type        = string
-  default     = "c7gn.large"
-  description = "Gateway instance type. Network-optimised Graviton (c7gn) gives the most Gbit/s per dollar."
+variable "instance_types" {
+  type        = list(string)
+  default     = ["c7gn.large", "c6gn.large", "c7g.large"]
+  description = "Gateway instance types, most preferred first, all of the AMI's architecture: when EC2 has none of the first in an AZ, the group launches the next, so one type's shortage does not leave an AZ without a gateway. Network-optimised Graviton (c7gn) gives the most Gbit/s per dollar."
+
+  validation {
+    condition     = length(var.instance_types) > 0 && length(var.instance_types) == length(distinct(var.instance_types))
+    error_message = "instance_types needs at least one type, each once."
+  }
 }
 
 variable "max_connections" {
@@ -192,7 +214,7 @@ variable "min_tls" {
 variable "allow_forward" {
   type        = list(string)
   default     = []
-  description = "Traffic routed around the proxy, as PROTO:PORT[@DESTINATION-CIDR] (e.g. \"udp:123\"). Everything else that is not web traffic is dropped."
+  description = "Traffic routed around the proxy, as PROTO:PORT[@DESTINATION-CIDR] (e.g. \"tcp:5432@203.0.113.7/32\"). Everything else that is not web traffic is dropped. Each rule is a path out that no allowlist sees: keep them narrow (an open UDP port is a tunnel). Time needs none: Amazon Time Sync (169.254.169.123) is link-local."
 
   validation {
     condition     = alltrue([for rule in var.allow_forward : can(regex("^(tcp|udp):[0-9]+(:[0-9]+)?(@[0-9a-fA-F:.]+(/[0-9]+)?)?$", rule))])

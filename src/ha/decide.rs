@@ -396,6 +396,27 @@ fn reason(fleet: &Fleet, route: &Route, now: Millis) -> MoveReason {
     }
 }
 
+/// How many candidates each AZ of the layout has: zero is an AZ served
+/// from another AZ, or not at all (the alert's gauge).
+pub fn candidates_by_az<'l>(
+    layout: &'l Layout,
+    fleet: &Fleet,
+    now: Millis,
+) -> std::collections::BTreeMap<&'l Az, usize> {
+    layout
+        .tables
+        .keys()
+        .map(|az| {
+            let n = fleet
+                .gateways
+                .iter()
+                .filter(|g| &g.az == az && candidate(g, now))
+                .count();
+            (az, n)
+        })
+        .collect()
+}
+
 /// Whether some configured route points at no candidate: the AZ is
 /// black-holed or bypasses the fleet (the alert's gauge).
 pub fn unserved(fleet: &Fleet, now: Millis) -> usize {
@@ -815,6 +836,21 @@ mod tests {
         // After b comes c.
         assert_eq!(brain("c1").plan(&fleet, at(100)).takes.len(), 1);
         assert!(brain("a1").plan(&fleet, at(100)).takes.is_empty());
+    }
+
+    #[test]
+    fn an_az_whose_gateways_are_down_counts_none() {
+        let mut fleet = pair();
+        gateway_mut(&mut fleet, "a1").state = Some(Stated {
+            phase: Phase::Down,
+            since: at(50),
+        });
+        fleet.gateways.push(gw("b2", "b", 10));
+        let counts: Vec<(String, usize)> = candidates_by_az(&layout(), &fleet, at(100))
+            .into_iter()
+            .map(|(az, n)| (az.0.clone(), n))
+            .collect();
+        assert_eq!(counts, [("a".to_string(), 0), ("b".to_string(), 2)]);
     }
 
     #[test]

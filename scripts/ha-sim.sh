@@ -41,20 +41,19 @@ export AWS_ENDPOINT_URL=http://192.0.2.1:5000 AWS_ACCESS_KEY_ID=sim AWS_SECRET_A
 cleanup() {
   local rc=$?
   disown -a
-  # shellcheck disable=SC2086
-  topology_down $NAMESPACES
   if [ "$rc" -ne 0 ]; then
-    # Whether each gateway still reaches the "internet" side, and what its
-    # links and neighbours look like: a gateway cut off shows here.
+    # Before the teardown: whether each gateway still reaches the
+    # "internet" side, and its neighbours (a stale one cuts it off).
     for ns in hs-a1 hs-a2 hs-b1 hs-b2; do
       ip -n "$ns" link show eth1 >/dev/null 2>&1 || continue
       echo "--- $ns: the EC2 API $(ip netns exec "$ns" curl -s -m 1 -o /dev/null -w '%{http_code}' http://192.0.2.1:5000/moto-api/ || echo unreachable)" >&2
-      ip -n "$ns" -br addr >&2
       ip -n "$ns" neigh >&2
-      ip -n "$ns" route >&2
     done
-    ip -n hs-net neigh >&2 || true
-    bridge -n hs-net fdb show br br0 >&2 || true
+    ip -n hs-net link show br0 >&2 || true
+  fi
+  # shellcheck disable=SC2086
+  topology_down $NAMESPACES
+  if [ "$rc" -ne 0 ]; then
     echo "ha-sim: failed; the last lines of each log:" >&2
     for log in "$DIR"/*.log; do
       echo "--- $log" >&2
@@ -89,9 +88,16 @@ for ns in $NAMESPACES; do
   ip netns add "$ns"
   ip -n "$ns" link set lo up
 done
+# Each bridge gets a fixed address. Left to itself a bridge takes the
+# lowest of its ports' addresses, so plugging in a new gateway can change
+# it; the other gateways' cached neighbour entry for 192.0.2.1 then names
+# an address the bridge no longer takes as its own, and their egress is
+# cut for the 30-45 s until it is probed again.
+mac=1
 for ns in hs-net hs-vpc; do
-  ip -n "$ns" link add br0 type bridge
+  ip -n "$ns" link add br0 address "02:00:00:00:00:0$mac" type bridge
   ip -n "$ns" link set br0 up
+  mac=$((mac + 1))
 done
 ip -n hs-net addr add 192.0.2.1/24 dev br0
 ip -n hs-net addr add 203.0.113.10/32 dev lo

@@ -31,6 +31,12 @@ variable "target_dir" {
   description = "Cargo's target directory, holding <triple>/release/portcullis for both architectures."
 }
 
+variable "kernel_line" {
+  type        = string
+  default     = "6.1"
+  description = "The Amazon Linux 2023 kernel line the image is built on (its AMI names carry it); one line, so a new one is a decision, not a surprise."
+}
+
 variable "instance_types" {
   type = map(string)
   default = {
@@ -73,7 +79,7 @@ build {
     ami_name      = "portcullis-${var.version}-al2023-arm64-${local.timestamp}"
     source_ami_filter {
       filters = {
-        name                = "al2023-ami-2023.*-kernel-*-arm64"
+        name                = "al2023-ami-2023.*-kernel-${var.kernel_line}-arm64"
         architecture        = "arm64"
         virtualization-type = "hvm"
         root-device-type    = "ebs"
@@ -90,7 +96,7 @@ build {
     ami_name      = "portcullis-${var.version}-al2023-x86_64-${local.timestamp}"
     source_ami_filter {
       filters = {
-        name                = "al2023-ami-2023.*-kernel-*-x86_64"
+        name                = "al2023-ami-2023.*-kernel-${var.kernel_line}-x86_64"
         architecture        = "x86_64"
         virtualization-type = "hvm"
         root-device-type    = "ebs"
@@ -121,6 +127,9 @@ build {
       "ami/systemd/portcullis.service",
       "ami/systemd/portcullis-iptables.service",
       "ami/systemd/portcullis-ha.service",
+      "ami/systemd/portcullis-ship.service",
+      "ami/systemd/logrotate.timer.d-portcullis.conf",
+      "ami/logrotate/portcullis-audit",
       "ami/systemd/portcullis-health.service",
       "ami/systemd/portcullis-health.timer",
     ]
@@ -130,17 +139,21 @@ build {
   provisioner "shell" {
     execute_command = "sudo sh -eu -c '{{ .Vars }} {{ .Path }}'"
     inline = [
-      "dnf install -y iptables-nft conntrack-tools publicsuffix-list",
+      # awscli: health-check.sh reports an unready gateway to its group.
+      "dnf install -y iptables-nft conntrack-tools publicsuffix-list awscli-2 logrotate",
       "useradd --system --no-create-home --home-dir /var/lib/portcullis --shell /sbin/nologin portcullis",
       "cd /tmp/portcullis",
       "install -m 0755 portcullis /usr/bin/portcullis",
       "install -d -m 0755 /usr/libexec/portcullis /etc/portcullis",
       "install -m 0755 portcullis-iptables.sh imds.sh health-check.sh handoff.sh /usr/libexec/portcullis/",
       "install -m 0644 90-portcullis.conf /etc/sysctl.d/90-portcullis.conf",
-      "install -m 0644 portcullis.service portcullis-iptables.service portcullis-ha.service portcullis-health.service portcullis-health.timer /etc/systemd/system/",
+      "install -m 0644 portcullis.service portcullis-iptables.service portcullis-ha.service portcullis-ship.service portcullis-health.service portcullis-health.timer /etc/systemd/system/",
+      "install -m 0644 portcullis-audit /etc/logrotate.d/portcullis-audit",
+      "install -d -m 0755 /etc/systemd/system/logrotate.timer.d",
+      "install -m 0644 logrotate.timer.d-portcullis.conf /etc/systemd/system/logrotate.timer.d/portcullis.conf",
       "echo nf_conntrack > /etc/modules-load.d/portcullis.conf",
       "systemctl daemon-reload",
-      "systemctl enable portcullis-iptables.service portcullis.service portcullis-ha.service portcullis-health.timer",
+      "systemctl enable portcullis-iptables.service portcullis.service portcullis-ha.service portcullis-ship.service portcullis-health.timer logrotate.timer",
       "/usr/bin/portcullis --version",
       "rm -rf /tmp/portcullis",
     ]

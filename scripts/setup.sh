@@ -19,7 +19,7 @@ install_missing() {
 }
 
 install_missing ca-certificates curl openssl iproute2 iptables procps util-linux python3 python3-venv publicsuffix \
-  shellcheck gcc libc6-dev systemd
+  shellcheck gcc libc6-dev systemd logrotate
 
 if ! command -v cargo >/dev/null 2>&1 && [ -x "$HOME/.cargo/bin/cargo" ]; then
   export PATH="$HOME/.cargo/bin:$PATH"

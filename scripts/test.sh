@@ -11,12 +11,14 @@ for ns in $(ip netns list | awk '/^pc[0-9]+-[a-z0-9]+-[cgu]$/ {print $1}'); do i
 
 step() { printf '\n== %s\n' "$*"; }
 step "cargo fmt --check";   cargo fmt --check && cargo fmt --check --manifest-path fuzz/Cargo.toml
-step "shellcheck";          shellcheck scripts/*.sh iptables/*.sh ami/scripts/*.sh benches/netns/*.sh .ci/run
+step "shellcheck";          shellcheck scripts/*.sh iptables/*.sh ami/scripts/*.sh benches/netns/*.sh benches/ship/*.sh .ci/run
 step "cargo clippy";        cargo clippy --locked --all-targets -- -D warnings
 step "release build";       cargo build --locked --release
 # Each gateway of the macro-benchmark must carry traffic (a second per
 # workload; the numbers are not kept).
 step "macro-benchmark, short"; bash benches/netns/run.sh --short
+# The audit shipper against a local CloudWatch Logs: every record arrives.
+step "audit shipping, short"; timeout 300 bash benches/ship/run.sh --short
 # Failover, rollout and split of two gateways against a local EC2 API.
 step "HA simulation";       timeout 600 bash scripts/ha-sim.sh
 # The tests run against the release build, the binary we ship, and share

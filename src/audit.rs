@@ -1,4 +1,5 @@
-//! The audit log: JSON lines on stdout. Every connection writes one `end`
+//! The audit log: JSON lines on stdout, or in a file (`--audit-file`)
+//! reopened on SIGUSR1 so it can be rotated. Every connection writes one `end`
 //! record when it ends (a refusal ends it at once, and a connection still
 //! open when the gateway stops ends then); a long one also writes an
 //! `interim` record every `--audit-interval`, and with `--audit-open` an
@@ -11,8 +12,9 @@ use crate::proxy::Record;
 use crate::telemetry;
 use std::io::{self, BufWriter, Write};
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -234,22 +236,57 @@ enum Message {
 pub struct AuditLog {
     queue: SyncSender<Message>,
     dropped: Arc<AtomicU64>,
+    /// Set by [`AuditLog::reopen`]; the writer reopens its file at its
+    /// next burst (a flag rather than a message: a full queue must not
+    /// lose it).
+    reopen: Arc<AtomicBool>,
 }
 
 impl AuditLog {
     /// Starts the writer thread on `out` with room for `capacity` records.
     pub fn spawn<W: Write + Send + 'static>(out: W, capacity: usize) -> io::Result<AuditLog> {
+        Self::start(Box::new(out), None, capacity)
+    }
+
+    /// Starts the writer thread appending to the file at `path` (created
+    /// 0640 if missing), which [`AuditLog::reopen`] opens afresh.
+    pub fn spawn_file(path: &Path, capacity: usize) -> io::Result<AuditLog> {
+        let file = open_append(path)?;
+        Self::start(Box::new(file), Some(path.to_owned()), capacity)
+    }
+
+    fn start(
+        out: Box<dyn Write + Send>,
+        path: Option<PathBuf>,
+        capacity: usize,
+    ) -> io::Result<AuditLog> {
         let (queue, received) = mpsc::sync_channel(capacity);
         let dropped = Arc::new(AtomicU64::new(0));
+        let reopen = Arc::new(AtomicBool::new(false));
         let writer = Writer {
             out: BufWriter::with_capacity(64 * 1024, out),
+            path,
+            reopen: reopen.clone(),
             dropped: dropped.clone(),
             broken: false,
         };
         std::thread::Builder::new()
             .name("audit".into())
             .spawn(move || writer.run(received))?;
-        Ok(AuditLog { queue, dropped })
+        Ok(AuditLog {
+            queue,
+            dropped,
+            reopen,
+        })
+    }
+
+    /// Has the writer reopen its file (after logrotate moved it away);
+    /// records queued meanwhile go to the new file. No-op on stdout.
+    pub fn reopen(&self) {
+        self.reopen.store(true, Ordering::Release);
+        // Wake an idle writer, so the old file is let go of at once.
+        let (done, _) = mpsc::channel();
+        let _ = self.queue.try_send(Message::Flush(done));
     }
 
     /// Queues a record without ever waiting; a full queue drops it.
@@ -292,21 +329,61 @@ fn count_dropped(dropped: &AtomicU64) {
     telemetry::audit_dropped(1);
 }
 
-struct Writer<W: Write> {
-    out: BufWriter<W>,
+fn open_append(path: &Path) -> io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o640)
+        .open(path)
+}
+
+struct Writer {
+    out: BufWriter<Box<dyn Write + Send>>,
+    /// The audit file, if records go to one rather than stdout.
+    path: Option<PathBuf>,
+    reopen: Arc<AtomicBool>,
     dropped: Arc<AtomicU64>,
-    /// Set after a write error: stdout is gone, so later records are
-    /// counted as dropped rather than retried.
+    /// Set after a write error: the output is gone, so later records are
+    /// counted as dropped rather than retried (until a reopen succeeds).
     broken: bool,
 }
 
-impl<W: Write> Writer<W> {
+impl Writer {
+    /// Swaps in a fresh handle on the audit file. If it cannot be opened
+    /// the old handle stays: records keep going to the rotated file rather
+    /// than nowhere.
+    fn reopen_if_asked(&mut self) {
+        if !self.reopen.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        let Some(path) = self.path.clone() else {
+            return;
+        };
+        if !self.broken && self.out.flush().is_err() {
+            self.fail();
+        }
+        match open_append(&path) {
+            Ok(file) => {
+                self.out = BufWriter::with_capacity(64 * 1024, Box::new(file));
+                self.broken = false;
+                tracing::info!(path = %path.display(), "audit file reopened");
+            }
+            Err(e) => tracing::error!(
+                path = %path.display(),
+                error = %e,
+                "cannot reopen the audit file; writing on to the old one"
+            ),
+        }
+    }
+
     fn run(mut self, received: Receiver<Message>) {
         let mut reported = 0;
         let mut last_warning: Option<Instant> = None;
         // Write whatever is queued, then flush once: one syscall per burst.
         // Idle, the writer blocks in recv; a record wakes it.
         while let Ok(first) = received.recv() {
+            self.reopen_if_asked();
             let mut flushes = Vec::new();
             let mut next = Some(first);
             while let Some(message) = next {
@@ -351,7 +428,11 @@ impl<W: Write> Writer<W> {
     }
 
     fn fail(&mut self) {
-        tracing::error!("cannot write the audit log to stdout; counting records as dropped");
+        let to = self
+            .path
+            .as_ref()
+            .map_or_else(|| "stdout".to_owned(), |p| p.display().to_string());
+        tracing::error!("cannot write the audit log to {to}; counting records as dropped");
         self.broken = true;
     }
 }
@@ -557,5 +638,40 @@ mod tests {
         assert!(log.flush(Duration::from_secs(5)));
         assert_eq!(*out.written.lock().unwrap(), expected.as_bytes());
         assert_eq!(log.dropped(), 0);
+    }
+
+    #[test]
+    fn a_rotated_file_is_let_go_of_on_reopen_and_nothing_is_lost() {
+        let dir = std::env::temp_dir().join(format!("portcullis-audit-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("audit.log");
+        let log = AuditLog::spawn_file(&path, 1024).unwrap();
+        for i in 0..100 {
+            log.record(format!("{i}\n").into_bytes());
+        }
+        assert!(log.flush(Duration::from_secs(5)));
+        // logrotate moves the file away; records keep going to it until
+        // the reopen, then to a new file at the same path.
+        std::fs::rename(&path, dir.join("audit.log.1")).unwrap();
+        for i in 100..150 {
+            log.record(format!("{i}\n").into_bytes());
+        }
+        assert!(log.flush(Duration::from_secs(5)));
+        log.reopen();
+        for i in 150..200 {
+            log.record(format!("{i}\n").into_bytes());
+        }
+        assert!(log.flush(Duration::from_secs(5)));
+        let old = std::fs::read_to_string(dir.join("audit.log.1")).unwrap();
+        let new = std::fs::read_to_string(&path).unwrap();
+        let expected: String = (0..200).map(|i| format!("{i}\n")).collect();
+        assert_eq!(old + &new, expected);
+        assert!(new.starts_with("150\n"), "{new}");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o640);
+        assert_eq!(log.dropped(), 0);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

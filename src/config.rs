@@ -28,6 +28,9 @@ pub struct Config {
     pub max_connections_per_source: usize,
     /// Write an audit record when a connection is admitted, too.
     pub audit_open: bool,
+    /// Where the audit records go: this file (reopened on SIGUSR1, for
+    /// log rotation), or stdout.
+    pub audit_file: Option<PathBuf>,
     /// How long SIGTERM waits for live connections before exiting.
     pub drain_timeout: Duration,
     pub mode: Mode,
@@ -198,6 +201,7 @@ pub struct Settings {
     #[serde(default, deserialize_with = "duration")]
     pub audit_interval: Option<Duration>,
     pub audit_open: Option<bool>,
+    pub audit_file: Option<PathBuf>,
     pub max_hello_bytes: Option<u32>,
     #[serde(default, deserialize_with = "from_str")]
     pub min_tls: Option<TlsVersion>,
@@ -370,6 +374,7 @@ impl Settings {
             half_closed_timeout: over.half_closed_timeout.or(self.half_closed_timeout),
             audit_interval: over.audit_interval.or(self.audit_interval),
             audit_open: over.audit_open.or(self.audit_open),
+            audit_file: over.audit_file.or(self.audit_file),
             max_hello_bytes: over.max_hello_bytes.or(self.max_hello_bytes),
             min_tls: over.min_tls.or(self.min_tls),
             drain_timeout: over.drain_timeout.or(self.drain_timeout),
@@ -516,6 +521,7 @@ impl Settings {
             max_connections: max_connections as usize,
             max_connections_per_source: per_source,
             audit_open: self.audit_open.unwrap_or(false),
+            audit_file: self.audit_file,
             drain_timeout: self.drain_timeout.unwrap_or(DEFAULT_DRAIN_TIMEOUT),
             mode,
             verify_dst: self.verify_dst.unwrap_or_default(),

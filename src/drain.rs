@@ -1,7 +1,8 @@
 //! Shutdown: SIGTERM drains (stop accepting, let live connections finish
 //! up to the drain timeout); SIGINT, or a second SIGTERM, stops at once.
-//! SIGHUP (reload the allowlist) is installed here too, before anything
-//! else, so an early one cannot kill the process by its default action.
+//! SIGHUP (reload the allowlist) and SIGUSR1 (reopen the audit file) are
+//! installed here too, before anything else, so an early one cannot kill
+//! the process by its default action.
 
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -19,6 +20,8 @@ pub struct Signals {
     int: tokio::signal::unix::Signal,
     /// SIGHUP, for the allowlist reloader to take.
     pub hangup: Option<tokio::signal::unix::Signal>,
+    /// SIGUSR1, for the audit log to take.
+    pub reopen: Option<tokio::signal::unix::Signal>,
 }
 
 impl Signals {
@@ -27,6 +30,7 @@ impl Signals {
             term: signal(SignalKind::terminate())?,
             int: signal(SignalKind::interrupt())?,
             hangup: Some(signal(SignalKind::hangup())?),
+            reopen: Some(signal(SignalKind::user_defined1())?),
         })
     }
 

@@ -13,18 +13,22 @@
 //! - [`limit`]: connections served at once: in all and per client.
 //! - [`drain`]: signals and how to stop.
 //! - [`telemetry`]: metric names, the Prometheus recorder, list families.
-//! - [`audit`]: the JSON audit log on stdout, behind a bounded queue.
+//! - [`audit`]: the JSON audit log on stdout or in a file, behind a bounded queue.
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, on their own thread.
 //! - [`discover`]: audit logs → a proposed allowlist.
 //! - [`decide`]: the one decision of both ports, as a pure function.
 //! - [`dns`]: admitted names' addresses: a coalescing, bounded TTL cache.
 //! - [`guard`]: destinations never contacted (loopback, link-local, own).
+//! - [`aws`]: signed calls to AWS APIs (credentials, SigV4, one HTTPS client).
+//! - [`ship`]: `portcullis ship`, the audit file to CloudWatch Logs,
+//!   at least once, resuming where it stopped.
 //! - [`ha`]: `portcullis ha`, the agent that keeps every AZ's routes on a
 //!   serving gateway (EC2 API, no I/O in its decisions).
 
 pub mod admin;
 pub mod allowlist;
 pub mod audit;
+pub mod aws;
 pub mod config;
 pub mod decide;
 pub mod detect;
@@ -39,5 +43,6 @@ pub mod net;
 pub mod policy;
 pub mod proxy;
 pub mod server;
+pub mod ship;
 pub mod telemetry;
 pub mod verdict;

@@ -57,6 +57,12 @@ enum Command {
         #[arg(long, default_value = "/etc/portcullis/ha.toml")]
         config: PathBuf,
     },
+    /// Ship the audit file (`run --audit-file`) to CloudWatch Logs, resuming where it stopped.
+    Ship {
+        /// TOML file: file, log-group, state, …
+        #[arg(long, default_value = "/etc/portcullis/ship.toml")]
+        config: PathBuf,
+    },
     /// Show how an allowlist decides names: exit 0 if all are allowed, 1 if any is denied.
     Match {
         /// The allowlist: a file or s3://bucket/key.
@@ -109,6 +115,9 @@ struct RunArgs {
     /// Also write an audit record when a connection is admitted [only when it ends]
     #[arg(long)]
     audit_open: bool,
+    /// Write the audit records to this file, reopened on SIGUSR1 (log rotation), instead of stdout [stdout]
+    #[arg(long)]
+    audit_file: Option<PathBuf>,
     /// Largest ClientHello or HTTP request head accepted, in bytes [16384]
     #[arg(long)]
     max_hello_bytes: Option<u32>,
@@ -157,6 +166,7 @@ impl RunArgs {
             half_closed_timeout: self.half_closed_timeout,
             audit_interval: self.audit_interval,
             audit_open: self.audit_open.then_some(true),
+            audit_file: self.audit_file,
             max_hello_bytes: self.max_hello_bytes,
             min_tls: self.min_tls,
             drain_timeout: self.drain_timeout,
@@ -198,6 +208,7 @@ fn main() -> ExitCode {
         Command::Match { source, names } => match_names(&source, &names),
         Command::Discover { logs, policy } => discover(&logs, policy.as_deref()),
         Command::Ha { config } => ha(&config),
+        Command::Ship { config } => ship(&config),
     };
     result.unwrap_or_else(|e| {
         eprintln!("portcullis: {e:#}");
@@ -222,6 +233,16 @@ fn ha(path: &std::path::Path) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()?;
     runtime.block_on(portcullis::ha::run(config))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn ship(path: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let config = portcullis::ship::Config::load(path)?;
+    init_logging();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(portcullis::ship::run(config))?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -55,6 +55,11 @@ pub enum ServerError {
     Worker(io::Error),
     #[error("cannot start the audit log writer: {0}")]
     Audit(io::Error),
+    #[error("--audit-file {}: {source}", path.display())]
+    AuditFile {
+        path: std::path::PathBuf,
+        source: io::Error,
+    },
     #[error("no listener could be bound")]
     NoListener,
     #[error("{0}")]
@@ -81,7 +86,24 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     }
     let policies = Arc::new(Policies::new(config.sources.clone(), all));
     let exporter = Exporter::install(&policies);
-    let audit = AuditLog::spawn(io::stdout(), audit::QUEUE_RECORDS).map_err(ServerError::Audit)?;
+    let audit = match &config.audit_file {
+        Some(path) => AuditLog::spawn_file(path, audit::QUEUE_RECORDS).map_err(|source| {
+            ServerError::AuditFile {
+                path: path.clone(),
+                source,
+            }
+        })?,
+        None => AuditLog::spawn(io::stdout(), audit::QUEUE_RECORDS).map_err(ServerError::Audit)?,
+    };
+    // SIGUSR1 (logrotate's postrotate) reopens the audit file.
+    if let Some(mut reopen) = signals.reopen.take() {
+        let audit = audit.clone();
+        tokio::spawn(async move {
+            while reopen.recv().await.is_some() {
+                audit.reopen();
+            }
+        });
+    }
     let listeners = bind_all(&config, worker_count())?;
     let serving = Arc::new(AtomicBool::new(false));
     let ready = {

@@ -50,6 +50,11 @@ pub const HA_UNSERVED_ROUTES: &str = "portcullis_ha_unserved_routes";
 pub const HA_ROUTES_HELD: &str = "portcullis_ha_routes_held";
 pub const HA_READY: &str = "portcullis_ha_ready";
 pub const HA_AZ_GATEWAYS: &str = "portcullis_ha_az_gateways";
+pub const SHIP_RECORDS: &str = "portcullis_ship_records_total";
+pub const SHIP_TRUNCATED: &str = "portcullis_ship_records_truncated_total";
+pub const SHIP_ERRORS: &str = "portcullis_ship_errors_total";
+pub const SHIP_BEHIND_BYTES: &str = "portcullis_ship_behind_bytes";
+pub const SHIP_LAST_SUCCESS: &str = "portcullis_ship_last_success_timestamp_seconds";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -273,6 +278,41 @@ pub const HA_FAMILIES: &[Family] = &[
     ),
 ];
 
+/// Every family the audit shipper (`portcullis ship`) exports, on its own
+/// port.
+pub const SHIP_FAMILIES: &[Family] = &[
+    family(
+        SHIP_RECORDS,
+        Kind::Counter,
+        &["result"],
+        "Audit records put to CloudWatch Logs: shipped, or rejected (CloudWatch refused them: older than the group keeps, far in the future, or a batch it would not take).",
+    ),
+    family(
+        SHIP_TRUNCATED,
+        Kind::Counter,
+        &[],
+        "Audit records longer than a CloudWatch event (256 KiB), shipped cut short.",
+    ),
+    family(
+        SHIP_ERRORS,
+        Kind::Counter,
+        &["kind"],
+        "Failed calls and other trouble: throttled, not_found, api, unreachable, credentials, malformed, state (the position could not be saved), position_lost (the file to resume in is gone).",
+    ),
+    family(
+        SHIP_BEHIND_BYTES,
+        Kind::Gauge,
+        &[],
+        "Bytes of the audit file written and not yet shipped.",
+    ),
+    family(
+        SHIP_LAST_SUCCESS,
+        Kind::Gauge,
+        &[],
+        "When a batch was last put (Unix seconds).",
+    ),
+];
+
 /// Seconds, for the phases of a connection before data flows.
 const SETUP_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -327,6 +367,16 @@ impl Exporter {
 
     /// The HA agent's exporter: its own families, no lists.
     pub fn install_ha() -> Exporter {
+        Self::install_agent(HA_FAMILIES)
+    }
+
+    /// The audit shipper's exporter: its own families, no lists.
+    pub fn install_ship() -> Exporter {
+        Self::install_agent(SHIP_FAMILIES)
+    }
+
+    /// A helper process's exporter: `families`, no lists.
+    fn install_agent(families: &'static [Family]) -> Exporter {
         let handle = HANDLE
             .get_or_init(|| {
                 let recorder = PrometheusBuilder::new().build_recorder();
@@ -334,7 +384,7 @@ impl Exporter {
                 if metrics::set_global_recorder(recorder).is_err() {
                     tracing::warn!("a metrics recorder was already installed");
                 }
-                for f in HA_FAMILIES {
+                for f in families {
                     match f.kind {
                         Kind::Counter => metrics::describe_counter!(f.name, f.help),
                         Kind::Gauge => metrics::describe_gauge!(f.name, f.help),

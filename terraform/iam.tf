@@ -121,6 +121,13 @@ data "aws_iam_policy_document" "gateway" {
     }
   }
 
+  # The audit shipper writes to its own streams of the audit group only.
+  statement {
+    sid       = "ShipTheAuditTrail"
+    actions   = ["logs:CreateLogStream", "logs:PutLogEvents"]
+    resources = ["${aws_cloudwatch_log_group.audit.arn}:log-stream:*"]
+  }
+
   # Session Manager's shell (no SSH port, no key pairs): the agent's
   # registration and its channels, and nothing else of SSM.
   dynamic "statement" {

@@ -110,12 +110,15 @@ locals {
       allow_input = join(" ", concat(
         [for s in data.aws_subnet.public : "tcp:9090@${s.cidr_block}"],
         [for c in var.monitoring_cidrs : "tcp:9091@${c}"],
+        [for c in var.monitoring_cidrs : "tcp:9092@${c}"],
       ))
-      fleet          = var.name
-      internet_check = "s3.${data.aws_region.current.name}.amazonaws.com:443"
-      route_tables   = local.ha_route_tables
-      eips           = local.ha_eips
-      ipv6           = var.route_ipv6 ? "true" : "false"
+      fleet           = var.name
+      internet_check  = "s3.${data.aws_region.current.name}.amazonaws.com:443"
+      route_tables    = local.ha_route_tables
+      eips            = local.ha_eips
+      ipv6            = var.route_ipv6 ? "true" : "false"
+      audit_log_group = aws_cloudwatch_log_group.audit.name
+      region          = data.aws_region.current.name
     }
   ) }
 
@@ -144,6 +147,16 @@ resource "aws_s3_object" "allowlist" {
   # would show a change.
   source_hash = filemd5(var.allowlist_file)
   tags        = local.tags
+}
+
+# The audit trail, shipped by each gateway's portcullis-ship.service (a
+# stream per instance): it outlives the instances, whose disks go with them.
+resource "aws_cloudwatch_log_group" "audit" {
+  # checkov:skip=CKV_AWS_158:Encrypted by CloudWatch Logs always; a customer-managed key is optional (audit_log_kms_key_arn), for teams whose policy requires one.
+  name              = coalesce(var.audit_log_group_name, "/portcullis/${var.name}/audit")
+  retention_in_days = var.audit_log_retention_days
+  kms_key_id        = var.audit_log_kms_key_arn
+  tags              = local.tags
 }
 
 resource "aws_eip" "egress" {
@@ -213,11 +226,11 @@ resource "aws_vpc_security_group_ingress_rule" "metrics" {
   for_each = toset(var.monitoring_cidrs)
 
   security_group_id = aws_security_group.gateway.id
-  description       = "Prometheus scrapes from ${each.value} (portcullis 9090, its HA agent 9091)"
+  description       = "Prometheus scrapes from ${each.value} (portcullis 9090, its HA agent 9091, its audit shipper 9092)"
   cidr_ipv4         = each.value
   ip_protocol       = "tcp"
   from_port         = 9090
-  to_port           = 9091
+  to_port           = 9092
 }
 
 # Out: the original destinations of web traffic (any address, ports 443

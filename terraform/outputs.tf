@@ -37,3 +37,8 @@ output "egress_ips" {
   description = "The public addresses of the pools the module allocated, keyed by AZ (empty when eip_allocation_ids is given)."
   value       = { for az, _ in var.public_subnet_ids : az => [for k, e in aws_eip.egress : e.public_ip if e.tags["portcullis:az"] == az] }
 }
+
+output "audit_log_group" {
+  description = "The CloudWatch Logs group holding the audit trail, a stream per gateway instance."
+  value       = aws_cloudwatch_log_group.audit.name
+}

@@ -233,6 +233,29 @@ variable "max_instance_lifetime" {
   }
 }
 
+variable "audit_log_group_name" {
+  type        = string
+  default     = null
+  description = "The CloudWatch Logs group the audit trail is shipped to (a stream per instance). Null: /portcullis/NAME/audit."
+}
+
+variable "audit_log_retention_days" {
+  type        = number
+  default     = 400
+  description = "Days CloudWatch keeps the audit trail (HITRUST and PCI ask for at least a year). 0 keeps it forever."
+
+  validation {
+    condition     = contains([0, 1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, 1096, 1827, 2192, 2557, 2922, 3288, 3653], var.audit_log_retention_days)
+    error_message = "audit_log_retention_days must be one CloudWatch Logs allows: 0 (forever), 1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, 1096, 1827, 2192, 2557, 2922, 3288 or 3653."
+  }
+}
+
+variable "audit_log_kms_key_arn" {
+  type        = string
+  default     = null
+  description = "A customer-managed KMS key for the audit group (its key policy must let CloudWatch Logs use it). Null: CloudWatch's own encryption."
+}
+
 variable "tags" {
   type        = map(string)
   default     = {}

@@ -12,10 +12,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use support::netns::{Netns, require_root};
 
-const UNITS: [&str; 5] = [
+const UNITS: [&str; 6] = [
     "portcullis.service",
     "portcullis-iptables.service",
     "portcullis-ha.service",
+    "portcullis-ship.service",
     "portcullis-health.service",
     "portcullis-health.timer",
 ];
@@ -143,7 +144,9 @@ fn the_ami_installs_every_file_its_units_run() {
         "portcullis-iptables.service",
         "portcullis.service",
         "portcullis-ha.service",
+        "portcullis-ship.service",
         "portcullis-health.timer",
+        "logrotate.timer",
     ] {
         let enable = template
             .lines()
@@ -241,6 +244,9 @@ fn the_service_is_hardened_and_drains_on_stop() {
         "Restart=always",
         "KillSignal=SIGTERM",
         "LimitNOFILE=1048576",
+        "LogsDirectory=portcullis",
+        // journald must never drop a line of ours.
+        "LogRateLimitIntervalSec=0",
     ] {
         assert!(has(line), "portcullis.service lacks {line}");
     }
@@ -251,6 +257,45 @@ fn the_service_is_hardened_and_drains_on_stop() {
         !filter.contains("ExecStop="),
         "stopping the filter must not open FORWARD"
     );
+}
+
+/// The audit file's rotation parses, and tells portcullis to reopen the
+/// file its config names.
+#[test]
+fn the_audit_file_rotates_and_portcullis_reopens_it() {
+    let config = repo("ami/logrotate/portcullis-audit");
+    let Some(out) = run(
+        "logrotate",
+        &["--debug", "--state", "/dev/null", config.to_str().unwrap()],
+    ) else {
+        return;
+    };
+    let text =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "logrotate: {text}");
+    assert!(!text.contains("error"), "logrotate: {text}");
+    let rules = read("ami/logrotate/portcullis-audit");
+    let user_data = render_user_data(&USER_DATA_VALUES);
+    let toml = written_file(&user_data, "/etc/portcullis/portcullis.toml");
+    let file = toml
+        .lines()
+        .find_map(|l| l.strip_prefix("audit-file = "))
+        .expect("the gateway writes an audit file")
+        .trim_matches('"');
+    assert!(rules.contains(&format!("{file} {{")), "{rules}");
+    assert!(rules.contains("--signal=USR1 portcullis.service"));
+    let ship = written_file(&user_data, "/etc/portcullis/ship.toml");
+    let ship = portcullis::ship::Config::parse(&ship).expect("portcullis ship accepts its config");
+    assert_eq!(
+        ship.file,
+        std::path::Path::new(file),
+        "the shipper follows that file"
+    );
+    assert_eq!(ship.log_group, "/portcullis/portcullis/audit");
+    // The timer drop-in is installed where systemd reads it.
+    let template = read("ami/portcullis.pkr.hcl");
+    assert!(template.contains("/etc/systemd/system/logrotate.timer.d/portcullis.conf"));
+    assert!(template.contains("/etc/logrotate.d/portcullis-audit"));
 }
 
 /// The user data rendered the way the Terraform module renders it.
@@ -285,7 +330,7 @@ fn written_file(user_data: &str, path: &str) -> String {
         .collect()
 }
 
-pub const USER_DATA_VALUES: [(&str, &str); 21] = [
+pub const USER_DATA_VALUES: [(&str, &str); 23] = [
     (
         "allowlist_url",
         "s3://egress-config/portcullis/allowlist.txt",
@@ -323,6 +368,9 @@ pub const USER_DATA_VALUES: [(&str, &str); 21] = [
         "      \"us-east-1a\" = [\"rtb-0a1b2c3d4e5f60718\",\"rtb-0a1b2c3d4e5f60719\"]\n      \"us-east-1b\" = [\"rtb-0a1b2c3d4e5f60720\"]",
     ),
     ("ipv6", "true"),
+    // As terraform/main.tf passes aws_cloudwatch_log_group.audit.name.
+    ("audit_log_group", "/portcullis/portcullis/audit"),
+    ("region", "us-east-1"),
     // As terraform/main.tf renders local.ha_eips.
     (
         "eips",

@@ -4,7 +4,7 @@
 
 mod support;
 
-use portcullis::telemetry::{FAMILIES, HA_FAMILIES, Kind};
+use portcullis::telemetry::{FAMILIES, HA_FAMILIES, Kind, SHIP_FAMILIES};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -32,13 +32,17 @@ fn metric_names(text: &str) -> BTreeSet<String> {
 
 /// Whether `name` is a series portcullis exports.
 fn exported(name: &str) -> bool {
-    FAMILIES.iter().chain(HA_FAMILIES).any(|f| {
-        f.name == name
-            || (f.kind == Kind::Histogram
-                && ["_bucket", "_sum", "_count"]
-                    .iter()
-                    .any(|s| name.strip_suffix(s) == Some(f.name)))
-    })
+    FAMILIES
+        .iter()
+        .chain(HA_FAMILIES)
+        .chain(SHIP_FAMILIES)
+        .any(|f| {
+            f.name == name
+                || (f.kind == Kind::Histogram
+                    && ["_bucket", "_sum", "_count"]
+                        .iter()
+                        .any(|s| name.strip_suffix(s) == Some(f.name)))
+        })
 }
 
 fn exprs(value: &serde_json::Value, out: &mut Vec<String>) {

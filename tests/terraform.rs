@@ -376,6 +376,34 @@ fn check_state(ws: &Workspace, all: &[serde_json::Value], inputs: &serde_json::V
         .cloned()
         .collect();
 
+    // The audit trail's group, kept as long as the module's default says.
+    let groups = of_type(all, "aws_cloudwatch_log_group");
+    assert_eq!(groups.len(), 1, "one audit group");
+    let audit_group = groups[0]["values"]["name"].as_str().unwrap().to_string();
+    assert_eq!(audit_group, "/portcullis/portcullis/audit");
+    assert_eq!(groups[0]["values"]["retention_in_days"], 400);
+    let policies: Vec<String> = of_type(all, "aws_iam_role_policy")
+        .iter()
+        .map(|p| p["values"]["policy"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(policies.len(), 2 * azs.len(), "two policies per AZ's role");
+    let shipping = policies
+        .iter()
+        .find(|p| p.contains("logs:PutLogEvents"))
+        .expect("the shipper may put events");
+    assert!(
+        shipping.contains(&format!("log-group:{audit_group}:log-stream:*")),
+        "{shipping}"
+    );
+    for az in &azs {
+        assert!(
+            policies
+                .iter()
+                .any(|p| p.contains(&format!("autoScalingGroupName/portcullis-{az}-*"))),
+            "{az}'s role reaches its own group"
+        );
+    }
+
     // Two Elastic IPs per AZ: the gateway's and a rollout's spare.
     assert_eq!(of_type(all, "aws_eip").len(), 2 * azs.len(), "Elastic IPs");
 
@@ -403,6 +431,19 @@ fn check_state(ws: &Workspace, all: &[serde_json::Value], inputs: &serde_json::V
             );
         }
     }
+
+    let metrics = of_type(all, "aws_vpc_security_group_ingress_rule")
+        .into_iter()
+        .find(|r| r["values"]["cidr_ipv4"] == "198.51.100.128/26")
+        .expect("Prometheus let in");
+    assert_eq!(
+        (
+            &metrics["values"]["from_port"],
+            &metrics["values"]["to_port"]
+        ),
+        (&serde_json::json!(9090), &serde_json::json!(9092)),
+        "the proxy's, the HA agent's and the shipper's metrics"
+    );
 
     let groups = of_type(all, "aws_autoscaling_group");
     assert_eq!(groups.len(), azs.len(), "a group per AZ");
@@ -466,10 +507,18 @@ fn check_state(ws: &Workspace, all: &[serde_json::Value], inputs: &serde_json::V
             .expect("the rendered portcullis.toml is valid")
             .into_config()
             .expect("a complete config");
+        let ship =
+            portcullis::ship::Config::parse(&written_file(&data, "/etc/portcullis/ship.toml"))
+                .expect("the rendered ship.toml is valid");
+        assert_eq!(ship.log_group, audit_group);
         let rules = written_file(&data, "/etc/portcullis/iptables.env");
         assert!(
             rules.contains("PRIVATE_CIDRS=\"198.51.100.0/24 203.0.113.0/24\""),
             "both VPC CIDRs are redirected:\n{rules}"
+        );
+        assert!(
+            rules.contains("tcp:9092@"),
+            "the shipper's metrics let in:\n{rules}"
         );
     }
     releases.dedup();

@@ -263,7 +263,7 @@ async fn s3_client() -> aws_sdk_s3::Client {
         .operation_timeout(S3_OPERATION_TIMEOUT)
         .build();
     let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .http_client(crate::ha::https_client())
+        .http_client(crate::aws::https_client())
         .timeout_config(timeouts)
         .load()
         .await;

@@ -1,7 +1,5 @@
 //! The few EC2 calls the HA agent makes, over the API's query protocol
-//! (form-encoded POST, SigV4-signed, XML back). The SDK's EC2 crate would
-//! have doubled CI's build for six operations; the signing and credentials
-//! are the SDK's own.
+//! (form-encoded POST, signed by [`crate::aws`], XML back).
 //!
 //! Every call has a deadline; errors say whether retrying later can help.
 
@@ -12,17 +10,15 @@ use super::fleet::{
     Stated, TAG_ALIVE, TAG_CHALLENGE, TAG_RELEASE, TAG_STATE, Target, alive_from_tag,
 };
 use super::xml::{self, Element};
-use hyper_rustls::ConfigBuilderExt as _;
+use crate::aws::{CallError, Caller, Endpoint};
 use std::net::IpAddr;
-use std::sync::Mutex;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 /// The two query APIs the agent calls: their signing names and versions.
 const EC2: (&str, &str) = ("ec2", "2016-11-15");
 const AUTOSCALING: (&str, &str) = ("autoscaling", "2011-01-01");
 /// One call, from connect to the last byte of the answer.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(3);
-const MAX_RESPONSE_BYTES: usize = 4 << 20;
 /// Pages of a listing read at most: a fleet is a handful of instances.
 const MAX_PAGES: usize = 10;
 /// The tag every gateway of a fleet carries; its value is the fleet's name.
@@ -87,25 +83,27 @@ pub(crate) trait Ec2 {
     ) -> Result<(), Ec2Error>;
 }
 
-/// One query API: where it is, and how requests to it are signed.
+impl From<CallError> for Ec2Error {
+    fn from(e: CallError) -> Ec2Error {
+        match e {
+            CallError::Transport(e) => Ec2Error::Transport(e),
+            CallError::Timeout(_) => Ec2Error::Timeout,
+            CallError::Credentials(e) => Ec2Error::Credentials(e),
+        }
+    }
+}
+
+/// One query API: where it is, and its version.
 struct Service {
-    name: &'static str,
+    endpoint: Endpoint,
     version: &'static str,
-    endpoint: String,
 }
 
 impl Service {
-    /// At `AWS_ENDPOINT_URL_<SERVICE>` or `AWS_ENDPOINT_URL` if set (a VPC
-    /// endpoint, or a local test server), else the regional endpoint.
     fn new((name, version): (&'static str, &'static str), env: &str, region: &str) -> Service {
-        let endpoint = [env, "AWS_ENDPOINT_URL"]
-            .iter()
-            .find_map(|v| std::env::var(v).ok().filter(|v| !v.is_empty()))
-            .unwrap_or_else(|| format!("https://{name}.{region}.amazonaws.com"));
         Service {
-            name,
+            endpoint: Endpoint::new(name, name, env, region),
             version,
-            endpoint: endpoint.trim_end_matches('/').to_owned() + "/",
         }
     }
 }
@@ -114,80 +112,18 @@ impl Service {
 pub struct Client {
     ec2: Service,
     autoscaling: Service,
-    region: String,
-    credentials: aws_credential_types::provider::SharedCredentialsProvider,
-    cached: Mutex<Option<aws_credential_types::Credentials>>,
-    http: hyper_util::client::legacy::Client<
-        hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
-        http_body_util::Full<bytes::Bytes>,
-    >,
+    caller: Caller,
 }
 
 impl Client {
     /// For `region`, with the standard credential chain (the instance role
     /// on EC2).
     pub async fn new(region: &str) -> Result<Client, Ec2Error> {
-        let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())
-            .region(aws_config::Region::new(region.to_owned()))
-            // The instance role's credentials come from IMDS over it.
-            .http_client(super::https_client())
-            .load()
-            .await;
-        let credentials = shared
-            .credentials_provider()
-            .ok_or_else(|| Ec2Error::Credentials("no credential provider".into()))?;
-        let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
-        connector.set_connect_timeout(Some(CALL_TIMEOUT));
-        connector.enforce_http(false);
-        let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| Ec2Error::Transport(e.to_string()))?;
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(
-                tls.with_native_roots()
-                    .map_err(|e| Ec2Error::Transport(e.to_string()))?
-                    .with_no_client_auth(),
-            )
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(connector);
-        let http =
-            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .pool_idle_timeout(Duration::from_secs(30))
-                .build(https);
         Ok(Client {
             ec2: Service::new(EC2, "AWS_ENDPOINT_URL_EC2", region),
             autoscaling: Service::new(AUTOSCALING, "AWS_ENDPOINT_URL_AUTO_SCALING", region),
-            region: region.to_owned(),
-            credentials,
-            cached: Mutex::new(None),
-            http,
+            caller: Caller::new(region, CALL_TIMEOUT).await?,
         })
-    }
-
-    async fn credentials(&self) -> Result<aws_credential_types::Credentials, Ec2Error> {
-        let fresh = |c: &aws_credential_types::Credentials| {
-            c.expiry().is_none_or(|e| {
-                e.duration_since(SystemTime::now())
-                    .is_ok_and(|left| left > Duration::from_secs(300))
-            })
-        };
-        if let Ok(cached) = self.cached.lock()
-            && let Some(c) = cached.as_ref().filter(|c| fresh(c))
-        {
-            return Ok(c.clone());
-        }
-        use aws_credential_types::provider::ProvideCredentials;
-        let c = tokio::time::timeout(CALL_TIMEOUT, self.credentials.provide_credentials())
-            .await
-            .map_err(|_| Ec2Error::Credentials("timed out".into()))?
-            .map_err(|e| Ec2Error::Credentials(e.to_string()))?;
-        if let Ok(mut cached) = self.cached.lock() {
-            *cached = Some(c.clone());
-        }
-        Ok(c)
     }
 
     /// One signed EC2 call; the parsed answer, or the API's error.
@@ -205,18 +141,6 @@ impl Client {
         action: &'static str,
         params: &[(String, String)],
     ) -> Result<Element, Ec2Error> {
-        tokio::time::timeout(CALL_TIMEOUT, self.call_unbounded(service, action, params))
-            .await
-            .map_err(|_| Ec2Error::Timeout)?
-    }
-
-    async fn call_unbounded(
-        &self,
-        service: &Service,
-        action: &'static str,
-        params: &[(String, String)],
-    ) -> Result<Element, Ec2Error> {
-        use http_body_util::BodyExt;
         let mut body = format!("Action={action}&Version={}", service.version);
         for (k, v) in params {
             body.push('&');
@@ -224,51 +148,16 @@ impl Client {
             body.push('=');
             body.push_str(&form_encode(v));
         }
-        let content_type = "application/x-www-form-urlencoded; charset=utf-8";
-        let mut request = http::Request::builder()
-            .method("POST")
-            .uri(&service.endpoint)
-            .header("content-type", content_type)
-            .body(http_body_util::Full::new(bytes::Bytes::from(body.clone())))
-            .map_err(|e| Ec2Error::Transport(e.to_string()))?;
-        let identity =
-            aws_smithy_runtime_api::client::identity::Identity::from(self.credentials().await?);
-        let settings = aws_sigv4::http_request::SigningSettings::default();
-        let params = aws_sigv4::sign::v4::SigningParams::builder()
-            .identity(&identity)
-            .region(&self.region)
-            .name(service.name)
-            .time(SystemTime::now())
-            .settings(settings)
-            .build()
-            .map_err(|e| Ec2Error::Credentials(e.to_string()))?
-            .into();
-        let signable = aws_sigv4::http_request::SignableRequest::new(
-            "POST",
-            &service.endpoint,
-            [("content-type", content_type)].into_iter(),
-            aws_sigv4::http_request::SignableBody::Bytes(body.as_bytes()),
-        )
-        .map_err(|e| Ec2Error::Credentials(e.to_string()))?;
-        let (instructions, _) = aws_sigv4::http_request::sign(signable, &params)
-            .map_err(|e| Ec2Error::Credentials(e.to_string()))?
-            .into_parts();
-        instructions.apply_to_request_http1x(&mut request);
-
-        let response = self
-            .http
-            .request(request)
-            .await
-            .map_err(|e| Ec2Error::Transport(e.to_string()))?;
-        let status = response.status();
-        let limited = http_body_util::Limited::new(response.into_body(), MAX_RESPONSE_BYTES);
-        let bytes = limited
-            .collect()
-            .await
-            .map_err(|e| Ec2Error::Transport(e.to_string()))?
-            .to_bytes();
+        let headers = [(
+            "content-type",
+            "application/x-www-form-urlencoded; charset=utf-8",
+        )];
+        let (status, bytes) = self
+            .caller
+            .post(&service.endpoint, &headers, body.into_bytes(), CALL_TIMEOUT)
+            .await?;
         let text = std::str::from_utf8(&bytes).map_err(|e| Ec2Error::Malformed(e.to_string()))?;
-        answer(action, status.as_u16(), text)
+        answer(action, status, text)
     }
 }
 

@@ -203,9 +203,9 @@ impl Config {
 }
 
 /// The facts IMDS gives about this instance.
-struct Identity {
-    instance: InstanceId,
-    region: String,
+pub(crate) struct Identity {
+    pub instance: InstanceId,
+    pub region: String,
     imds: aws_config::imds::Client,
 }
 
@@ -220,7 +220,7 @@ async fn imds_get(client: &aws_config::imds::Client, path: &str) -> Result<Strin
 /// IMDS answers within moments of boot; until it does, nothing can be done.
 const IDENTITY_WAIT: Duration = Duration::from_secs(60);
 
-async fn identity() -> Result<Identity, HaError> {
+pub(crate) async fn identity() -> Result<Identity, HaError> {
     let started = std::time::Instant::now();
     loop {
         match identity_once().await {
@@ -235,8 +235,8 @@ async fn identity() -> Result<Identity, HaError> {
 }
 
 async fn identity_once() -> Result<Identity, HaError> {
-    let provider =
-        aws_config::provider_config::ProviderConfig::default().with_http_client(https_client());
+    let provider = aws_config::provider_config::ProviderConfig::default()
+        .with_http_client(crate::aws::https_client());
     let imds = aws_config::imds::Client::builder()
         .configure(&provider)
         .connect_timeout(Duration::from_secs(1))
@@ -250,16 +250,6 @@ async fn identity_once() -> Result<Identity, HaError> {
         region,
         imds,
     })
-}
-
-/// The SDK's HTTPS client with rustls on ring (its default, aws-lc, is a
-/// large C build), for the S3 list source, IMDS and the credential chain.
-pub(crate) fn https_client() -> aws_smithy_runtime_api::client::http::SharedHttpClient {
-    aws_smithy_http_client::Builder::new()
-        .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
-            aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
-        ))
-        .build_https()
 }
 
 /// Whether the auto-scaling group is taking this instance out (a rollout,

@@ -28,6 +28,8 @@ for i, az in enumerate(["us-east-1a", "us-east-1b"]):
     inputs["private_route_table_ids"][az] = [table]
 boto3.client("s3").create_bucket(Bucket="egress-config")
 inputs["allowlist_bucket"] = "egress-config"
+# Prometheus scrapes from the first AZ's private subnet.
+inputs["monitoring_cidrs"] = ["198.51.100.128/26"]
 inputs["ami_id"] = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
 with open(sys.argv[1], "w") as out:
     json.dump(inputs, out, indent=2)

@@ -140,7 +140,7 @@ build {
     execute_command = "sudo sh -eu -c '{{ .Vars }} {{ .Path }}'"
     inline = [
       # awscli: health-check.sh reports an unready gateway to its group.
-      "dnf install -y iptables-nft conntrack-tools publicsuffix-list awscli-2 logrotate",
+      "dnf install -y iptables-nft conntrack-tools publicsuffix-list awscli-2 logrotate ethtool",
       "useradd --system --no-create-home --home-dir /var/lib/portcullis --shell /sbin/nologin portcullis",
       "cd /tmp/portcullis",
       "install -m 0755 portcullis /usr/bin/portcullis",

@@ -50,6 +50,8 @@ pub const HA_UNSERVED_ROUTES: &str = "portcullis_ha_unserved_routes";
 pub const HA_ROUTES_HELD: &str = "portcullis_ha_routes_held";
 pub const HA_READY: &str = "portcullis_ha_ready";
 pub const HA_AZ_GATEWAYS: &str = "portcullis_ha_az_gateways";
+pub const ENA_EXCEEDED: &str = "portcullis_ena_allowance_exceeded_total";
+pub const ENA_CONNTRACK_AVAILABLE: &str = "portcullis_ena_conntrack_allowance_available";
 pub const SHIP_RECORDS: &str = "portcullis_ship_records_total";
 pub const SHIP_TRUNCATED: &str = "portcullis_ship_records_truncated_total";
 pub const SHIP_ERRORS: &str = "portcullis_ship_errors_total";
@@ -275,6 +277,18 @@ pub const HA_FAMILIES: &[Family] = &[
         Kind::Gauge,
         &["az"],
         "Serving gateways (running, ready, not dead) in each AZ of the fleet's layout, as this gateway last read the fleet; az is one of the configured AZ names.",
+    ),
+    family(
+        ENA_EXCEEDED,
+        Kind::Counter,
+        &["allowance"],
+        "Packets EC2 queued or dropped because this instance went over an allowance (the ENA driver's counters): bw_in, bw_out, pps, conntrack, linklocal.",
+    ),
+    family(
+        ENA_CONNTRACK_AVAILABLE,
+        Kind::Gauge,
+        &[],
+        "Connections EC2 can still track for this instance before it drops new ones.",
     ),
 ];
 

@@ -125,7 +125,7 @@ data "aws_iam_policy_document" "gateway" {
   statement {
     sid       = "ShipTheAuditTrail"
     actions   = ["logs:CreateLogStream", "logs:PutLogEvents"]
-    resources = ["${aws_cloudwatch_log_group.audit.arn}:log-stream:*"]
+    resources = [aws_cloudwatch_log_group.audit.arn, "${aws_cloudwatch_log_group.audit.arn}:log-stream:*"]
   }
 
   # Session Manager's shell (no SSH port, no key pairs): the agent's

@@ -2,6 +2,13 @@ variable "name" {
   type        = string
   default     = "portcullis"
   description = "Name prefix for every resource, and the value of the portcullis:gateway tag on the instances."
+
+  # IAM name prefixes take 38 characters, and each AZ's role is named
+  # NAME-AZ- (a local zone's AZ name is 16).
+  validation {
+    condition     = can(regex("^[A-Za-z0-9][A-Za-z0-9-]{0,19}$", var.name))
+    error_message = "name is 1 to 20 letters, digits and hyphens (it prefixes each AZ's IAM role name, which IAM caps)."
+  }
 }
 
 variable "vpc_id" {

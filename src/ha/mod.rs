@@ -13,6 +13,7 @@
 //! - [`rollout`]: a rollout's new gateways say ready one AZ at a time.
 //! - [`address`]: which Elastic IP of its AZ's pool a gateway holds.
 //! - [`ec2`]: the EC2 query API calls, signed with the SDK's SigV4.
+//! - [`ena`]: EC2's network allowance counters (`ethtool -S`), exported.
 //! - [`xml`]: the element tree the API's answers are read with.
 //! - [`agent`]: checks, probes, the poll, carrying out the plan.
 
@@ -20,6 +21,7 @@ pub mod address;
 pub mod agent;
 pub mod decide;
 pub mod ec2;
+pub mod ena;
 pub mod fleet;
 pub mod rollout;
 pub mod xml;
@@ -273,6 +275,7 @@ pub async fn run(config: Config) -> Result<(), HaError> {
             source,
         }
     })?;
+    tokio::spawn(ena::watch());
     let client = ec2::Client::new(&me.region).await?;
     let mut agent = agent::Agent::new(
         me.instance.clone(),

@@ -311,6 +311,10 @@ resource "aws_launch_template" "gateway" {
       error_message = "private_route_table_ids lists ${join(", ", setintersection(local.private_route_tables, local.gateway_route_tables))}, the route table of the gateways' own public subnets: its default route must stay on the internet gateway."
     }
     precondition {
+      condition     = !var.route_ipv6 || alltrue([for s in data.aws_subnet.public : s.ipv6_cidr_block != ""])
+      error_message = "route_ipv6 needs an IPv6 CIDR on every public subnet: each gateway takes an IPv6 address there."
+    }
+    precondition {
       condition     = !var.route_ipv6 || length(var.private_cidrs6) > 0
       error_message = "route_ipv6 needs private_cidrs6: the IPv6 networks whose web traffic the gateways inspect."
     }

@@ -314,7 +314,8 @@ fn example_applies_and_destroys_against_a_real_aws_api() {
 
     let mut seed = ns.command(venv().join("bin/python").to_str().unwrap());
     seed.arg(repo("tests/support/aws_seed.py"))
-        .arg(ws.path(&format!("{example}/terraform.tfvars.json")));
+        .arg(ws.path(&format!("{example}/terraform.tfvars.json")))
+        .arg(ws.path("seeded.json"));
     for (key, value) in AWS_ENV {
         seed.env(key, value);
     }
@@ -349,6 +350,9 @@ fn example_applies_and_destroys_against_a_real_aws_api() {
     let state: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
     let all = resources(&state);
     check_state(&ws, &all, &inputs);
+    let seeded: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ws.path("seeded.json")).unwrap()).unwrap();
+    check_refusals(&tools, &ws, &ns, &inputs, &seeded);
 
     let destroy = ws.terraform(
         &tools,
@@ -365,6 +369,140 @@ fn example_applies_and_destroys_against_a_real_aws_api() {
         .map(|r| r["address"].clone())
         .collect();
     assert!(left.is_empty(), "left after destroy: {left:?}");
+}
+
+/// Plans the module, called with `inputs` changed by `change`, from a
+/// root module of the test's own (the example does not expose every
+/// input); the error text, which the plan must end with.
+fn refused_plan(
+    tools: &Tools,
+    ws: &Workspace,
+    ns: &Netns,
+    inputs: &serde_json::Value,
+    change: impl FnOnce(&mut serde_json::Value),
+) -> String {
+    let mut vars = inputs.clone();
+    change(&mut vars);
+    // JSON values are HCL expressions too (objects take `:`).
+    let args: String = vars
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| format!("  {k} = {v}\n"))
+        .collect();
+    let root = format!(
+        "terraform {{\n  required_providers {{\n    aws = {{ source = \"hashicorp/aws\" }}\n  }}\n}}\n\
+         provider \"aws\" {{\n  region = \"us-east-1\"\n}}\n\
+         module \"portcullis\" {{\n  source = \"../terraform\"\n{args}}}\n"
+    );
+    let dir = ws.path(REFUSALS);
+    let first = !dir.exists();
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("main.tf"), root).unwrap();
+    if first {
+        ws.init(tools, Some(ns), REFUSALS);
+    }
+    let out = ws.terraform(
+        tools,
+        Some(ns),
+        REFUSALS,
+        &["plan", "-input=false", "-no-color", "-lock=false"],
+    );
+    assert!(
+        !out.status.success(),
+        "the plan took {vars}:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // Terraform wraps its messages; compare them unwrapped.
+    String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .map(|l| l.trim_start_matches(['│', ' ']).trim_end())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Where [`refused_plan`]'s root module lives, in the workspace.
+const REFUSALS: &str = "refusals";
+
+/// An edit of the example's inputs.
+type Change = Box<dyn FnOnce(&mut serde_json::Value)>;
+
+/// The module's input checks refuse, at plan, what would break egress.
+fn check_refusals(
+    tools: &Tools,
+    ws: &Workspace,
+    ns: &Netns,
+    inputs: &serde_json::Value,
+    seeded: &serde_json::Value,
+) {
+    let a_table = inputs["private_route_table_ids"]["us-east-1a"][0].clone();
+    let cases: Vec<(&str, Change)> = vec![
+        (
+            "must name the same AZs",
+            Box::new(|v| {
+                if let Some(t) = v["private_route_table_ids"].as_object_mut() {
+                    t.remove("us-east-1b");
+                }
+            }),
+        ),
+        (
+            "listed for two AZs",
+            Box::new({
+                let a_table = a_table.clone();
+                move |v| v["private_route_table_ids"]["us-east-1b"] = serde_json::json!([a_table])
+            }),
+        ),
+        (
+            "the route table of the gateways' own public subnets",
+            Box::new({
+                let main = seeded["main_route_table"].clone();
+                move |v| v["private_route_table_ids"]["us-east-1b"] = serde_json::json!([main])
+            }),
+        ),
+        (
+            "route_ipv6 needs an IPv6 CIDR on every public subnet",
+            Box::new(|v| v["route_ipv6"] = true.into()),
+        ),
+        (
+            "max_instance_lifetime must be 0",
+            Box::new(|v| v["max_instance_lifetime"] = 3600.into()),
+        ),
+    ];
+    for (why, change) in cases {
+        let text = refused_plan(tools, ws, ns, inputs, change);
+        assert!(text.contains(why), "expected {why:?}:\n{text}");
+    }
+    // An IPv6 default route around the gateways, with route_ipv6 off.
+    let route = |action: &str| {
+        let script = format!(
+            "import boto3; boto3.client('ec2').{action}_route(RouteTableId='{}', DestinationIpv6CidrBlock='::/0'{})",
+            a_table.as_str().unwrap(),
+            if action == "create" {
+                format!(
+                    ", EgressOnlyInternetGatewayId='{}'",
+                    seeded["egress_only_gateway"].as_str().unwrap()
+                )
+            } else {
+                String::new()
+            }
+        );
+        let mut python = ns.command(venv().join("bin/python").to_str().unwrap());
+        python.args(["-c", &script]);
+        for (key, value) in AWS_ENV {
+            python.env(key, value);
+        }
+        assert_ok(
+            &format!("{action} the IPv6 route"),
+            &python.output().unwrap(),
+        );
+    };
+    route("create");
+    let text = refused_plan(tools, ws, ns, inputs, |_| {});
+    assert!(
+        text.contains("send IPv6 (::/0) around the gateways"),
+        "{text}"
+    );
+    route("delete");
 }
 
 /// What the applied example must have created.

@@ -1,7 +1,9 @@
 """Seeds a moto server with what the Terraform example deploys into: a VPC
 with a secondary CIDR (as EKS pod ranges are added), a public and a
 private subnet with its own route table in each of two AZs, and the list
-bucket. Writes the example's inputs as terraform.tfvars.json to argv[1].
+bucket. Writes the example's inputs as terraform.tfvars.json to argv[1], and to
+argv[2] what the tests need besides (the VPC's main route table, which
+the public subnets use, and an egress-only internet gateway).
 
 The addresses are documentation ranges: they exist only in moto's memory.
 """
@@ -33,3 +35,11 @@ inputs["monitoring_cidrs"] = ["198.51.100.128/26"]
 inputs["ami_id"] = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
 with open(sys.argv[1], "w") as out:
     json.dump(inputs, out, indent=2)
+main = ec2.describe_route_tables(
+    Filters=[{"Name": "vpc-id", "Values": [vpc]}, {"Name": "association.main", "Values": ["true"]}]
+)["RouteTables"][0]["RouteTableId"]
+eigw = ec2.create_egress_only_internet_gateway(VpcId=vpc)["EgressOnlyInternetGateway"][
+    "EgressOnlyInternetGatewayId"
+]
+with open(sys.argv[2], "w") as out:
+    json.dump({"main_route_table": main, "egress_only_gateway": eigw}, out)

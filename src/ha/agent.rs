@@ -92,6 +92,8 @@ pub(crate) struct Agent<E> {
 pub struct Handoff {
     pub peer: InstanceId,
     pub ip: std::net::Ipv4Addr,
+    /// With IPv6 routes, the sibling's IPv6 address: its IPv6 flows too.
+    pub ip6: Option<std::net::Ipv6Addr>,
     pub since: Millis,
 }
 
@@ -176,15 +178,18 @@ impl<E: Ec2> Agent<E> {
             return;
         }
         let peer = holder.id.clone();
-        if !self.handoff_command.is_empty()
-            && !run_command(&self.handoff_command, &["start", &ip.to_string()]).await
-        {
+        let ip6 = holder.ip6.filter(|_| self.layout.ipv6);
+        let mut args = vec!["start".to_owned(), ip.to_string()];
+        args.extend(ip6.map(|ip6| ip6.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        if !self.handoff_command.is_empty() && !run_command(&self.handoff_command, &args).await {
             return;
         }
-        tracing::warn!(%peer, %ip, "flows in progress on the previous holder are routed on to it");
+        tracing::warn!(%peer, %ip, ?ip6, "flows in progress on the previous holder are routed on to it");
         self.handoff = Some(Handoff {
             peer,
             ip,
+            ip6,
             since: now,
         });
     }
@@ -875,6 +880,43 @@ mod tests {
             .retain(|g| g.id.0 != "i-a0");
         agent.poll(at(6000)).await;
         assert!(agent.handoff().is_none(), "ended once it is gone");
+    }
+
+    #[tokio::test]
+    async fn with_ipv6_routes_the_hand_off_names_the_siblings_ipv6_address_too() {
+        let (mut layout, fake) = setup();
+        layout.ipv6 = true;
+        {
+            let mut fleet = fake.fleet.borrow_mut();
+            let mut old = gateway("i-a0", "a");
+            old.ip = Some("198.51.100.140".parse().expect("ip"));
+            old.ip6 = Some("2001:db8:a::140".parse().expect("ip6"));
+            old.state = Some(Stated {
+                phase: Phase::Leaving,
+                since: Millis(T0),
+            });
+            fleet.gateways.push(old);
+            fleet.routes[0].target = Target::Eni(EniId("eni-i-a0".into()));
+        }
+        let said = std::env::temp_dir().join(format!("portcullis-handoff-{}", std::process::id()));
+        let command = vec![
+            "sh".to_owned(),
+            "-c".to_owned(),
+            format!("echo \"$*\" >> {}", said.display()),
+            "handoff".to_owned(),
+        ];
+        let mut agent = Agent::new(InstanceId("i-a".into()), fake.clone(), "f".into(), layout)
+            .with_handoff(command);
+        ready(&mut agent);
+        agent.poll(at(0)).await;
+        agent.poll(at(2000)).await;
+        let text = std::fs::read_to_string(&said).unwrap_or_default();
+        let _ = std::fs::remove_file(&said);
+        assert_eq!(text, "start 198.51.100.140 2001:db8:a::140\n");
+        assert_eq!(
+            agent.handoff().and_then(|h| h.ip6).map(|ip| ip.to_string()),
+            Some("2001:db8:a::140".to_string())
+        );
     }
 
     #[tokio::test]

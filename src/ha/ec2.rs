@@ -393,16 +393,17 @@ fn parse_instances(root: &Element) -> Vec<Gateway> {
             let Some(az) = item.text_at(&["placement", "availabilityZone"]) else {
                 continue;
             };
-            let Some(eni) = item
-                .items("networkInterfaceSet")
-                .find(|n| {
-                    n.text_at(&["attachment", "deviceIndex"])
-                        .is_none_or(|d| d == "0")
-                })
-                .and_then(|n| n.text_at(&["networkInterfaceId"]))
-            else {
+            let primary = item.items("networkInterfaceSet").find(|n| {
+                n.text_at(&["attachment", "deviceIndex"])
+                    .is_none_or(|d| d == "0")
+            });
+            let Some(eni) = primary.and_then(|n| n.text_at(&["networkInterfaceId"])) else {
                 continue;
             };
+            let ip6 = primary
+                .and_then(|n| n.items("ipv6AddressesSet").next())
+                .and_then(|a| a.text_at(&["ipv6Address"]))
+                .and_then(|ip| ip.parse::<std::net::Ipv6Addr>().ok());
             let tag = |key: &str| {
                 item.items("tagSet")
                     .find(|t| t.text_at(&["key"]) == Some(key))
@@ -422,6 +423,7 @@ fn parse_instances(root: &Element) -> Vec<Gateway> {
                 ip: item
                     .text_at(&["privateIpAddress"])
                     .and_then(|ip| ip.parse::<IpAddr>().ok()),
+                ip6,
                 launched,
                 running: item.text_at(&["instanceState", "name"]) == Some("running"),
                 booting: item.text_at(&["instanceState", "name"]) == Some("pending"),
@@ -500,7 +502,8 @@ mod tests {
    <placement><availabilityZone>us-east-1a</availabilityZone></placement>
    <networkInterfaceSet>
     <item><networkInterfaceId>eni-second</networkInterfaceId><attachment><deviceIndex>1</deviceIndex></attachment></item>
-    <item><networkInterfaceId>eni-0a</networkInterfaceId><attachment><deviceIndex>0</deviceIndex></attachment></item>
+    <item><networkInterfaceId>eni-0a</networkInterfaceId><attachment><deviceIndex>0</deviceIndex></attachment>
+     <ipv6AddressesSet><item><ipv6Address>2001:db8:a::140</ipv6Address></item></ipv6AddressesSet></item>
    </networkInterfaceSet>
    <tagSet>
     <item><key>portcullis:gateway</key><value>prod</value></item>
@@ -524,6 +527,7 @@ mod tests {
         assert_eq!(g.id, InstanceId("i-0a".into()));
         assert_eq!(g.eni, EniId("eni-0a".into()), "the primary interface");
         assert_eq!(g.ip, Some("198.51.100.140".parse().expect("ip")));
+        assert_eq!(g.ip6, Some("2001:db8:a::140".parse().expect("ip6")));
         assert_eq!(g.launched, Millis(1_796_138_918_000));
         assert!(g.running);
         assert_eq!(g.state.map(|s| s.since), Some(Millis(1_764_602_918_000)));

@@ -159,6 +159,9 @@ pub struct Gateway {
     pub eni: EniId,
     /// Where siblings probe it.
     pub ip: Option<IpAddr>,
+    /// Its primary interface's IPv6 address, if it has one: where a
+    /// hand-off sends IPv6 flows.
+    pub ip6: Option<std::net::Ipv6Addr>,
     pub launched: Millis,
     /// EC2's own state is `running` (not pending, stopping, terminated).
     pub running: bool,
@@ -182,6 +185,7 @@ impl Gateway {
             az: Az(az.into()),
             eni: EniId(eni.into()),
             ip: None,
+            ip6: None,
             launched: Millis(0),
             running: true,
             booting: false,

@@ -16,6 +16,9 @@ use std::time::{Duration, Instant};
 
 /// A rotated file is let go of after this long without growing.
 pub const ROTATE_QUIET: Duration = Duration::from_secs(2);
+/// A line longer than this (no newline in sight) is handed out as it is,
+/// so a file that is not line-oriented cannot grow the buffer without end.
+pub const MAX_LINE: usize = 1 << 20;
 
 /// Where shipping stopped: a file (by inode) and the byte after the last
 /// line shipped from it.
@@ -186,6 +189,12 @@ impl Open {
                 start = end + 1;
             }
             self.partial.extend_from_slice(&chunk[start..n]);
+            if self.partial.len() > MAX_LINE {
+                let line = std::mem::take(&mut self.partial);
+                self.offset += line.len() as u64;
+                handed += line.len();
+                lines.push(line);
+            }
         }
         Ok(total)
     }
@@ -332,6 +341,18 @@ mod tests {
         let r = f.read(1 << 20).unwrap();
         assert!(r.truncated);
         assert_eq!(texts(&r), ["new"]);
+    }
+
+    #[test]
+    fn a_line_without_end_is_handed_out_at_the_cap() {
+        let dir = Dir::new("endless");
+        let path = dir.file();
+        append(&path, &"y".repeat(MAX_LINE + 70_000));
+        let (mut f, _) = Follower::new(&path, None);
+        let r = f.read(1 << 20).unwrap();
+        assert_eq!(r.lines.len(), 1);
+        assert!(r.lines[0].len() > MAX_LINE);
+        assert_eq!(f.position().unwrap().offset, r.lines[0].len() as u64);
     }
 
     #[test]

@@ -77,6 +77,23 @@ impl Shipper {
         Shipper { child }
     }
 
+    /// SIGTERM, and its exit (within the final flush and a margin).
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, Signal::SIGTERM).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the shipper did not stop"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -153,7 +170,7 @@ fn every_audit_record_reaches_cloudwatch_across_rotation_and_a_killed_shipper() 
     // The shipper dies mid-stream; records keep coming; a new one resumes.
     shipper.kill();
     refused(&t, 100, "d");
-    let _shipper = Shipper::start(&t, &config);
+    let mut shipper = Shipper::start(&t, &config);
 
     let written = || [lines(&t.dir.join("audit.log.1")), lines(&audit)].concat();
     wait_until(
@@ -179,6 +196,26 @@ fn every_audit_record_reaches_cloudwatch_across_rotation_and_a_killed_shipper() 
     let twice = seen.values().filter(|n| **n > 1).count();
     assert!(twice <= 100, "{twice} records shipped twice");
     assert!(got.len() <= written.len() + twice);
+    // A stop ships what is left: records written just before SIGTERM
+    // arrive with no shipper left to run.
+    refused(&t, 40, "e");
+    wait_until("portcullis wrote them", Duration::from_secs(10), || {
+        lines(&audit)
+            .iter()
+            .filter(|l| l.contains("-e.refused.test"))
+            .count()
+            == 40
+    });
+    assert!(shipper.terminate().success());
+    let last = shipped(&t);
+    let flushed = last
+        .iter()
+        .filter(|m| m.contains("-e.refused.test"))
+        .count();
+    assert!(
+        flushed >= 40,
+        "{flushed} of the last 40 shipped before the stop"
+    );
     let log = std::fs::read_to_string(t.dir.join("ship.log")).unwrap();
     assert!(log.contains("rotated file shipped to its end"), "{log}");
     assert!(!log.contains("lost"), "{log}");

@@ -32,6 +32,44 @@ const READ_BYTES: usize = 900 * 1024;
 /// Retries of a failed call back off from the first to the last.
 const BACKOFF_FIRST: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// After SIGTERM, what is in the file is still shipped for at most this
+/// long (the unit allows 20 s): a drain's last records leave with it.
+pub const FINAL_FLUSH: Duration = Duration::from_secs(10);
+
+/// SIGTERM, and the final flush it starts.
+struct Stopping {
+    term: tokio::signal::unix::Signal,
+    by: Option<std::time::Instant>,
+}
+
+impl Stopping {
+    fn begin(&mut self) {
+        if self.by.is_none() {
+            tracing::info!("SIGTERM: shipping what is left, for at most {FINAL_FLUSH:?}");
+            self.by = Some(std::time::Instant::now() + FINAL_FLUSH);
+        }
+    }
+
+    fn over(&self) -> bool {
+        self.by.is_some_and(|by| std::time::Instant::now() >= by)
+    }
+
+    /// Sleeps `d`, cut short by SIGTERM or by the end of the final flush;
+    /// false once the flush's time is up.
+    async fn sleep(&mut self, d: Duration) -> bool {
+        match self.by {
+            Some(by) => {
+                let left = by.saturating_duration_since(std::time::Instant::now());
+                tokio::time::sleep(d.min(left)).await;
+            }
+            None => tokio::select! {
+                _ = tokio::time::sleep(d) => {}
+                _ = self.term.recv() => self.begin(),
+            },
+        }
+        !self.over()
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ShipError {
@@ -153,8 +191,8 @@ fn now_ms() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
-/// Runs until SIGTERM; what was read and not yet shipped then is shipped
-/// by the next run.
+/// Runs until SIGTERM, then ships what is left in the file for at most
+/// [`FINAL_FLUSH`]; what is still unshipped is shipped by the next run.
 pub async fn run(config: Config) -> Result<(), ShipError> {
     use crate::telemetry::{
         SHIP_BEHIND_BYTES, SHIP_ERRORS, SHIP_LAST_SUCCESS, SHIP_RECORDS, SHIP_TRUNCATED,
@@ -181,8 +219,11 @@ pub async fn run(config: Config) -> Result<(), ShipError> {
             source,
         }
     })?;
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(ShipError::Signal)?;
+    let mut stopping = Stopping {
+        term: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(ShipError::Signal)?,
+        by: None,
+    };
     // The series exist from the start, so "nothing shipped" can alert
     // before the first success.
     metrics::counter!(SHIP_RECORDS, "result" => "shipped").increment(0);
@@ -196,15 +237,12 @@ pub async fn run(config: Config) -> Result<(), ShipError> {
         );
     }
     let mut backoff = BACKOFF_FIRST;
-    // Waits `backoff` (doubling it), or returns false on SIGTERM.
+    // Waits `backoff` (doubling it); false once a final flush is over.
     macro_rules! pause {
         () => {{
             let wait = backoff;
             backoff = (backoff * 2).min(BACKOFF_MAX);
-            tokio::select! {
-                _ = tokio::time::sleep(wait) => true,
-                _ = term.recv() => false,
-            }
+            stopping.sleep(wait).await
         }};
     }
     loop {
@@ -235,10 +273,12 @@ pub async fn run(config: Config) -> Result<(), ShipError> {
             tracing::info!(file = %config.file.display(), "rotated file shipped to its end; following the new one");
         }
         if read.lines.is_empty() {
-            tokio::select! {
-                _ = tokio::time::sleep(POLL_EVERY) => continue,
-                _ = term.recv() => return Ok(()),
+            if stopping.by.is_some() {
+                tracing::info!("everything in the audit file is shipped: stopping");
+                return Ok(());
             }
+            stopping.sleep(POLL_EVERY).await;
+            continue;
         }
         let now = now_ms();
         let mut events = Vec::with_capacity(read.lines.len());
@@ -302,6 +342,12 @@ pub async fn run(config: Config) -> Result<(), ShipError> {
         {
             metrics::counter!(SHIP_ERRORS, "kind" => "state").increment(1);
             tracing::warn!(path = %config.state.display(), error = %e, "cannot save the ship state: a restart would ship some records again");
+        }
+        if stopping.over() {
+            tracing::warn!(
+                "SIGTERM: stopping before the audit file was all shipped; the next start ships the rest"
+            );
+            return Ok(());
         }
     }
 }

@@ -17,6 +17,7 @@
 //! Every client first sends a real ClientHello (curl's, renamed to NAME),
 //! as a TLS client would; the gateways under test only peek at it. Results
 //! are one line of `key=value` pairs on stdout for run.sh to collect.
+#![forbid(unsafe_code)]
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};

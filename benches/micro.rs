@@ -4,6 +4,7 @@
 //! adds to a decision on a DNS cache hit. `cargo bench --bench micro`; `cargo test --benches` runs each
 //! once so they cannot rot. Targets (README, Performance): lookup < 200 ns
 //! at 1M entries, 1M-entry load < 1 s, a typical hello well under 1 µs.
+#![forbid(unsafe_code)]
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use portcullis::allowlist::{Allowlist, parse};

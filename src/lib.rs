@@ -24,6 +24,7 @@
 //!   at least once, resuming where it stopped.
 //! - [`ha`]: `portcullis ha`, the agent that keeps every AZ's routes on a
 //!   serving gateway (EC2 API, no I/O in its decisions).
+#![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod allowlist;

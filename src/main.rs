@@ -1,4 +1,5 @@
 //! Command line: parse flags, set up logging, map results to exit codes.
+#![forbid(unsafe_code)]
 
 use clap::{Args, Parser, Subcommand};
 use portcullis::allowlist::{Allowlist, Source, load_once, shared_suffixes, system_suffixes};

@@ -5,6 +5,7 @@
 //! opens; `discover` counts each connection once and is not steered by a
 //! host that floods refused names. Needs root; under CI=true a non-root run
 //! fails instead of skipping.
+#![forbid(unsafe_code)]
 
 mod support;
 

@@ -1,4 +1,5 @@
 //! The command line, as an operator uses it. No privileges needed.
+#![forbid(unsafe_code)]
 
 use std::path::PathBuf;
 use std::process::{Command, Output};

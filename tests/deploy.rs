@@ -4,6 +4,7 @@
 //! valid cloud-config carrying a config portcullis accepts, and every
 //! sysctl names a real kernel setting. Tools come from scripts/setup.sh;
 //! under CI=true a missing one fails instead of skipping.
+#![forbid(unsafe_code)]
 
 mod support;
 

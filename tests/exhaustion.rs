@@ -3,6 +3,7 @@
 //! bound and recover by itself. (Running out of file descriptors is in
 //! namespaced.rs.) Needs root; under CI=true a non-root run fails instead
 //! of skipping.
+#![forbid(unsafe_code)]
 
 mod support;
 

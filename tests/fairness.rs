@@ -4,6 +4,7 @@
 //! whose one side has closed is reaped at the half-closed timeout; and a
 //! kept-alive HTTP connection gives its buffers back between requests.
 //! Needs root; under CI=true a non-root run fails instead of skipping.
+#![forbid(unsafe_code)]
 
 mod support;
 

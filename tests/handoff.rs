@@ -3,6 +3,7 @@
 //! the old one when its route moves to the new one. With the hand-off
 //! started on the new gateway the download completes; without it, the new
 //! gateway resets it (the control that shows the test can fail). Root.
+#![forbid(unsafe_code)]
 
 mod support;
 

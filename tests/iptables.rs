@@ -4,6 +4,7 @@
 //! proxy (QUIC refused, other ports dropped) except what ALLOW_FORWARD
 //! lists, and opens only the listeners. Needs root for all but the first
 //! test; under CI=true a non-root run fails instead of skipping.
+#![forbid(unsafe_code)]
 
 mod support;
 

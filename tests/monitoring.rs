@@ -1,6 +1,7 @@
 //! The shipped Grafana dashboard and Prometheus alert rules: they parse,
 //! Prometheus accepts the rules and each alert fires on its own test case
 //! (`promtool`), and every metric they query is one portcullis exports.
+#![forbid(unsafe_code)]
 
 mod support;
 

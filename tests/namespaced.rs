@@ -2,6 +2,7 @@
 //! namespace running portcullis behind the shipped iptables rules, and an
 //! upstream namespace with real servers. Needs root; under CI=true a
 //! non-root run fails instead of skipping.
+#![forbid(unsafe_code)]
 
 mod support;
 

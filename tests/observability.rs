@@ -3,6 +3,7 @@
 //! the audit log has one JSON line per connection, and a flood of distinct
 //! denied names adds no series. Needs root; under CI=true a non-root run
 //! fails instead of skipping.
+#![forbid(unsafe_code)]
 
 mod support;
 

@@ -5,6 +5,7 @@
 //! is refused. Also the destinations the gateway never reaches, and the h2c
 //! upgrade. Needs root; under CI=true a non-root run fails instead of
 //! skipping.
+#![forbid(unsafe_code)]
 
 mod support;
 

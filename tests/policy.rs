@@ -2,6 +2,7 @@
 //! (per-source policies, TLS version floor, ECH and odd hellos, monitor
 //! mode, discovery, destination verification). Needs root; under CI=true
 //! a non-root run fails instead of skipping.
+#![forbid(unsafe_code)]
 
 mod support;
 

@@ -2,6 +2,7 @@
 //! a file edited under a running gateway, and a real S3 API (moto_server)
 //! updated, broken, stopped and restarted. Needs root (and moto_server for
 //! the S3 tests); under CI=true a missing one fails instead of skipping.
+#![forbid(unsafe_code)]
 
 mod support;
 

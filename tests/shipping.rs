@@ -3,6 +3,7 @@
 //! on the gateway namespace's loopback), across a logrotate-style rotation
 //! (rename, SIGUSR1) and a SIGKILL of the shipper, and every record arrives.
 //! Needs root and moto_server.
+#![forbid(unsafe_code)]
 
 mod support;
 

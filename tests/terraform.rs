@@ -9,6 +9,7 @@
 //! that has only a loopback, with moto on it, so nothing can reach AWS.
 //! Where the tools are missing the tests say so and skip, except under
 //! CI=true, where they fail.
+#![forbid(unsafe_code)]
 
 mod support;
 

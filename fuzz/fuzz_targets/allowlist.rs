@@ -1,6 +1,7 @@
 //! The allowlist parser and matcher on any text: parsing must never
 //! panic, and a list that parses must decide every name it contains.
 #![no_main]
+#![forbid(unsafe_code)]
 
 use libfuzzer_sys::fuzz_target;
 use portcullis::allowlist::{EntryKind, parse};

@@ -1,6 +1,7 @@
 //! The ClientHello parser on any bytes: it must never panic, and what it
 //! accepts must stay accepted when cut into more records.
 #![no_main]
+#![forbid(unsafe_code)]
 
 use libfuzzer_sys::fuzz_target;
 use portcullis::detect::Detect;

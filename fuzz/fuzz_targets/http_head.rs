@@ -1,6 +1,7 @@
 //! The HTTP head parsers and the chunked-body framer on any bytes: they
 //! must never panic, and framing must not depend on how bytes arrive.
 #![no_main]
+#![forbid(unsafe_code)]
 
 use libfuzzer_sys::fuzz_target;
 use portcullis::detect::http::{ChunkedDecoder, parse_request_head, parse_response_head};

@@ -2,6 +2,7 @@
 //! source files: the fuzz targets need them, not the gateway's runtime
 //! (tokio, the AWS SDK), which would make the sanitizer build several
 //! times longer.
+#![forbid(unsafe_code)]
 
 #[path = "../../src/name.rs"]
 pub mod name;

@@ -28,6 +28,13 @@ pub enum LogsError {
 }
 
 impl LogsError {
+    /// CloudWatch refuses this batch as it is, and would again: retrying
+    /// it cannot help. Everything else may pass once fixed (access, keys,
+    /// throttling, an outage) and is retried.
+    pub fn batch_refused(&self) -> bool {
+        matches!(self, LogsError::Api { code, .. } if code == "InvalidParameterException")
+    }
+
     /// The error metric's label.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -215,6 +222,14 @@ mod tests {
         assert_eq!(
             answer("CreateLogStream", 200, b"").unwrap(),
             serde_json::Value::Null
+        );
+        let denied = br#"{"__type":"AccessDeniedException","message":"not authorized"}"#;
+        let e = answer("PutLogEvents", 400, denied).expect_err("denied");
+        assert!(!e.batch_refused(), "an IAM mistake is retried, not dropped");
+        assert!(
+            answer("PutLogEvents", 400, bad)
+                .expect_err("bad")
+                .batch_refused()
         );
     }
 }

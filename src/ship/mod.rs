@@ -318,9 +318,18 @@ pub async fn run(config: Config) -> Result<(), ShipError> {
                             }
                         }
                     }
-                    Err(e @ logs::LogsError::Api { .. }) => {
+                    Err(logs::LogsError::Api { code, .. })
+                        if code == "DataAlreadyAcceptedException" =>
+                    {
+                        // Taken already (a retry of a put that succeeded).
+                        backoff = BACKOFF_FIRST;
+                        break;
+                    }
+                    Err(e @ logs::LogsError::Api { .. }) if e.batch_refused() => {
                         // A refusal that retrying cannot change (the batch
                         // itself is wrong): counted, and shipping goes on.
+                        // Anything else (access denied, a missing key) is
+                        // retried until someone fixes it: never dropped.
                         metrics::counter!(SHIP_ERRORS, "kind" => e.kind()).increment(1);
                         metrics::counter!(SHIP_RECORDS, "result" => "rejected")
                             .increment(events.len() as u64);

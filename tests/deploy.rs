@@ -9,9 +9,10 @@
 mod support;
 
 use portcullis::config::Settings;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 use support::netns::{Netns, require_root};
+use support::{repo, venv_python};
 
 const UNITS: [&str; 6] = [
     "portcullis.service",
@@ -21,10 +22,6 @@ const UNITS: [&str; 6] = [
     "portcullis-health.service",
     "portcullis-health.timer",
 ];
-
-fn repo(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
-}
 
 fn read(path: &str) -> String {
     std::fs::read_to_string(repo(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
@@ -518,13 +515,6 @@ fn every_sysctl_names_a_real_kernel_setting() {
             "{key}: no {path} on this kernel"
         );
     }
-}
-
-/// The Python of the test venv (scripts/setup.sh), which has python-hcl2.
-fn venv_python() -> String {
-    let venv =
-        std::env::var("PORTCULLIS_VENV").unwrap_or_else(|_| "/opt/portcullis-test-venv".into());
-    format!("{venv}/bin/python")
 }
 
 /// Terraform itself checks the module's references, inputs and template

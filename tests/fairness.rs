@@ -11,6 +11,7 @@ mod support;
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
+use support::alert;
 use support::netns::{CLIENT_V4, RAW_V4, Topology, WEB_V4, WEB_V6, require_root};
 use support::scrape::Scrape;
 use support::servers::{Server, find, http_server};
@@ -18,9 +19,6 @@ use support::{addr, hello, ip, raise_fd_limit, read_all, wait_until};
 
 const CURL_HELLO: &[u8] = include_bytes!("../testdata/clienthellos/curl-7.88-openssl-3.0.bin");
 const ALLOWLIST: &str = ".example.test\n";
-/// A fatal `internal_error` alert: what a client refused at a connection
-/// limit reads on the TLS port.
-const ALERT_INTERNAL_ERROR: [u8; 7] = [21, 3, 3, 0, 2, 2, 80];
 
 /// Reads one HTTP response (head and Content-Length body) from `s`.
 fn read_response(s: &mut TcpStream) -> Vec<u8> {
@@ -92,7 +90,7 @@ fn a_client_at_its_cap_is_refused_politely_while_another_client_is_served() {
     );
     let mut tls = t.connect_from(first, addr(RAW_V4, 443));
     tls.write_all(CURL_HELLO).unwrap();
-    assert_eq!(read_all(&mut tls), ALERT_INTERNAL_ERROR);
+    assert_eq!(read_all(&mut tls), alert::INTERNAL_ERROR);
 
     // Another client is served meanwhile.
     let (_other, response) = get_kept_alive(&t, ip(second), addr(WEB_V4, 80), "/other");

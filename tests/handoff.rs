@@ -9,10 +9,10 @@ mod support;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::Duration;
 use support::netns::{Netns, require_root};
+use support::repo;
 use support::wait_until;
 
 const CHUNKS: usize = 12;
@@ -37,10 +37,6 @@ impl Drop for Site {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-fn repo(path: &str) -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
 }
 
 /// A veth from `ns` (as `ifname`) onto `fabric`'s bridge.

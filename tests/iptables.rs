@@ -10,17 +10,13 @@ mod support;
 
 use std::io::ErrorKind;
 use std::net::{SocketAddr, TcpStream, UdpSocket};
-use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use support::addr;
 use support::netns::{Netns, RAW_V4, RAW_V6, Topology, require_root};
+use support::repo;
 use support::servers::Server;
-
-fn repo(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
-}
 
 fn script(ns: Option<&Netns>, args: &[&str], env: &[(&str, &str)]) -> Output {
     let script = repo("iptables/portcullis-iptables.sh");

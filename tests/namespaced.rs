@@ -10,6 +10,7 @@ use sha2::{Digest, Sha256};
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::time::{Duration, Instant};
+use support::alert;
 use support::client::{http, https, text};
 use support::netns::{RAW_V4, RAW_V6, Topology, WEB_V4, WEB_V6, require_root};
 use support::servers::{TlsServer, find, http_server, make_certs, recorder};
@@ -19,8 +20,6 @@ const CURL_HELLO: &[u8] = include_bytes!("../testdata/clienthellos/curl-7.88-ope
 const CHROMIUM_HELLO: &[u8] =
     include_bytes!("../testdata/clienthellos/chromium-156-x25519mlkem768.bin");
 const ALLOWLIST: &str = "# test list\n.example.test\nexact.allowed.test\n";
-const ALERT_ACCESS_DENIED: [u8; 7] = [21, 3, 3, 0, 2, 2, 49];
-const ALERT_DECODE_ERROR: [u8; 7] = [21, 3, 3, 0, 2, 2, 50];
 
 fn tls_allows_listed_and_refuses_unlisted(v6: bool) {
     if !require_root() {
@@ -445,14 +444,14 @@ fn refuses_hellos_without_sni_and_bytes_that_are_not_tls() {
         (
             "no SNI",
             hello::into_records(&no_sni, &[]),
-            ALERT_ACCESS_DENIED,
+            alert::ACCESS_DENIED,
         ),
         (
             "plain HTTP on 443",
             b"GET / HTTP/1.1\r\nHost: www.example.test\r\n\r\n".to_vec(),
-            ALERT_DECODE_ERROR,
+            alert::DECODE_ERROR,
         ),
-        ("garbage", vec![0x42; 64], ALERT_DECODE_ERROR),
+        ("garbage", vec![0x42; 64], alert::DECODE_ERROR),
     ];
     for (what, bytes, alert) in cases {
         let mut s = t.connect(addr(RAW_V4, 443));
@@ -467,7 +466,7 @@ fn refuses_hellos_without_sni_and_bytes_that_are_not_tls() {
         .unwrap();
     assert_eq!(
         read_all(&mut ip_literal),
-        ALERT_ACCESS_DENIED,
+        alert::ACCESS_DENIED,
         "IP literal SNI"
     );
     // Larger than the 16 KiB cap: refused as soon as the size is declared.
@@ -475,7 +474,7 @@ fn refuses_hellos_without_sni_and_bytes_that_are_not_tls() {
     let huge = hello::into_records(&huge, &[8_000, 16_000]);
     let mut too_large = t.connect(addr(RAW_V4, 443));
     too_large.write_all(&huge[..8_005]).unwrap();
-    assert_eq!(read_all(&mut too_large), ALERT_DECODE_ERROR, "too large");
+    assert_eq!(read_all(&mut too_large), alert::DECODE_ERROR, "too large");
     assert_eq!(
         server.accepted(),
         0,

@@ -13,6 +13,7 @@ use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use support::alert;
 use support::client::{curl, http, https, text};
 use support::dns::{Answer, DnsServer, lookup};
 use support::netns::{NAMESERVER, RAW_V4, RAW_V6, Topology, WEB_V4, WEB_V6, require_root};
@@ -22,7 +23,6 @@ use support::{addr, hello, ip, wait_until};
 
 const TLS12_HELLO: &[u8] = include_bytes!("../testdata/clienthellos/openssl-3.0-tls12-only.bin");
 const ALLOWLIST: &str = ".example.test\n";
-const ALERT_ACCESS_DENIED: [u8; 7] = [21, 3, 3, 0, 2, 2, 49];
 /// The client's own stub resolver address: the same DNS server, listening
 /// on the client's loopback too.
 const CLIENT_DNS: &str = "127.0.0.1";
@@ -279,7 +279,7 @@ fn names_that_do_not_resolve_are_refused_fast_and_cnames_resolve_as_a_client_wou
     let started = Instant::now();
     assert_eq!(
         hello_to(&t, RAW_V4, "nowhere.example.test"),
-        ALERT_ACCESS_DENIED
+        alert::ACCESS_DENIED
     );
     assert!(
         started.elapsed() < Duration::from_secs(1),
@@ -296,7 +296,7 @@ fn names_that_do_not_resolve_are_refused_fast_and_cnames_resolve_as_a_client_wou
     let started = Instant::now();
     assert_eq!(
         hello_to(&t, RAW_V4, "www.example.test"),
-        ALERT_ACCESS_DENIED
+        alert::ACCESS_DENIED
     );
     let took = started.elapsed();
     assert!(
@@ -431,7 +431,7 @@ fn destinations_the_gateway_never_reaches_are_refused_in_every_mode() {
         // through (that is a loop).
         assert_eq!(
             hello_to(&t, "198.51.100.1", "www.example.test"),
-            ALERT_ACCESS_DENIED,
+            alert::ACCESS_DENIED,
             "{extra:?}"
         );
         t.stop_portcullis(nix::sys::signal::Signal::SIGINT, Duration::from_secs(5));
@@ -443,7 +443,7 @@ fn destinations_the_gateway_never_reaches_are_refused_in_every_mode() {
         "own.example.test",
         "imds.example.test",
     ] {
-        assert_eq!(hello_to(&t, RAW_V4, name), ALERT_ACCESS_DENIED, "{name}");
+        assert_eq!(hello_to(&t, RAW_V4, name), alert::ACCESS_DENIED, "{name}");
     }
     assert_eq!(imds.accepted(), 0, "the metadata service was reached");
     assert_eq!(attacker.accepted(), 0);

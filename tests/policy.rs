@@ -8,6 +8,7 @@ mod support;
 
 use std::io::Write;
 use std::time::{Duration, SystemTime};
+use support::alert;
 use support::client::{http, http_status_from, text};
 use support::dns::{Answer, DnsServer};
 use support::netns::{NAMESERVER, RAW_V4, RAW_V6, Topology, WEB_V4, require_root};
@@ -19,9 +20,6 @@ const CHROMIUM_HELLO: &[u8] =
     include_bytes!("../testdata/clienthellos/chromium-156-x25519mlkem768.bin");
 const TLS12_HELLO: &[u8] = include_bytes!("../testdata/clienthellos/openssl-3.0-tls12-only.bin");
 const ALLOWLIST: &str = ".example.test\n";
-const ALERT_PROTOCOL_VERSION: [u8; 7] = [21, 3, 3, 0, 2, 2, 70];
-const ALERT_DECODE_ERROR: [u8; 7] = [21, 3, 3, 0, 2, 2, 50];
-const ALERT_ACCESS_DENIED: [u8; 7] = [21, 3, 3, 0, 2, 2, 49];
 
 /// Sends `bytes` to RAW_V4:443 and half-closes; what the gateway answered.
 fn exchange(t: &Topology, bytes: &[u8]) -> Vec<u8> {
@@ -48,10 +46,10 @@ fn hellos_below_the_tls_floor_are_refused_with_protocol_version() {
 
     // An old client: TLS 1.0 at most, for a listed name. Default floor 1.2.
     let tls10 = hello::with_legacy_version(TLS12_HELLO, 0x0301);
-    assert_eq!(exchange(&t, &tls10), ALERT_PROTOCOL_VERSION);
+    assert_eq!(exchange(&t, &tls10), alert::PROTOCOL_VERSION);
     // SSLv2-compatible hello (a 2-byte header with the top bit set).
     let sslv2 = [0x80, 0x2e, 0x01, 0x00, 0x02, 0x00, 0x15, 0x00, 0x00];
-    assert_eq!(exchange(&t, &sslv2), ALERT_DECODE_ERROR);
+    assert_eq!(exchange(&t, &sslv2), alert::DECODE_ERROR);
     // TLS 1.2 and TLS 1.3 pass the default floor.
     exchange(&t, TLS12_HELLO);
     exchange(&t, CHROMIUM_HELLO);
@@ -83,7 +81,7 @@ fn a_tls13_floor_refuses_tls12_clients() {
     let mut t = Topology::new();
     let (server, _) = recorder(&t.upstream, &[addr(RAW_V4, 443)]);
     t.start_portcullis(ALLOWLIST, &["--min-tls", "1.3"]);
-    assert_eq!(exchange(&t, TLS12_HELLO), ALERT_PROTOCOL_VERSION);
+    assert_eq!(exchange(&t, TLS12_HELLO), alert::PROTOCOL_VERSION);
     exchange(&t, CHROMIUM_HELLO);
     wait_until("the TLS 1.3 hello upstream", Duration::from_secs(5), || {
         server.accepted() == 1
@@ -104,7 +102,7 @@ fn an_ech_hello_is_decided_by_its_outer_name() {
     // must be listed itself, whatever the hidden inner name is.
     t.start_portcullis(".example.test\ncloudflare-ech.com\n", &[]);
     let unlisted_outer = hello::with_server_name(CHROMIUM_HELLO, "public.ech-provider.test");
-    assert_eq!(exchange(&t, &unlisted_outer), ALERT_ACCESS_DENIED);
+    assert_eq!(exchange(&t, &unlisted_outer), alert::ACCESS_DENIED);
     let listed_outer = hello::with_server_name(CHROMIUM_HELLO, "cloudflare-ech.com");
     exchange(&t, &listed_outer);
     wait_until(
@@ -177,7 +175,7 @@ fn monitor_mode_forwards_and_counts_what_it_would_deny_until_its_time() {
     wait_until("enforce mode", Duration::from_secs(10), || {
         metric(&t, "portcullis_enforcing 1")
     });
-    assert_eq!(exchange(&t, &unlisted), ALERT_ACCESS_DENIED);
+    assert_eq!(exchange(&t, &unlisted), alert::ACCESS_DENIED);
     let answer = text(&http(&t, "unlisted.other.test", WEB_V4, "/y").stdout);
     assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
     assert_eq!(server.accepted(), 1);
@@ -267,13 +265,13 @@ fn with_verify_dst_dns_an_allowed_name_reaches_only_its_own_addresses() {
     });
     // The same allowed name to another address, as `curl --resolve
     // www.example.test:443:203.0.113.20` sends it: refused.
-    assert_eq!(exchange_with(&t, WEB_V4, TLS12_HELLO), ALERT_ACCESS_DENIED);
+    assert_eq!(exchange_with(&t, WEB_V4, TLS12_HELLO), alert::ACCESS_DENIED);
     // An allowed name that does not resolve at all: refused, for a reason
     // of its own.
     let unresolvable = hello::with_server_name(TLS12_HELLO, "nowhere.example.test");
     assert_eq!(
         exchange_with(&t, RAW_V4, &unresolvable),
-        ALERT_ACCESS_DENIED
+        alert::ACCESS_DENIED
     );
     wait_until(
         "the unresolvable audit line",
@@ -327,7 +325,7 @@ fn forwarded(t: &Topology, src: &str, dst: &str, name: &str) -> bool {
     s.shutdown(std::net::Shutdown::Write).unwrap();
     match read_all(&mut s).as_slice() {
         [] => true,
-        answer if answer == ALERT_ACCESS_DENIED => false,
+        answer if answer == alert::ACCESS_DENIED => false,
         other => panic!("{name} from {src}: unexpected answer {other:?}"),
     }
 }

@@ -14,17 +14,12 @@ use std::process::{Child, Stdio};
 use std::time::Duration;
 use support::netns::{RAW_V4, Topology, require_root};
 use support::s3::{self, Moto, require_moto};
+use support::venv_python;
 use support::{addr, hello, wait_until};
 
 const CURL_HELLO: &[u8] = include_bytes!("../testdata/clienthellos/curl-7.88-openssl-3.0.bin");
 const GROUP: &str = "/portcullis/test/audit";
 const STREAM: &str = "gw-test";
-
-fn venv_python() -> String {
-    let venv =
-        std::env::var("PORTCULLIS_VENV").unwrap_or_else(|_| "/opt/portcullis-test-venv".into());
-    format!("{venv}/bin/python")
-}
 
 /// `tests/support/aws_logs.py ARGS` in the gateway namespace, against moto.
 fn aws_logs(t: &Topology, args: &[&str]) {

@@ -13,18 +13,11 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 use support::netns::{Netns, require_root};
-
-fn repo(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
-}
-
-fn under_ci() -> bool {
-    std::env::var_os("CI").is_some_and(|v| v == "true")
-}
+use support::{repo, under_ci, venv};
 
 /// Terraform and the provider mirror, or why not (a skip, or a failure
 /// under CI).
@@ -248,12 +241,6 @@ impl Drop for Moto {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn venv() -> PathBuf {
-    PathBuf::from(
-        std::env::var("PORTCULLIS_VENV").unwrap_or_else(|_| "/opt/portcullis-test-venv".into()),
-    )
 }
 
 fn moto_server() -> String {

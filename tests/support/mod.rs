@@ -4,6 +4,7 @@
 pub mod hello {
     include!("hello.rs");
 }
+pub mod alert;
 pub mod client;
 pub mod dns;
 pub mod netns;
@@ -15,6 +16,29 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
+
+/// A path of the repository.
+pub fn repo(path: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+/// Whether this is CI (`CI=true`), where a missing tool fails instead of
+/// skipping.
+pub fn under_ci() -> bool {
+    std::env::var_os("CI").is_some_and(|v| v == "true")
+}
+
+/// The test venv (scripts/setup.sh): moto, boto3, python-hcl2.
+pub fn venv() -> std::path::PathBuf {
+    std::path::PathBuf::from(
+        std::env::var("PORTCULLIS_VENV").unwrap_or_else(|_| "/opt/portcullis-test-venv".into()),
+    )
+}
+
+/// The venv's Python.
+pub fn venv_python() -> String {
+    venv().join("bin/python").display().to_string()
+}
 
 /// Reads until end of stream or an error (such as a reset): what arrived.
 pub fn read_all(s: &mut std::net::TcpStream) -> Vec<u8> {

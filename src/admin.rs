@@ -20,6 +20,12 @@ const UPKEEP_EVERY: Duration = Duration::from_secs(5);
 /// Answers whether the gateway is ready, or why not.
 pub type Readiness = Arc<dyn Fn() -> Result<(), &'static str> + Send + Sync>;
 
+/// For a helper process (`portcullis ha`, `ship`): its metrics, and
+/// `/readyz` always 200, since it has no readiness of its own to report.
+pub fn spawn_metrics(addr: SocketAddr, exporter: Exporter) -> io::Result<SocketAddr> {
+    spawn(addr, Arc::new(|| Ok(())), exporter)
+}
+
 /// Binds now (so a busy port fails start-up) and serves on a new thread.
 pub fn spawn(addr: SocketAddr, ready: Readiness, exporter: Exporter) -> io::Result<SocketAddr> {
     let std_listener = std::net::TcpListener::bind(addr)?;

@@ -229,21 +229,24 @@ fn init_logging() {
 
 fn ha(path: &std::path::Path) -> anyhow::Result<ExitCode> {
     let config = portcullis::ha::Config::load(path)?;
-    init_logging();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(portcullis::ha::run(config))?;
-    Ok(ExitCode::SUCCESS)
+    helper(portcullis::ha::run(config))
 }
 
 fn ship(path: &std::path::Path) -> anyhow::Result<ExitCode> {
     let config = portcullis::ship::Config::load(path)?;
+    helper(portcullis::ship::run(config))
+}
+
+/// Runs a helper process (`ha`, `ship`) on one thread until it is done.
+fn helper<E>(run: impl std::future::Future<Output = Result<(), E>>) -> anyhow::Result<ExitCode>
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
     init_logging();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(portcullis::ship::run(config))?;
+    runtime.block_on(run)?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -12,7 +12,7 @@ use portcullis::config::Settings;
 use std::path::Path;
 use std::process::{Command, Output};
 use support::netns::{Netns, require_root};
-use support::{repo, venv_python};
+use support::{repo, venv_python, written_file};
 
 const UNITS: [&str; 6] = [
     "portcullis.service",
@@ -315,17 +315,6 @@ fn render_user_data(values: &[(&str, &str)]) -> String {
         "unrendered placeholders:\n{text}"
     );
     text
-}
-
-/// The indented body of the write_files entry for `path`.
-fn written_file(user_data: &str, path: &str) -> String {
-    let start = user_data.find(&format!("- path: {path}\n")).expect(path);
-    let rest = &user_data[start..];
-    let body = &rest[rest.find("content: |\n").unwrap() + 11..];
-    body.lines()
-        .take_while(|l| l.starts_with("      "))
-        .map(|l| format!("{}\n", &l[6..]))
-        .collect()
 }
 
 pub const USER_DATA_VALUES: [(&str, &str); 23] = [

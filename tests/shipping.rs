@@ -14,24 +14,29 @@ use std::process::{Child, Stdio};
 use std::time::Duration;
 use support::netns::{RAW_V4, Topology, require_root};
 use support::s3::{self, Moto, require_moto};
-use support::venv_python;
 use support::{addr, hello, wait_until};
+use support::{repo, venv_python};
 
 const CURL_HELLO: &[u8] = include_bytes!("../testdata/clienthellos/curl-7.88-openssl-3.0.bin");
 const GROUP: &str = "/portcullis/test/audit";
 const STREAM: &str = "gw-test";
 
-/// `tests/support/aws_logs.py ARGS` in the gateway namespace, against moto.
-fn aws_logs(t: &Topology, args: &[&str]) {
-    let out = t
-        .gateway
+/// `tests/support/aws_logs.py ARGS` in the gateway namespace, against
+/// moto: what it printed and how it exited.
+fn try_aws_logs(t: &Topology, args: &[&str]) -> std::process::Output {
+    t.gateway
         .command(&venv_python())
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/aws_logs.py"))
+        .arg(repo("tests/support/aws_logs.py"))
         .args(args)
         .envs(s3::ENV)
         .env("AWS_DEFAULT_REGION", "us-east-1")
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+/// [`try_aws_logs`], which must succeed.
+fn aws_logs(t: &Topology, args: &[&str]) {
+    let out = try_aws_logs(t, args);
     assert!(
         out.status.success(),
         "aws_logs.py {args:?}: {}",
@@ -43,11 +48,22 @@ fn aws_logs(t: &Topology, args: &[&str]) {
 fn shipped(t: &Topology) -> Vec<String> {
     let out = t.dir.join("shipped.txt");
     aws_logs(t, &["dump", GROUP, STREAM, out.to_str().unwrap()]);
-    std::fs::read_to_string(out)
-        .unwrap()
-        .lines()
-        .map(str::to_owned)
-        .collect()
+    lines(&out)
+}
+
+/// The shipper's config for `audit`, in the topology's directory.
+fn ship_config(t: &Topology, audit: &Path) -> PathBuf {
+    let config = t.dir.join("ship.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "file = \"{}\"\nlog-group = \"{GROUP}\"\nlog-stream = \"{STREAM}\"\nregion = \"us-east-1\"\nstate = \"{}\"\nmetrics-listen = \"127.0.0.1:9092\"\n",
+            audit.display(),
+            t.dir.join("ship.json").display()
+        ),
+    )
+    .unwrap();
+    config
 }
 
 struct Shipper {
@@ -135,16 +151,7 @@ fn every_audit_record_reaches_cloudwatch_across_rotation_and_a_killed_shipper() 
         ".allowed.test\n",
         &["--audit-file", audit.to_str().unwrap()],
     );
-    let config = t.dir.join("ship.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "file = \"{}\"\nlog-group = \"{GROUP}\"\nlog-stream = \"{STREAM}\"\nregion = \"us-east-1\"\nstate = \"{}\"\nmetrics-listen = \"127.0.0.1:9092\"\n",
-            audit.display(),
-            t.dir.join("ship.json").display()
-        ),
-    )
-    .unwrap();
+    let config = ship_config(&t, &audit);
     let mut shipper = Shipper::start(&t, &config);
 
     refused(&t, 200, "a");
@@ -229,16 +236,7 @@ fn a_missing_group_is_retried_not_dropped() {
         ".allowed.test\n",
         &["--audit-file", audit.to_str().unwrap()],
     );
-    let config = t.dir.join("ship.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "file = \"{}\"\nlog-group = \"{GROUP}\"\nlog-stream = \"{STREAM}\"\nregion = \"us-east-1\"\nstate = \"{}\"\nmetrics-listen = \"127.0.0.1:9092\"\n",
-            audit.display(),
-            t.dir.join("ship.json").display()
-        ),
-    )
-    .unwrap();
+    let config = ship_config(&t, &audit);
     let _shipper = Shipper::start(&t, &config);
     refused(&t, 20, "early");
     // The group appears late (the module's apply still running): the
@@ -270,17 +268,10 @@ fn a_missing_group_is_retried_not_dropped() {
 /// How many messages the stream has; none while it does not exist.
 fn shipped_or_none(t: &Topology) -> usize {
     let out = t.dir.join("shipped.txt");
-    let status = t
-        .gateway
-        .command(&venv_python())
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/aws_logs.py"))
-        .args(["dump", GROUP, STREAM, out.to_str().unwrap()])
-        .envs(s3::ENV)
-        .env("AWS_DEFAULT_REGION", "us-east-1")
-        .stderr(Stdio::null())
-        .status()
-        .unwrap();
-    if !status.success() {
+    if !try_aws_logs(t, &["dump", GROUP, STREAM, out.to_str().unwrap()])
+        .status
+        .success()
+    {
         return 0;
     }
     lines(&out).len()

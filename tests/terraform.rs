@@ -15,9 +15,9 @@ mod support;
 
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
 use support::netns::{Netns, require_root};
-use support::{repo, under_ci, venv};
+use support::s3::Moto;
+use support::{repo, under_ci, venv, written_file};
 
 /// Terraform and the provider mirror, or why not (a skip, or a failure
 /// under CI).
@@ -153,14 +153,13 @@ impl Drop for Workspace {
 
 /// Moto's endpoint on the namespace's loopback, fake credentials, and no
 /// instance metadata, for Terraform and the seeding script alike.
-const AWS_ENV: [(&str, &str); 7] = [
+const AWS_ENV: [(&str, &str); 6] = [
     ("AWS_ENDPOINT_URL", "http://127.0.0.1:5000"),
     ("AWS_ACCESS_KEY_ID", "testing"),
     ("AWS_SECRET_ACCESS_KEY", "testing"),
     ("AWS_REGION", "us-east-1"),
     ("AWS_DEFAULT_REGION", "us-east-1"),
     ("AWS_EC2_METADATA_DISABLED", "true"),
-    ("MOTO_IAM_LOAD_MANAGED_POLICIES", "true"),
 ];
 
 fn assert_ok(what: &str, out: &Output) {
@@ -194,60 +193,6 @@ fn module_and_examples_are_formatted_and_valid() {
     }
 }
 
-/// Moto in a namespace of its own, stopped when dropped.
-struct Moto {
-    child: std::process::Child,
-    log: PathBuf,
-}
-
-impl Moto {
-    fn start(ns: &Netns, log: PathBuf) -> Moto {
-        let file = std::fs::File::create(&log).unwrap();
-        let mut command = ns.command(&moto_server());
-        command
-            .args(["-H", "127.0.0.1", "-p", "5000"])
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().unwrap())
-            .stderr(file);
-        for (key, value) in AWS_ENV {
-            command.env(key, value);
-        }
-        let moto = Moto {
-            child: command.spawn().expect("start moto_server"),
-            log,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let addr = "127.0.0.1:5000".parse().unwrap();
-        while !ns.enter(move || {
-            std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
-        }) {
-            assert!(
-                Instant::now() < deadline,
-                "moto_server did not start:\n{}",
-                moto.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        moto
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn moto_server() -> String {
-    std::env::var("MOTO_SERVER")
-        .unwrap_or_else(|_| venv().join("bin/moto_server").display().to_string())
-}
-
 /// Every resource of a `terraform show -json` state, modules included.
 fn resources(state: &serde_json::Value) -> Vec<serde_json::Value> {
     fn walk(module: &serde_json::Value, out: &mut Vec<serde_json::Value>) {
@@ -278,17 +223,6 @@ fn user_data(template: &serde_json::Value) -> String {
     String::from_utf8(out.stdout).expect("UTF-8 user data")
 }
 
-/// The indented body of the cloud-config write_files entry for `path`.
-fn written_file(user_data: &str, path: &str) -> String {
-    let start = user_data.find(&format!("- path: {path}\n")).expect(path);
-    let rest = &user_data[start..];
-    let body = &rest[rest.find("content: |\n").unwrap() + 11..];
-    body.lines()
-        .take_while(|l| l.starts_with("      "))
-        .map(|l| format!("{}\n", &l[6..]))
-        .collect()
-}
-
 #[test]
 fn example_applies_and_destroys_against_a_real_aws_api() {
     if !require_root() || !support::s3::require_moto() {
@@ -297,7 +231,7 @@ fn example_applies_and_destroys_against_a_real_aws_api() {
     let Some(tools) = tools() else { return };
     let ws = Workspace::new("apply");
     let ns = Netns::new(format!("pt-tf-{}", std::process::id()));
-    let moto = Moto::start(&ns, ws.path("moto.log"));
+    let moto = Moto::start_in(&ns, ws.path("moto.log"));
     let example = "terraform/examples/basic";
 
     let mut seed = ns.command(venv().join("bin/python").to_str().unwrap());

@@ -268,8 +268,7 @@ pub async fn run(config: Config) -> Result<(), HaError> {
     let me = identity().await?;
     tracing::info!(instance = %me.instance, region = %me.region, fleet = %config.fleet, "HA agent starting");
     let exporter = crate::telemetry::Exporter::install_ha();
-    let always_ready: crate::admin::Readiness = std::sync::Arc::new(|| Ok(()));
-    crate::admin::spawn(config.metrics_listen, always_ready, exporter).map_err(|source| {
+    crate::admin::spawn_metrics(config.metrics_listen, exporter).map_err(|source| {
         HaError::Metrics {
             addr: config.metrics_listen,
             source,

@@ -212,8 +212,7 @@ pub async fn run(config: Config) -> Result<(), ShipError> {
     let group = config.log_group.clone();
     tracing::info!(file = %config.file.display(), %group, %stream, %region, "audit shipper starting");
     let exporter = crate::telemetry::Exporter::install_ship();
-    let always_ready: crate::admin::Readiness = std::sync::Arc::new(|| Ok(()));
-    crate::admin::spawn(config.metrics_listen, always_ready, exporter).map_err(|source| {
+    crate::admin::spawn_metrics(config.metrics_listen, exporter).map_err(|source| {
         ShipError::Metrics {
             addr: config.metrics_listen,
             source,

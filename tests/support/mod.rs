@@ -40,6 +40,18 @@ pub fn venv_python() -> String {
     venv().join("bin/python").display().to_string()
 }
 
+/// The indented body of the cloud-config `write_files` entry for `path`
+/// in `user_data`.
+pub fn written_file(user_data: &str, path: &str) -> String {
+    let start = user_data.find(&format!("- path: {path}\n")).expect(path);
+    let rest = &user_data[start..];
+    let body = &rest[rest.find("content: |\n").unwrap() + 11..];
+    body.lines()
+        .take_while(|l| l.starts_with("      "))
+        .map(|l| format!("{}\n", &l[6..]))
+        .collect()
+}
+
 /// Reads until end of stream or an error (such as a reset): what arrived.
 pub fn read_all(s: &mut std::net::TcpStream) -> Vec<u8> {
     let mut out = Vec::new();

@@ -51,12 +51,17 @@ pub struct Moto {
 
 impl Moto {
     pub fn start(t: &Topology) -> Moto {
+        Moto::start_in(&t.gateway, t.dir.join("moto.log"))
+    }
+
+    /// In namespace `ns`, on its loopback, logging to `log`.
+    pub fn start_in(ns: &Netns, log: PathBuf) -> Moto {
         let mut moto = Moto {
-            ns: t.gateway.name.clone(),
-            log: t.dir.join("moto.log"),
+            ns: ns.name.clone(),
+            log,
             child: None,
         };
-        moto.resume(&t.gateway);
+        moto.resume(ns);
         moto
     }
 

@@ -142,12 +142,12 @@ impl Follower {
     /// Bytes written to the file at the path and not yet handed out: how
     /// far shipping is behind (the rest of a rotated file not counted).
     pub fn behind(&self) -> u64 {
-        let len = std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0);
+        let Ok(meta) = std::fs::metadata(&self.path) else {
+            return 0;
+        };
         match &self.open {
-            Some(o) if std::fs::metadata(&self.path).is_ok_and(|m| m.ino() == o.inode) => {
-                len.saturating_sub(o.offset)
-            }
-            _ => len,
+            Some(o) if meta.ino() == o.inode => meta.len().saturating_sub(o.offset),
+            _ => meta.len(),
         }
     }
 }

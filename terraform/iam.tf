@@ -87,38 +87,13 @@ data "aws_iam_policy_document" "gateway" {
     }
   }
 
-  # Only instances this module launched (they carry its tag) can be
-  # changed: each agent turns off its own source/destination check. IAM
-  # has no way to say "the calling instance only" here that the tests'
-  # API can check, and a wrong guess would leave every gateway unable to
-  # forward; the fleet's tag is the bound.
-  statement {
-    sid       = "DisableSourceDestCheckOnGateways"
-    actions   = ["ec2:ModifyInstanceAttribute"]
-    resources = ["${local.arn_prefix}:ec2:${data.aws_region.current.name}:${data.aws_caller_identity.current.account_id}:instance/*"]
-    condition {
-      test     = "StringEquals"
-      variable = "aws:ResourceTag/portcullis:gateway"
-      values   = [var.name]
-    }
-  }
-
-  # Each gateway claims an address of its AZ's pool, on its own interface.
+  # Each gateway claims an address of its AZ's pool; the interface it goes
+  # on is bounded in the AZ's own policy below.
   statement {
     sid     = "HoldAnEgressAddress"
     actions = ["ec2:AssociateAddress"]
     resources = [for id in distinct(flatten(values(local.eips))) :
     "${local.arn_prefix}:ec2:${data.aws_region.current.name}:${data.aws_caller_identity.current.account_id}:elastic-ip/${id}"]
-  }
-  statement {
-    sid       = "OnTheGatewaysOwnInterfaces"
-    actions   = ["ec2:AssociateAddress"]
-    resources = ["${local.arn_prefix}:ec2:${data.aws_region.current.name}:${data.aws_caller_identity.current.account_id}:network-interface/*"]
-    condition {
-      test     = "StringEquals"
-      variable = "aws:ResourceTag/portcullis:gateway"
-      values   = [var.name]
-    }
   }
 
   # The audit shipper writes to its own streams of the audit group only.
@@ -160,6 +135,43 @@ data "aws_iam_policy_document" "own_group" {
       test     = "StringEquals"
       variable = "autoscaling:ResourceTag/portcullis:gateway"
       values   = [var.name]
+    }
+  }
+
+  # Each agent turns off its own source/destination check and puts its
+  # address on its own interface. IAM cannot say "the calling instance"
+  # in a form the tests' API checks, and a wrong guess would leave every
+  # gateway unable to forward; the bound is the AZ's own gateways (the
+  # launch template tags their instances and interfaces, and CreateTags
+  # above cannot write these keys).
+  statement {
+    sid       = "DisableSourceDestCheckOnTheAzsGateways"
+    actions   = ["ec2:ModifyInstanceAttribute"]
+    resources = ["${local.arn_prefix}:ec2:${data.aws_region.current.name}:${data.aws_caller_identity.current.account_id}:instance/*"]
+    condition {
+      test     = "StringEquals"
+      variable = "aws:ResourceTag/portcullis:gateway"
+      values   = [var.name]
+    }
+    condition {
+      test     = "StringEquals"
+      variable = "aws:ResourceTag/portcullis:az"
+      values   = [each.key]
+    }
+  }
+  statement {
+    sid       = "OnTheAzsGatewayInterfaces"
+    actions   = ["ec2:AssociateAddress"]
+    resources = ["${local.arn_prefix}:ec2:${data.aws_region.current.name}:${data.aws_caller_identity.current.account_id}:network-interface/*"]
+    condition {
+      test     = "StringEquals"
+      variable = "aws:ResourceTag/portcullis:gateway"
+      values   = [var.name]
+    }
+    condition {
+      test     = "StringEquals"
+      variable = "aws:ResourceTag/portcullis:az"
+      values   = [each.key]
     }
   }
 }

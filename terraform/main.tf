@@ -354,7 +354,7 @@ resource "aws_launch_template" "gateway" {
 
   tag_specifications {
     resource_type = "instance"
-    tags          = merge(local.tags, { Name = "${var.name}-${each.key}", "portcullis:release" = local.release })
+    tags          = merge(local.tags, { Name = "${var.name}-${each.key}", "portcullis:az" = each.key, "portcullis:release" = local.release })
   }
 
   tag_specifications {
@@ -362,10 +362,11 @@ resource "aws_launch_template" "gateway" {
     tags          = local.tags
   }
 
-  # The fleet tag on the interface scopes AssociateAddress to gateways.
+  # The fleet's and the AZ's tags on the interface scope AssociateAddress
+  # to the AZ's own gateways.
   tag_specifications {
     resource_type = "network-interface"
-    tags          = local.tags
+    tags          = merge(local.tags, { "portcullis:az" = each.key })
   }
 
   tags = local.tags

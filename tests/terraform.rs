@@ -456,12 +456,55 @@ fn check_state(ws: &Workspace, all: &[serde_json::Value], inputs: &serde_json::V
         "{shipping}"
     );
     for az in &azs {
-        assert!(
-            policies
+        let own: Vec<serde_json::Value> = policies
+            .iter()
+            .filter(|p| p.contains(&format!("autoScalingGroupName/portcullis-{az}-*")))
+            .map(|p| serde_json::from_str(p).unwrap())
+            .collect();
+        assert_eq!(own.len(), 1, "{az}'s role reaches its own group");
+        // Instance and interface changes only on the AZ's own gateways.
+        for sid in [
+            "DisableSourceDestCheckOnTheAzsGateways",
+            "OnTheAzsGatewayInterfaces",
+        ] {
+            let statement = own[0]["Statement"]
+                .as_array()
+                .unwrap()
                 .iter()
-                .any(|p| p.contains(&format!("autoScalingGroupName/portcullis-{az}-*"))),
-            "{az}'s role reaches its own group"
-        );
+                .find(|s| s["Sid"] == sid)
+                .unwrap_or_else(|| panic!("{az}: no {sid}"));
+            assert_eq!(
+                statement["Condition"]["StringEquals"]["aws:ResourceTag/portcullis:az"],
+                az.as_str(),
+                "{az}: {statement}"
+            );
+        }
+    }
+    assert_eq!(
+        policies
+            .iter()
+            .filter(|p| p.contains("ec2:ModifyInstanceAttribute"))
+            .count(),
+        azs.len(),
+        "ModifyInstanceAttribute is in the AZs' own policies only"
+    );
+    for kind in ["instance", "network-interface"] {
+        let mut tagged: Vec<String> = of_type(all, "aws_launch_template")
+            .iter()
+            .map(|t| {
+                let specs = t["values"]["tag_specifications"].as_array().unwrap();
+                let spec = specs
+                    .iter()
+                    .find(|s| s["resource_type"] == kind)
+                    .unwrap_or_else(|| panic!("no {kind} tags"));
+                spec["tags"]["portcullis:az"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string()
+            })
+            .collect();
+        tagged.sort();
+        assert_eq!(tagged, azs, "each AZ's {kind}s carry its key");
     }
 
     // Two Elastic IPs per AZ: the gateway's and a rollout's spare.

@@ -201,7 +201,7 @@ fn request_heads(c: &mut Criterion) {
 
 fn audit_line(c: &mut Criterion) {
     use portcullis::policy::PolicyId;
-    use portcullis::proxy::Record;
+    use portcullis::record::Record;
     use portcullis::verdict::{Proto, Verdict};
     let mut rec = Record::new(
         "192.0.2.10:40512".parse().unwrap(),

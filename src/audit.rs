@@ -8,7 +8,7 @@
 //! never stall the data path: when the queue is full a record is dropped
 //! and counted instead.
 
-use crate::proxy::Record;
+use crate::record::Record;
 use crate::telemetry;
 use std::io::{self, BufWriter, Write};
 use std::net::SocketAddr;

@@ -27,6 +27,8 @@
 
 use crate::name::HostName;
 use crate::telemetry;
+// Closed sets, kept with the other label values in `verdict`.
+pub use crate::verdict::{LookupError, LookupResult};
 use hickory_resolver::config::{LookupIpStrategy, ResolverConfig, ResolverOpts};
 use hickory_resolver::name_server::TokioConnectionProvider;
 use hickory_resolver::{ResolveError, TokioResolver};
@@ -68,57 +70,6 @@ pub const MAX_PENDING: usize = 1024;
 /// How long one lookup may take, queueing included; past it the name is
 /// unresolvable for this connection.
 pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// Why a name has no address to go to. A closed set: a metric label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LookupError {
-    /// NXDOMAIN.
-    NxDomain,
-    /// The name exists but has no A or AAAA record.
-    NoAddresses,
-    /// SERVFAIL, REFUSED, no server reachable, a bad answer.
-    Failed,
-    /// No answer within [`LOOKUP_TIMEOUT`].
-    Timeout,
-}
-
-/// What a query to the resolver came to, as `portcullis_dns_lookups_total`
-/// counts it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LookupResult {
-    Ok,
-    Failed(LookupError),
-}
-
-impl LookupResult {
-    pub const ALL: [LookupResult; 5] = [
-        LookupResult::Ok,
-        LookupResult::Failed(LookupError::NxDomain),
-        LookupResult::Failed(LookupError::NoAddresses),
-        LookupResult::Failed(LookupError::Failed),
-        LookupResult::Failed(LookupError::Timeout),
-    ];
-
-    pub fn index(self) -> usize {
-        match self {
-            LookupResult::Ok => 0,
-            LookupResult::Failed(LookupError::NxDomain) => 1,
-            LookupResult::Failed(LookupError::NoAddresses) => 2,
-            LookupResult::Failed(LookupError::Failed) => 3,
-            LookupResult::Failed(LookupError::Timeout) => 4,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            LookupResult::Ok => "ok",
-            LookupResult::Failed(LookupError::NxDomain) => "nxdomain",
-            LookupResult::Failed(LookupError::NoAddresses) => "no_addresses",
-            LookupResult::Failed(LookupError::Failed) => "error",
-            LookupResult::Failed(LookupError::Timeout) => "timeout",
-        }
-    }
-}
 
 /// A name's addresses: its latest answer, and every address seen within
 /// TTL + grace.

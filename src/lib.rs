@@ -43,6 +43,7 @@ pub mod name;
 pub mod net;
 pub mod policy;
 pub mod proxy;
+pub mod record;
 pub mod server;
 pub mod ship;
 pub mod telemetry;

@@ -9,7 +9,7 @@
 use crate::allowlist::{InForce, Live, Source};
 use arc_swap::Guard;
 use rustc_hash::FxHashMap;
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
@@ -24,7 +24,8 @@ const MAX_NAME_LEN: usize = 32;
 
 /// A policy's name, as audit lines and metric labels carry it: 1 to 32 of
 /// `a-z`, `0-9`, `-` and `_`, starting with a letter or digit.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[serde(try_from = "String")]
 pub struct PolicyName(Arc<str>);
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -75,7 +76,8 @@ impl fmt::Display for PolicyName {
 /// address is a block of one. Host bits must be zero: `192.0.2.7/24` is
 /// refused, as it is more likely a typo than a way to write
 /// `192.0.2.0/24`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(try_from = "String")]
 pub struct Cidr {
     network: IpAddr,
     prefix: u8,
@@ -169,17 +171,19 @@ impl fmt::Display for Cidr {
     }
 }
 
-// Both are read from a config file through their `FromStr`, so a bad
-// value is reported at its line.
-impl<'de> Deserialize<'de> for PolicyName {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        crate::config::parsed(d)
+// Both are read from a config file through their `FromStr` (serde's
+// `try_from`), so a bad value is reported at its line.
+impl TryFrom<String> for PolicyName {
+    type Error = PolicyNameError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
     }
 }
 
-impl<'de> Deserialize<'de> for Cidr {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        crate::config::parsed(d)
+impl TryFrom<String> for Cidr {
+    type Error = CidrError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
     }
 }
 

@@ -11,9 +11,9 @@
 //! scrape time, so a rule dropped by a reload stops being exported at once.
 
 use crate::allowlist::Live;
-use crate::dns::LookupResult;
 use crate::policy::{Policies, PolicyName};
-use crate::proxy::Record;
+use crate::record::Record;
+use crate::verdict::LookupResult;
 use crate::verdict::{ErrorKind, Proto, Reason, Verdict};
 use metrics::{Counter, Gauge, Histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};

@@ -1,5 +1,6 @@
-//! What happened to a connection, as values: audited and counted in one
-//! place (`proxy::report`), never as scattered strings.
+//! What happened to a connection, and to the lookups it needed, as values:
+//! closed sets, audited and counted in one place (`proxy::report`), never
+//! as scattered strings.
 
 /// Why a connection was refused. A closed set: safe as a metric label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -188,6 +189,57 @@ impl Verdict {
 
     pub fn as_str(&self) -> &'static str {
         Verdict::LABELS[self.index()]
+    }
+}
+
+/// Why a name has no address to go to. A closed set: a metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LookupError {
+    /// NXDOMAIN.
+    NxDomain,
+    /// The name exists but has no A or AAAA record.
+    NoAddresses,
+    /// SERVFAIL, REFUSED, no server reachable, a bad answer.
+    Failed,
+    /// No answer within [`crate::dns::LOOKUP_TIMEOUT`].
+    Timeout,
+}
+
+/// What a query to the resolver came to, as `portcullis_dns_lookups_total`
+/// counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LookupResult {
+    Ok,
+    Failed(LookupError),
+}
+
+impl LookupResult {
+    pub const ALL: [LookupResult; 5] = [
+        LookupResult::Ok,
+        LookupResult::Failed(LookupError::NxDomain),
+        LookupResult::Failed(LookupError::NoAddresses),
+        LookupResult::Failed(LookupError::Failed),
+        LookupResult::Failed(LookupError::Timeout),
+    ];
+
+    pub fn index(self) -> usize {
+        match self {
+            LookupResult::Ok => 0,
+            LookupResult::Failed(LookupError::NxDomain) => 1,
+            LookupResult::Failed(LookupError::NoAddresses) => 2,
+            LookupResult::Failed(LookupError::Failed) => 3,
+            LookupResult::Failed(LookupError::Timeout) => 4,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LookupResult::Ok => "ok",
+            LookupResult::Failed(LookupError::NxDomain) => "nxdomain",
+            LookupResult::Failed(LookupError::NoAddresses) => "no_addresses",
+            LookupResult::Failed(LookupError::Failed) => "error",
+            LookupResult::Failed(LookupError::Timeout) => "timeout",
+        }
     }
 }
 

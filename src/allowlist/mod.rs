@@ -7,6 +7,7 @@
 //! swaps in new lists and `cache` keeps the last good one on disk.
 
 mod cache;
+mod entry;
 mod live;
 mod parse;
 mod reload;
@@ -14,10 +15,11 @@ mod source;
 mod trie;
 
 pub use cache::{Cache, Cached};
+pub use entry::{Entry, EntryKind};
 pub use live::{InForce, Live, ReloadStats, Rule};
 pub use parse::{
-    Entry, EntryKind, ParseError, ParseErrorKind, PrivateSuffixes, SharedSuffix, parse,
-    shared_suffix, shared_suffixes,
+    ParseError, ParseErrorKind, PrivateSuffixes, SharedSuffix, parse, shared_suffix,
+    shared_suffixes,
 };
 pub use reload::{
     LoadError, Outcome, ReloadSettings, Reloader, load_once, parse_checked, system_suffixes,

@@ -8,38 +8,9 @@
 //! a valid host name fails the whole list: a gateway must never run with a
 //! list that says something other than what its author meant.
 
+use super::entry::{Entry, EntryKind};
 use super::trie::Allowlist;
 use crate::name::{HostName, NameError};
-
-/// How an entry matches.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EntryKind {
-    /// `example.com`
-    Exact,
-    /// `.example.com`
-    Domain,
-    /// `*.example.com`
-    Subdomains,
-}
-
-/// One allowlist line, normalised.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Entry {
-    pub kind: EntryKind,
-    pub name: HostName,
-    /// 1-based line number in the source text.
-    pub line: usize,
-}
-
-impl std::fmt::Display for Entry {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.kind {
-            EntryKind::Exact => write!(f, "{}", self.name),
-            EntryKind::Domain => write!(f, ".{}", self.name),
-            EntryKind::Subdomains => write!(f, "*.{}", self.name),
-        }
-    }
-}
 
 /// A list that cannot be used, and the line that makes it so.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -68,14 +39,15 @@ pub enum ParseErrorKind {
 
 /// Parses a whole list. Fails on the first invalid line.
 pub fn parse(text: &str) -> Result<Allowlist, ParseError> {
-    let mut list = Allowlist::default();
-    for (index, raw) in text.lines().enumerate() {
-        let line = index + 1;
-        if let Some(entry) = parse_line(raw, line).map_err(|kind| ParseError { line, kind })? {
-            list.insert(entry);
-        }
-    }
-    Ok(list)
+    text.lines()
+        .enumerate()
+        .filter_map(|(index, raw)| {
+            let line = index + 1;
+            parse_line(raw, line)
+                .map_err(|kind| ParseError { line, kind })
+                .transpose()
+        })
+        .collect()
 }
 
 fn parse_line(raw: &str, line: usize) -> Result<Option<Entry>, ParseErrorKind> {

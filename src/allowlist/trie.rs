@@ -4,7 +4,7 @@
 //! the first label the list does not know. Matching is on whole labels, so
 //! `.trusted.com` can never match `untrusted.com`.
 
-use super::parse::{Entry, EntryKind};
+use super::entry::{Entry, EntryKind};
 use rustc_hash::FxHashMap;
 
 type EntryId = u32;
@@ -21,7 +21,8 @@ struct Node {
     subdomains: Option<EntryId>,
 }
 
-/// A parsed, immutable allowlist. Build it with [`super::parse`].
+/// A parsed, immutable allowlist: [`super::parse`] builds one from text,
+/// and `collect()` from entries.
 pub struct Allowlist {
     nodes: Vec<Node>,
     entries: Vec<Entry>,
@@ -44,10 +45,20 @@ impl std::fmt::Debug for Allowlist {
     }
 }
 
+impl FromIterator<Entry> for Allowlist {
+    fn from_iter<I: IntoIterator<Item = Entry>>(entries: I) -> Allowlist {
+        let mut list = Allowlist::default();
+        for entry in entries {
+            list.insert(entry);
+        }
+        list
+    }
+}
+
 impl Allowlist {
     /// Adds an entry. A duplicate of an earlier entry is kept in `entries`
     /// but the earlier line stays the one reported as the match.
-    pub(super) fn insert(&mut self, entry: Entry) {
+    fn insert(&mut self, entry: Entry) {
         let id = EntryId::try_from(self.entries.len()).expect("fewer than 2^32 entries");
         let mut node: NodeId = 0;
         for label in entry.name.as_str().rsplit('.') {

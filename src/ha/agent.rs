@@ -581,8 +581,9 @@ pub async fn reaches(target: &str, bound: Duration) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::super::decide::{ANSWER_WINDOW, MoveReason, UP_AFTER};
+    use super::super::decide::{MoveReason, UP_AFTER};
     use super::super::fleet::{Az, Family, Phase, Route, RouteTableId, Stated};
+    use super::super::serving::ANSWER_WINDOW;
     use super::*;
     use std::cell::RefCell;
     use std::collections::VecDeque;

@@ -24,12 +24,10 @@ use super::fleet::{
     Stated, Target,
 };
 use super::rollout::{self, Gate};
+use super::serving::{azs, candidate, dead, pending};
 use std::collections::HashMap;
 use std::time::Duration;
 
-/// How long a challenged gateway has to answer through the EC2 API.
-/// Three polls of [`POLL_EVERY`], so one slow or throttled read is not fatal.
-pub const ANSWER_WINDOW: Duration = Duration::from_secs(6);
 /// How long a gateway must have been ready before it takes a route from a
 /// live holder: a gateway that flaps does not drag routes with it.
 pub const SETTLE: Duration = Duration::from_secs(10);
@@ -313,37 +311,8 @@ impl Brain {
     }
 }
 
-/// Challenged, and the answer window has not yet run out.
-fn pending(g: &Gateway) -> bool {
-    g.challenge
-        .as_ref()
-        .is_some_and(|c| g.alive.is_none_or(|a| a < c.at))
-}
-
-/// Challenged and silent for the whole window.
-pub fn dead(g: &Gateway, now: Millis) -> bool {
-    pending(g)
-        && g.challenge
-            .as_ref()
-            .is_some_and(|c| now >= c.at.plus(ANSWER_WINDOW))
-}
-
-pub fn candidate(g: &Gateway, now: Millis) -> bool {
-    g.running && g.state.is_some_and(|s| s.phase == Phase::Ready) && !dead(g, now)
-}
-
 fn settled(g: &Gateway, now: Millis) -> bool {
     g.state.is_some_and(|s| now.since(s.since) >= SETTLE)
-}
-
-/// Every AZ of the layout and the fleet, in name order: the order AZs
-/// fail over in and roll out in.
-pub fn azs<'f>(layout: &'f Layout, fleet: &'f Fleet) -> Vec<&'f Az> {
-    let mut azs: Vec<&Az> = layout.tables.keys().collect();
-    azs.extend(fleet.gateways.iter().map(|g| &g.az));
-    azs.sort();
-    azs.dedup();
-    azs
 }
 
 /// The candidates for `az`'s routes, best first.

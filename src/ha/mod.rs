@@ -10,6 +10,7 @@
 //!
 //! - [`fleet`]: the fleet as values (gateways, HA tags, default routes).
 //! - [`decide`]: the ownership rule, with no I/O.
+//! - [`serving`]: which gateways can serve (ready, running, not dead).
 //! - [`rollout`]: a rollout's new gateways say ready one AZ at a time.
 //! - [`address`]: which Elastic IP of its AZ's pool a gateway holds.
 //! - [`ec2`]: the EC2 query API calls, signed with the SDK's SigV4.
@@ -24,6 +25,7 @@ pub mod ec2;
 pub mod ena;
 pub mod fleet;
 pub mod rollout;
+pub mod serving;
 pub mod xml;
 
 use fleet::{Az, InstanceId, Layout, Millis, RouteTableId};
@@ -363,7 +365,7 @@ async fn check_everyone<E: ec2::Ec2>(agent: &mut agent::Agent<E>, config: &Confi
             f.gateways
                 .iter()
                 .filter(|g| &g.id != agent.brain.me())
-                .map(|g| (g.id.clone(), g.ip, decide::candidate(g, now)))
+                .map(|g| (g.id.clone(), g.ip, serving::candidate(g, now)))
                 .collect::<Vec<_>>()
         })
         .unwrap_or_default()

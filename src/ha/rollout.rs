@@ -15,8 +15,8 @@
 //! deployment, the replacement of a dead instance) or that carries no
 //! release tag is never held: capacity comes back at once.
 
-use super::decide::{azs, candidate};
 use super::fleet::{Az, Fleet, InstanceId, Layout, Millis};
+use super::serving::{azs, candidate};
 use std::time::Duration;
 
 /// How long an earlier AZ must have been served by the new release.

@@ -10,7 +10,7 @@
 //! connection to plain forwarding.
 
 use super::inbound::{Inbound, ReadError};
-use super::{Ask, Conn, Context, connect, refuse_with};
+use super::{Ask, Conn, Context, Outcome, connect, refuse_with};
 use crate::config::Limits;
 use crate::detect::Detect;
 use crate::detect::http::{
@@ -19,6 +19,7 @@ use crate::detect::http::{
 use crate::name::{HostName, NameError};
 use crate::net::forward::{Activity, shutdown_write};
 use crate::net::orig_dst::OrigDst;
+use crate::record::Fact;
 use crate::verdict::{ErrorKind, Reason, Verdict};
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
@@ -37,21 +38,35 @@ struct Refusal {
     status: u16,
 }
 
-pub(super) async fn serve(client: &TcpStream, dst: OrigDst, ctx: &Context, conn: &Conn) -> Verdict {
+/// What reading one request head came to.
+enum NextRequest {
+    Head(RequestHead),
+    /// The client closed cleanly before sending a byte of it.
+    Closed,
+    /// Refuse it: the client is told why.
+    Refuse(Refusal),
+    /// Give up: there is nothing to tell the client.
+    Fail(ErrorKind),
+}
+
+pub(super) async fn serve(client: &TcpStream, dst: OrigDst, ctx: &Context, conn: &Conn) -> Outcome {
     let limits = ctx.limits;
     let mut from_client = Inbound::new(client);
     let accepted = conn.accepted();
     let deadline = accepted + limits.hello_timeout;
     let first = match read_request(&mut from_client, limits, deadline).await {
-        Ok(Some(head)) => head,
-        Ok(None) => return Verdict::Error(ErrorKind::ClientClosed),
-        Err(Err(kind)) => return Verdict::Error(kind),
-        Err(Ok(refusal)) => return deny(client, conn, refusal, None).await,
+        NextRequest::Head(head) => head,
+        NextRequest::Closed => return Verdict::Error(ErrorKind::ClientClosed).into(),
+        NextRequest::Fail(kind) => return Verdict::Error(kind).into(),
+        NextRequest::Refuse(refusal) => return deny(client, refusal, None).await,
     };
-    conn.note().hello = Some(accepted.elapsed());
+    conn.learn(Fact::Hello {
+        took: accepted.elapsed(),
+        ech: false,
+    });
     let upstream_addr = match admit(ctx, &first, conn, dst, None).await {
         Ok(upstream) => upstream,
-        Err(refusal) => return deny(client, conn, refusal, Some(&first.host)).await,
+        Err(refusal) => return deny(client, refusal, Some(&first.host)).await,
     };
     let upstream = match connect(upstream_addr, ctx, conn).await {
         Ok(upstream) => upstream,
@@ -63,9 +78,8 @@ pub(super) async fn serve(client: &TcpStream, dst: OrigDst, ctx: &Context, conn:
             };
             let refusal =
                 error_response(status, Some(&first.host), "the server could not be reached");
-            let refused = refuse_with(client, &refusal).await;
-            conn.note().refused = refused;
-            return Verdict::Error(kind);
+            let sent = refuse_with(client, &refusal).await;
+            return Outcome::failed_and_told(kind, sent);
         }
     };
 
@@ -82,25 +96,43 @@ pub(super) async fn serve(client: &TcpStream, dst: OrigDst, ctx: &Context, conn:
     // Made inside the block: made outside and moved in, the two loops'
     // states would be stored twice in every connection's task.
     let work = std::pin::pin!(async {
-        let requests = link.requests(from_client, first, ctx, conn, pending_tx, answered_rx);
-        let responses = link.responses(pending_rx, answered_tx, &conn.moved.down);
+        let requests = Requests {
+            link: &link,
+            from_client,
+            ctx,
+            conn,
+            pending: pending_tx,
+            answered: answered_rx,
+            sent: 0,
+        };
+        let responses = Responses {
+            link: &link,
+            from_upstream: Inbound::new(link.upstream),
+            pending: pending_rx,
+            answered: answered_tx,
+            down: &conn.moved.down,
+        };
+        let requests = requests.run(first);
+        let responses = responses.run();
         tokio::pin!(requests, responses);
         tokio::select! {
-            verdict = &mut requests => match (verdict, responses.await) {
-                (Verdict::Allow, Err(kind)) => Verdict::Error(kind),
-                (verdict, _) => verdict,
+            outcome = &mut requests => match (outcome, responses.await) {
+                (outcome, Err(kind)) if outcome.verdict == Verdict::Allow => {
+                    Verdict::Error(kind).into()
+                }
+                (outcome, _) => outcome,
             },
             // A broken upstream ends the connection; a clean close still
             // lets the request loop finish what it is doing.
             answered = &mut responses => match answered {
-                Err(kind) => Verdict::Error(kind),
+                Err(kind) => Verdict::Error(kind).into(),
                 Ok(()) => requests.await,
             },
         }
     });
     match conn.supervised(work, &activity, ctx).await {
-        Ok(verdict) => verdict,
-        Err(expired) => Verdict::Error(expired.into()),
+        Ok(outcome) => outcome,
+        Err(expired) => Verdict::Error(expired.into()).into(),
     }
 }
 
@@ -111,6 +143,7 @@ struct Pending {
     upgrade: Option<oneshot::Sender<bool>>,
 }
 
+/// What both loops of one connection share.
 struct Connection<'a> {
     client: &'a TcpStream,
     upstream: &'a TcpStream,
@@ -121,19 +154,26 @@ struct Connection<'a> {
     activity: &'a Activity,
 }
 
-impl Connection<'_> {
-    async fn requests(
-        &self,
-        mut from_client: Inbound<'_>,
-        mut head: RequestHead,
-        ctx: &Context,
-        conn: &Conn,
-        pending: mpsc::Sender<Pending>,
-        mut answered: watch::Receiver<u64>,
-    ) -> Verdict {
-        let limits = ctx.limits;
-        let up = &conn.moved.up;
-        let mut sent = 0u64;
+/// The request loop: each request head read, decided and forwarded with
+/// its body, and noted for the response loop.
+struct Requests<'a> {
+    link: &'a Connection<'a>,
+    from_client: Inbound<'a>,
+    ctx: &'a Context,
+    conn: &'a Conn,
+    /// Each forwarded request, for the response loop to frame.
+    pending: mpsc::Sender<Pending>,
+    /// How many responses the client has been sent.
+    answered: watch::Receiver<u64>,
+    /// How many requests went upstream.
+    sent: u64,
+}
+
+impl Requests<'_> {
+    async fn run(mut self, mut head: RequestHead) -> Outcome {
+        let limits = self.ctx.limits;
+        let link = self.link;
+        let up = &self.conn.moved.up;
         loop {
             let (switched_tx, switched_rx) = match head.upgrade {
                 true => Some(oneshot::channel()).unzip(),
@@ -143,50 +183,44 @@ impl Connection<'_> {
                 is_head: head.is_head,
                 upgrade: switched_tx,
             };
-            if pending.send(note).await.is_err() {
+            if self.pending.send(note).await.is_err() {
                 // The response side is gone: upstream closed.
-                return Verdict::Allow;
+                return Verdict::Allow.into();
             }
-            sent += 1;
-            if self
-                .forward_request(&mut from_client, &head, up)
-                .await
-                .is_err()
-            {
-                return Verdict::Error(ErrorKind::Io);
+            self.sent += 1;
+            if self.forward_request(&head).await.is_err() {
+                return Verdict::Error(ErrorKind::Io).into();
             }
-            from_client.release();
+            self.from_client.release();
             if let Some(switched) = switched_rx
                 && switched.await == Ok(true)
             {
                 // Boxed, as every rare state here: the largest state of
                 // the loop sizes every kept-alive connection.
-                return match Box::pin(from_client.forward_rest(self.upstream, self.activity, up))
-                    .await
-                {
-                    Ok(()) => Verdict::Allow,
-                    Err(_) => Verdict::Error(ErrorKind::Io),
+                let rest = self
+                    .from_client
+                    .forward_rest(link.upstream, link.activity, up);
+                return match Box::pin(rest).await {
+                    Ok(()) => Verdict::Allow.into(),
+                    Err(_) => Verdict::Error(ErrorKind::Io).into(),
                 };
             }
-            let next = match from_client.wait_for_data().await {
+            let next = match self.from_client.wait_for_data().await {
                 Ok(false) => {
-                    self.activity.one_side_closed();
-                    let _ = shutdown_write(self.upstream);
-                    return Verdict::Allow;
+                    link.activity.one_side_closed();
+                    let _ = shutdown_write(link.upstream);
+                    return Verdict::Allow.into();
                 }
                 Ok(true) => {
-                    read_request(
-                        &mut from_client,
-                        limits,
-                        Instant::now() + limits.hello_timeout,
-                    )
-                    .await
+                    let deadline = Instant::now() + limits.hello_timeout;
+                    read_request(&mut self.from_client, limits, deadline).await
                 }
-                Err(_) => return Verdict::Error(ErrorKind::Io),
+                Err(_) => return Verdict::Error(ErrorKind::Io).into(),
             };
-            let refusal = match next {
-                Ok(Some(next)) => {
-                    match admit(ctx, &next, conn, self.dst, Some(self.upstream_addr)).await {
+            let (refusal, host) = match next {
+                NextRequest::Head(next) => {
+                    let connected = Some(link.upstream_addr);
+                    match admit(self.ctx, &next, self.conn, link.dst, connected).await {
                         Ok(_) => {
                             head = next;
                             continue;
@@ -194,58 +228,58 @@ impl Connection<'_> {
                         Err(refusal) => (refusal, Some(next.host)),
                     }
                 }
-                Ok(None) => return Verdict::Error(ErrorKind::ClientClosed),
-                Err(Err(kind)) => return Verdict::Error(kind),
-                Err(Ok(refusal)) => (refusal, None),
+                NextRequest::Closed => return Verdict::Error(ErrorKind::ClientClosed).into(),
+                NextRequest::Fail(kind) => return Verdict::Error(kind).into(),
+                NextRequest::Refuse(refusal) => (refusal, None),
             };
             // Let every earlier response reach the client first.
-            let _ = answered.wait_for(|n| *n >= sent).await;
-            let verdict = Box::pin(deny(self.client, conn, refusal.0, refusal.1.as_ref())).await;
-            let _ = socket2::SockRef::from(self.upstream).shutdown(std::net::Shutdown::Both);
-            return verdict;
+            let sent = self.sent;
+            let _ = self.answered.wait_for(|n| *n >= sent).await;
+            let outcome = Box::pin(deny(link.client, refusal, host.as_ref())).await;
+            let _ = socket2::SockRef::from(link.upstream).shutdown(std::net::Shutdown::Both);
+            return outcome;
         }
     }
 
-    async fn forward_request(
-        &self,
-        from_client: &mut Inbound<'_>,
-        head: &RequestHead,
-        up: &AtomicU64,
-    ) -> std::io::Result<()> {
-        from_client
-            .forward_buffered(head.len, self.upstream, up)
+    async fn forward_request(&mut self, head: &RequestHead) -> std::io::Result<()> {
+        let (link, up) = (self.link, &self.conn.moved.up);
+        self.from_client
+            .forward_buffered(head.len, link.upstream, up)
             .await?;
-        self.activity.touch();
-        match head.body {
-            BodyLength::Exact(n) => {
-                from_client
-                    .forward_exact(n, self.upstream, self.activity, up)
-                    .await
-            }
-            BodyLength::Chunked => {
-                from_client
-                    .forward_chunked(self.upstream, self.activity, up)
-                    .await
-            }
-            BodyLength::UntilClose => unreachable!("requests are never delimited by close"),
+        link.activity.touch();
+        let framed =
+            forward_body(&mut self.from_client, head.body, link.upstream, link, up).await?;
+        if !framed {
+            // The parser frames every request; one "until close" would
+            // leave nothing to check the next request against.
+            return Err(std::io::Error::other("request body delimited by close"));
         }
+        Ok(())
     }
+}
 
-    async fn responses(
-        &self,
-        mut pending: mpsc::Receiver<Pending>,
-        answered: watch::Sender<u64>,
-        down: &AtomicU64,
-    ) -> Result<(), ErrorKind> {
-        let mut from_upstream = Inbound::new(self.upstream);
+/// The response loop: each response framed and forwarded, and counted so
+/// that a refusal waits until every earlier answer is out.
+struct Responses<'a> {
+    link: &'a Connection<'a>,
+    from_upstream: Inbound<'a>,
+    pending: mpsc::Receiver<Pending>,
+    answered: watch::Sender<u64>,
+    down: &'a AtomicU64,
+}
+
+impl Responses<'_> {
+    async fn run(mut self) -> Result<(), ErrorKind> {
+        let link = self.link;
         let mut current: Option<Pending> = None;
         let mut count = 0u64;
+        let io = |_| ErrorKind::Io;
         loop {
-            match from_upstream.wait_for_data().await {
+            match self.from_upstream.wait_for_data().await {
                 Ok(true) => {}
                 Ok(false) => {
-                    self.activity.one_side_closed();
-                    let _ = shutdown_write(self.client);
+                    link.activity.one_side_closed();
+                    let _ = shutdown_write(link.client);
                     return Ok(());
                 }
                 Err(_) => return Err(ErrorKind::Io),
@@ -253,12 +287,13 @@ impl Connection<'_> {
             if current.is_none() {
                 // The request loop notes a request before forwarding it, so
                 // a response with nothing noted is unsolicited (e.g. a 408).
-                current = pending.try_recv().ok();
+                current = self.pending.try_recv().ok();
             }
             let is_head = current.as_ref().is_some_and(|p| p.is_head);
             let parse = |buf: &[u8]| parse_response_head(buf, MAX_RESPONSE_HEAD, is_head);
             let far = Instant::now() + std::time::Duration::from_secs(24 * 3600);
-            let head = match from_upstream
+            let head = match self
+                .from_upstream
                 .read_message(MAX_RESPONSE_HEAD, far, parse, HttpError::TooLarge)
                 .await
             {
@@ -266,77 +301,87 @@ impl Connection<'_> {
                 Err(ReadError::Io) => return Err(ErrorKind::Io),
                 Err(_) => return Err(ErrorKind::UpstreamProtocol),
             };
-            let io = |_| ErrorKind::Io;
-            from_upstream
-                .forward_buffered(head.len, self.client, down)
+            self.from_upstream
+                .forward_buffered(head.len, link.client, self.down)
                 .await
                 .map_err(io)?;
-            self.activity.touch();
+            link.activity.touch();
             if head.is_interim() {
                 continue;
             }
-            let request = current.take();
-            let upgrade = request.and_then(|p| p.upgrade);
-            if head.status == 101 {
-                let Some(upgrade) = upgrade else {
-                    return Err(ErrorKind::UpstreamProtocol);
-                };
-                let _ = upgrade.send(true);
-                return Box::pin(from_upstream.forward_rest(self.client, self.activity, down))
-                    .await
-                    .map_err(io);
+            let upgrade = current.take().and_then(|p| p.upgrade);
+            if head.status == 101 && upgrade.is_none() {
+                return Err(ErrorKind::UpstreamProtocol);
             }
             if let Some(upgrade) = upgrade {
-                let _ = upgrade.send(false);
+                let _ = upgrade.send(head.status == 101);
             }
-            match head.body {
-                BodyLength::Exact(n) => {
-                    from_upstream
-                        .forward_exact(n, self.client, self.activity, down)
-                        .await
-                }
-                BodyLength::Chunked => {
-                    from_upstream
-                        .forward_chunked(self.client, self.activity, down)
-                        .await
-                }
-                BodyLength::UntilClose => {
-                    return Box::pin(from_upstream.forward_rest(self.client, self.activity, down))
-                        .await
-                        .map_err(io);
-                }
+            let framed = head.status != 101
+                && forward_body(
+                    &mut self.from_upstream,
+                    head.body,
+                    link.client,
+                    link,
+                    self.down,
+                )
+                .await
+                .map_err(io)?;
+            if !framed {
+                // Switched protocols, or a body that runs until close:
+                // everything else the server sends goes to the client.
+                let rest = self
+                    .from_upstream
+                    .forward_rest(link.client, link.activity, self.down);
+                return Box::pin(rest).await.map_err(io);
             }
-            .map_err(io)?;
-            from_upstream.release();
+            self.from_upstream.release();
             count += 1;
-            answered.send_replace(count);
+            self.answered.send_replace(count);
         }
     }
 }
 
-/// Reads one request head. `Ok(None)`: the client closed cleanly before
-/// sending a byte. `Err(Ok(_))`: refuse; `Err(Err(_))`: give up.
+/// Forwards one message body, framed as its head says, for requests and
+/// responses alike; `false` for a body that runs until the stream closes,
+/// which the caller forwards with [`Inbound::forward_rest`].
+async fn forward_body(
+    from: &mut Inbound<'_>,
+    body: BodyLength,
+    to: &TcpStream,
+    link: &Connection<'_>,
+    count: &AtomicU64,
+) -> std::io::Result<bool> {
+    match body {
+        BodyLength::Exact(n) => from.forward_exact(n, to, link.activity, count).await?,
+        BodyLength::Chunked => from.forward_chunked(to, link.activity, count).await?,
+        BodyLength::UntilClose => return Ok(false),
+    }
+    Ok(true)
+}
+
+/// Reads one request head; one offering `Upgrade: h2c` comes back with
+/// that offer taken out.
 async fn read_request(
     from_client: &mut Inbound<'_>,
     limits: Limits,
     deadline: Instant,
-) -> Result<Option<RequestHead>, Result<Refusal, ErrorKind>> {
+) -> NextRequest {
     let cap = limits.max_hello_bytes;
     let parse = |buf: &[u8]| parse_request_head(buf, cap);
     match from_client
         .read_message(cap, deadline, parse, HttpError::TooLarge)
         .await
     {
-        Ok(head) if head.h2c => without_h2c_upgrade(from_client, &head, cap).map(Some),
-        Ok(head) => Ok(Some(head)),
-        Err(ReadError::Invalid(e)) => Err(Ok(refusal_for(e))),
-        Err(ReadError::Timeout) => Err(Ok(Refusal {
+        Ok(head) if head.h2c => without_h2c_upgrade(from_client, &head, cap),
+        Ok(head) => NextRequest::Head(head),
+        Err(ReadError::Invalid(e)) => NextRequest::Refuse(refusal_for(e)),
+        Err(ReadError::Timeout) => NextRequest::Refuse(Refusal {
             reason: Reason::Timeout,
             status: 408,
-        })),
-        Err(ReadError::Closed { partial: 0 }) => Ok(None),
-        Err(ReadError::Closed { .. }) => Err(Err(ErrorKind::ClientClosed)),
-        Err(ReadError::Io) => Err(Err(ErrorKind::Io)),
+        }),
+        Err(ReadError::Closed { partial: 0 }) => NextRequest::Closed,
+        Err(ReadError::Closed { .. }) => NextRequest::Fail(ErrorKind::ClientClosed),
+        Err(ReadError::Io) => NextRequest::Fail(ErrorKind::Io),
     }
 }
 
@@ -347,8 +392,8 @@ fn without_h2c_upgrade(
     from_client: &mut Inbound<'_>,
     head: &RequestHead,
     cap: usize,
-) -> Result<RequestHead, Result<Refusal, ErrorKind>> {
-    let malformed = || Err(Ok(refusal_for(HttpError::Malformed)));
+) -> NextRequest {
+    let malformed = || NextRequest::Refuse(refusal_for(HttpError::Malformed));
     let Some(rewritten) = without_h2c(&from_client.buffered()[..head.len]) else {
         return malformed();
     };
@@ -356,7 +401,7 @@ fn without_h2c_upgrade(
         return malformed();
     };
     from_client.replace_front(head.len, &rewritten);
-    Ok(stripped)
+    NextRequest::Head(stripped)
 }
 
 fn refusal_for(e: HttpError) -> Refusal {
@@ -384,14 +429,9 @@ async fn admit(
     dst: OrigDst,
     connected: Option<SocketAddr>,
 ) -> Result<SocketAddr, Refusal> {
-    let policy = {
-        let mut rec = conn.note();
-        rec.name = Some(head.host.clone());
-        rec.rule = None;
-        rec.policy
-    };
+    conn.learn(Fact::Named(head.host.clone()));
     let ask = Ask {
-        policy,
+        policy: conn.policy(),
         name: Ok(&head.host),
         below_tls_floor: false,
         dst,
@@ -399,13 +439,12 @@ async fn admit(
     };
     match ctx.admit(ask).await {
         Ok(admitted) => {
-            let mut rec = conn.note();
-            rec.rule = admitted.rule;
             // Monitor mode: the first request enforce mode would refuse is
             // what the connection's record notes.
-            if let Some(reason) = admitted.would_deny {
-                rec.would_deny.get_or_insert(reason);
-            }
+            conn.learn(Fact::Admitted {
+                rule: admitted.rule,
+                would_deny: admitted.would_deny,
+            });
             Ok(admitted.upstream)
         }
         Err(reason) => Err(Refusal {
@@ -420,17 +459,10 @@ async fn admit(
     }
 }
 
-async fn deny(
-    client: &TcpStream,
-    conn: &Conn,
-    refusal: Refusal,
-    host: Option<&HostName>,
-) -> Verdict {
+async fn deny(client: &TcpStream, refusal: Refusal, host: Option<&HostName>) -> Outcome {
     let reason = refusal.reason;
     let response = error_response(refusal.status, host, explain(reason));
-    let refused = refuse_with(client, &response).await;
-    conn.note().refused = refused;
-    Verdict::Deny(reason)
+    Outcome::refused(reason, refuse_with(client, &response).await)
 }
 
 /// Refuses a connection before any request was read (e.g. a loop);

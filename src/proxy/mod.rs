@@ -12,11 +12,12 @@ use crate::dns::{LookupError, Resolver};
 use crate::guard::Guard;
 use crate::name::HostName;
 use crate::net::forward::{
-    Activity, Counters, Expired, FlowClock, Supervised, Transferred, read_some, shutdown_write,
-    supervise, write_all,
+    Activity, Counters, Expired, FlowClock, Supervised, read_some, shutdown_write, supervise,
+    write_all,
 };
 use crate::net::orig_dst::{OrigDst, is_loop, original_dst};
 use crate::policy::{Policies, PolicyId};
+use crate::record::{Fact, Record};
 use crate::telemetry;
 use crate::verdict::{ErrorKind, Proto, Reason, Verdict};
 use std::io;
@@ -118,64 +119,45 @@ impl Context {
     }
 }
 
-/// The facts of one connection, reported when it ends (and, for a long
-/// one, while it runs).
-#[derive(Debug, Clone)]
-pub struct Record {
-    pub src: SocketAddr,
-    /// Chosen by `src`: whose list decides.
-    pub policy: PolicyId,
-    pub dst: Option<OrigDst>,
-    /// Where the gateway connected: `dst`, or the name's own address it
-    /// was pinned to instead.
-    pub upstream: Option<SocketAddr>,
-    pub proto: Proto,
-    pub name: Option<HostName>,
-    pub rule: Option<Arc<str>>,
-    /// In monitor mode: why enforce mode would have refused this.
-    pub would_deny: Option<Reason>,
-    pub ech: bool,
-    pub verdict: Verdict,
-    pub moved: Transferred,
-    pub accepted: Instant,
-    /// From accept until the hello or first request head was complete.
-    pub hello: Option<Duration>,
-    /// How long the upstream connect took, if it succeeded.
-    pub connect: Option<Duration>,
-    /// From accept until the verdict was final (a refusal's linger is not
-    /// included).
-    pub duration: Duration,
+/// How a handler's connection ended, as it returns it.
+pub(crate) struct Outcome {
+    verdict: Verdict,
     /// A refusal was sent: let the client read it before closing.
-    pub refused: bool,
+    refusal_sent: bool,
 }
 
-impl Record {
-    /// A connection just accepted from `src` on the `proto` listener,
-    /// decided by `policy`.
-    pub fn new(src: SocketAddr, policy: PolicyId, proto: Proto) -> Record {
-        Record {
-            src,
-            policy,
-            dst: None,
-            upstream: None,
-            proto,
-            name: None,
-            rule: None,
-            would_deny: None,
-            ech: false,
-            verdict: Verdict::Error(ErrorKind::Io),
-            moved: Transferred::default(),
-            accepted: Instant::now(),
-            hello: None,
-            connect: None,
-            duration: Duration::ZERO,
-            refused: false,
+impl Outcome {
+    fn ended(verdict: Verdict) -> Outcome {
+        Outcome {
+            verdict,
+            refusal_sent: false,
+        }
+    }
+
+    fn refused(reason: Reason, sent: bool) -> Outcome {
+        Outcome {
+            verdict: Verdict::Deny(reason),
+            refusal_sent: sent,
+        }
+    }
+
+    /// An error the client was told of (an HTTP 502 or 504).
+    fn failed_and_told(kind: ErrorKind, sent: bool) -> Outcome {
+        Outcome {
+            verdict: Verdict::Error(kind),
+            refusal_sent: sent,
         }
     }
 }
 
-/// One connection as its handler sees it: the record it fills in, and the
-/// bytes moved, counted as they move.
+impl From<Verdict> for Outcome {
+    fn from(verdict: Verdict) -> Outcome {
+        Outcome::ended(verdict)
+    }
+}
+
+/// One connection as its handler sees it: the record its facts go into,
+/// and the bytes moved, counted as they move.
 ///
 /// The record sits behind a lock because three parties share it within
 /// the connection's one task: the handler, the interim reports made while
@@ -189,8 +171,7 @@ pub(crate) struct Conn {
 }
 
 impl Conn {
-    /// The record, to note a fact in it.
-    fn note(&self) -> MutexGuard<'_, Record> {
+    fn record(&self) -> MutexGuard<'_, Record> {
         // A panic elsewhere cannot leave a record half written in a way
         // that matters more than losing it.
         self.rec
@@ -198,18 +179,23 @@ impl Conn {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// Notes what the handler just learnt.
+    fn learn(&self, fact: Fact) {
+        self.record().note(fact);
+    }
+
     fn accepted(&self) -> Instant {
-        self.note().accepted
+        self.record().accepted
+    }
+
+    fn policy(&self) -> PolicyId {
+        self.record().policy
     }
 
     /// Writes an `open` or `interim` record: the connection as it stands.
     fn report_progress(&self, kind: audit::Kind, ctx: &Context) {
-        let rec = self.note();
-        let mut now = rec.clone();
-        drop(rec);
-        now.verdict = Verdict::Allow;
-        now.moved = self.moved.snapshot();
-        now.duration = now.accepted.elapsed();
+        let mut now = self.record().clone();
+        now.close(Verdict::Allow, self.moved.snapshot(), Instant::now());
         let policy = ctx.policies.get(now.policy).name.as_str();
         ctx.audit
             .record(audit::line(&now, kind, policy, SystemTime::now()));
@@ -254,15 +240,12 @@ struct Ending<'a> {
 }
 
 impl Ending<'_> {
-    /// Reports the connection with `verdict`; whether a refusal was sent.
-    fn report(&mut self, verdict: Verdict) -> bool {
+    /// Reports the connection with `verdict`.
+    fn report(&mut self, verdict: Verdict) {
         self.reported = true;
-        let mut rec = self.conn.note();
-        rec.verdict = verdict;
-        rec.moved = self.conn.moved.snapshot();
-        rec.duration = rec.accepted.elapsed();
+        let mut rec = self.conn.record();
+        rec.close(verdict, self.conn.moved.snapshot(), Instant::now());
         report(&rec, self.ctx);
-        rec.refused
     }
 }
 
@@ -286,15 +269,16 @@ pub async fn serve(client: TcpStream, src: SocketAddr, proto: Proto, ctx: &Conte
         ctx,
         reported: false,
     };
-    let verdict = handle(&client, proto, ctx, &conn).await;
-    if ending.report(verdict) {
+    let outcome = handle(&client, proto, ctx, &conn).await;
+    ending.report(outcome.verdict);
+    if outcome.refusal_sent {
         linger(&client).await;
     }
 }
 
-async fn handle(client: &TcpStream, proto: Proto, ctx: &Context, conn: &Conn) -> Verdict {
+async fn handle(client: &TcpStream, proto: Proto, ctx: &Context, conn: &Conn) -> Outcome {
     let dst = destination(client);
-    conn.note().dst = dst.as_ref().ok().map(|(dst, _)| *dst);
+    conn.learn(Fact::Destination(dst.as_ref().ok().map(|(dst, _)| *dst)));
     match dst {
         Ok((dst, local)) if !is_loop(dst, local) => match proto {
             Proto::Tls => tls::serve(client, dst, ctx, conn).await,
@@ -303,12 +287,11 @@ async fn handle(client: &TcpStream, proto: Proto, ctx: &Context, conn: &Conn) ->
             Proto::Http => Box::pin(http::serve(client, dst, ctx, conn)).await,
         },
         _ => {
-            let refused = match proto {
+            let sent = match proto {
                 Proto::Tls => tls::refuse(client, Reason::Loop).await,
                 Proto::Http => http::refuse(client, Reason::Loop).await,
             };
-            conn.note().refused = refused;
-            Verdict::Deny(Reason::Loop)
+            Outcome::refused(Reason::Loop, sent)
         }
     }
 }
@@ -337,11 +320,13 @@ fn report(rec: &Record, ctx: &Context) {
 /// Opens the upstream connection; with `--audit-open`, reports it open.
 async fn connect(upstream: SocketAddr, ctx: &Context, conn: &Conn) -> Result<TcpStream, ErrorKind> {
     let start = Instant::now();
-    conn.note().upstream = Some(upstream);
+    conn.learn(Fact::Upstream(upstream));
     let timeout = ctx.limits.connect_timeout;
     match tokio::time::timeout_at(start + timeout, TcpStream::connect(upstream)).await {
         Ok(Ok(stream)) => {
-            conn.note().connect = Some(start.elapsed());
+            conn.learn(Fact::Connected {
+                took: start.elapsed(),
+            });
             let _ = stream.set_nodelay(true);
             if ctx.audit_open {
                 conn.report_progress(audit::Kind::Open, ctx);

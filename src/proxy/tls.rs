@@ -2,16 +2,17 @@
 //! the hello and everything after it untouched. No TLS is terminated.
 
 use super::inbound::{Inbound, ReadError};
-use super::{Ask, Conn, Context, connect, refuse_with, reset};
+use super::{Ask, Conn, Context, Outcome, connect, refuse_with, reset};
 use crate::detect::tls::{AlertDescription, ServerName, TlsError, fatal_alert, parse_client_hello};
 use crate::name::NameError;
 use crate::net::forward::{Activity, forward_both, write_all};
 use crate::net::orig_dst::OrigDst;
+use crate::record::Fact;
 use crate::verdict::{ErrorKind, Reason, Verdict};
 use std::sync::atomic::Ordering;
 use tokio::net::TcpStream;
 
-pub(super) async fn serve(client: &TcpStream, dst: OrigDst, ctx: &Context, conn: &Conn) -> Verdict {
+pub(super) async fn serve(client: &TcpStream, dst: OrigDst, ctx: &Context, conn: &Conn) -> Outcome {
     let limits = ctx.limits;
     let accepted = conn.accepted();
     let deadline = accepted + limits.hello_timeout;
@@ -22,49 +23,49 @@ pub(super) async fn serve(client: &TcpStream, dst: OrigDst, ctx: &Context, conn:
         .read_message(cap, deadline, parse, TlsError::TooLarge)
         .await
     {
-        Ok(hello) => {
-            conn.note().hello = Some(accepted.elapsed());
-            hello
-        }
-        Err(ReadError::Invalid(e)) => return deny(client, conn, reason_for(e)).await,
-        Err(ReadError::Timeout) => return deny(client, conn, Reason::Timeout).await,
-        Err(ReadError::Closed { .. }) => return Verdict::Error(ErrorKind::ClientClosed),
-        Err(ReadError::Io) => return Verdict::Error(ErrorKind::Io),
+        Ok(hello) => hello,
+        Err(ReadError::Invalid(e)) => return deny(client, reason_for(e)).await,
+        Err(ReadError::Timeout) => return deny(client, Reason::Timeout).await,
+        Err(ReadError::Closed { .. }) => return Verdict::Error(ErrorKind::ClientClosed).into(),
+        Err(ReadError::Io) => return Verdict::Error(ErrorKind::Io).into(),
     };
-    conn.note().ech = hello.ech;
+    conn.learn(Fact::Hello {
+        took: accepted.elapsed(),
+        ech: hello.ech,
+    });
     let name = match hello.server_name {
         ServerName::Name(name) => Ok(name),
         ServerName::Absent => Err(Reason::NoName),
         ServerName::Invalid(NameError::IpLiteral) => Err(Reason::IpLiteral),
-        ServerName::Invalid(_) => return deny(client, conn, Reason::Malformed).await,
+        ServerName::Invalid(_) => return deny(client, Reason::Malformed).await,
     };
+    if let Ok(name) = &name {
+        conn.learn(Fact::Named(name.clone()));
+    }
     let ask = Ask {
-        policy: conn.note().policy,
+        policy: conn.policy(),
         name: name.as_ref().map_err(|r| *r),
         below_tls_floor: hello.max_version < limits.min_tls,
         dst,
         connected: None,
     };
-    let admitted = ctx.admit(ask).await;
-    conn.note().name = name.ok();
-    let admitted = match admitted {
+    let admitted = match ctx.admit(ask).await {
         Ok(admitted) => admitted,
-        Err(reason) => return deny(client, conn, reason).await,
+        Err(reason) => return deny(client, reason).await,
     };
-    {
-        let mut rec = conn.note();
-        rec.rule = admitted.rule;
-        rec.would_deny = admitted.would_deny;
-    }
+    conn.learn(Fact::Admitted {
+        rule: admitted.rule,
+        would_deny: admitted.would_deny,
+    });
     let upstream = match connect(admitted.upstream, ctx, conn).await {
         Ok(upstream) => upstream,
         Err(kind) => {
             reset(client);
-            return Verdict::Error(kind);
+            return Verdict::Error(kind).into();
         }
     };
     if write_all(&upstream, inbound.buffered()).await.is_err() {
-        return Verdict::Error(ErrorKind::Io);
+        return Verdict::Error(ErrorKind::Io).into();
     }
     let hello_len = inbound.buffered().len() as u64;
     conn.moved.up.fetch_add(hello_len, Ordering::Relaxed);
@@ -73,11 +74,12 @@ pub(super) async fn serve(client: &TcpStream, dst: OrigDst, ctx: &Context, conn:
     drop(inbound);
     let activity = Activity::default();
     let flow = std::pin::pin!(forward_both(client, &upstream, &activity, &conn.moved));
-    match conn.supervised(flow, &activity, ctx).await {
+    let verdict = match conn.supervised(flow, &activity, ctx).await {
         Ok(Ok(())) => Verdict::Allow,
         Ok(Err(_)) => Verdict::Error(ErrorKind::Io),
         Err(expired) => Verdict::Error(expired.into()),
-    }
+    };
+    verdict.into()
 }
 
 fn reason_for(e: TlsError) -> Reason {
@@ -88,10 +90,8 @@ fn reason_for(e: TlsError) -> Reason {
     }
 }
 
-async fn deny(client: &TcpStream, conn: &Conn, reason: Reason) -> Verdict {
-    let refused = refuse(client, reason).await;
-    conn.note().refused = refused;
-    Verdict::Deny(reason)
+async fn deny(client: &TcpStream, reason: Reason) -> Outcome {
+    Outcome::refused(reason, refuse(client, reason).await)
 }
 
 /// Answers with a fatal alert that says why, as far as TLS can say it;

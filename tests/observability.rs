@@ -43,11 +43,6 @@ fn about<'a>(records: &'a [Value], name: Option<&str>) -> Vec<&'a Value> {
         .collect()
 }
 
-/// Sends `bytes`, half-closes, and reads until the gateway closes.
-fn exchange(t: &Topology, to: &str, port: u16, bytes: &[u8]) -> Vec<u8> {
-    t.exchange(addr(to, port), bytes)
-}
-
 #[test]
 fn metrics_and_audit_account_for_every_allowed_and_refused_connection() {
     if !require_root() {
@@ -68,11 +63,11 @@ fn metrics_and_audit_account_for_every_allowed_and_refused_connection() {
     for name in ["blocked.invalid", "www.allowed.test"] {
         assert!(!https(&t, name, RAW_V4).status.success(), "{name}");
     }
-    let not_tls = exchange(&t, RAW_V4, 443, b"GET / HTTP/1.1\r\nHost: x.test\r\n\r\n");
+    let not_tls = t.exchange(addr(RAW_V4, 443), b"GET / HTTP/1.1\r\nHost: x.test\r\n\r\n");
     assert_eq!(not_tls[0], 21, "a TLS alert");
     // Chromium always offers (GREASE) ECH: audited as such.
     let chromium = hello::with_server_name(CHROMIUM_HELLO, "ech.example.test");
-    exchange(&t, RAW_V4, 443, &chromium);
+    t.exchange(addr(RAW_V4, 443), &chromium);
     wait_until("the ECH hello upstream", Duration::from_secs(5), || {
         seen.lock().unwrap().len() == 1
     });

@@ -23,11 +23,7 @@ const ALLOWLIST: &str = ".example.test\n";
 
 /// Sends `bytes` to RAW_V4:443 and half-closes; what the gateway answered.
 fn exchange(t: &Topology, bytes: &[u8]) -> Vec<u8> {
-    exchange_with(t, RAW_V4, bytes)
-}
-
-fn exchange_with(t: &Topology, ip: &str, bytes: &[u8]) -> Vec<u8> {
-    t.exchange(addr(ip, 443), bytes)
+    t.exchange(addr(RAW_V4, 443), bytes)
 }
 
 /// The audit records so far with this `reason`.
@@ -259,18 +255,21 @@ fn with_verify_dst_dns_an_allowed_name_reaches_only_its_own_addresses() {
     t.start_portcullis_with_dns(NAMESERVER, ALLOWLIST, &["--verify-dst", "dns"]);
 
     // To the name's own address: forwarded.
-    exchange_with(&t, RAW_V4, TLS12_HELLO);
+    t.exchange(addr(RAW_V4, 443), TLS12_HELLO);
     wait_until("the hello upstream", Duration::from_secs(5), || {
         server.accepted() == 1
     });
     // The same allowed name to another address, as `curl --resolve
     // www.example.test:443:203.0.113.20` sends it: refused.
-    assert_eq!(exchange_with(&t, WEB_V4, TLS12_HELLO), alert::ACCESS_DENIED);
+    assert_eq!(
+        t.exchange(addr(WEB_V4, 443), TLS12_HELLO),
+        alert::ACCESS_DENIED
+    );
     // An allowed name that does not resolve at all: refused, for a reason
     // of its own.
     let unresolvable = hello::with_server_name(TLS12_HELLO, "nowhere.example.test");
     assert_eq!(
-        exchange_with(&t, RAW_V4, &unresolvable),
+        t.exchange(addr(RAW_V4, 443), &unresolvable),
         alert::ACCESS_DENIED
     );
     wait_until(

@@ -25,10 +25,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-#[allow(dead_code)] // shared with the tests, which use more of it
-mod hello {
-    include!("../tests/support/hello.rs");
-}
+use portcullis_core::hello;
 
 const CURL_HELLO: &[u8] = include_bytes!("../testdata/clienthellos/curl-7.88-openssl-3.0.bin");
 const ANSWER: [u8; 1024] = [0x5a; 1024];

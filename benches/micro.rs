@@ -14,10 +14,7 @@ use portcullis::name::HostName;
 use std::hint::black_box;
 use std::time::Duration;
 
-#[allow(dead_code)] // shared with the tests, which use more of it
-mod hello {
-    include!("../tests/support/hello.rs");
-}
+use portcullis_core::hello;
 
 const CURL_HELLO: &[u8] = include_bytes!("../testdata/clienthellos/curl-7.88-openssl-3.0.bin");
 const CHROMIUM_HELLO: &[u8] =

@@ -1,9 +1,10 @@
 //! portcullis: a transparent egress gateway.
 //!
 //! # Layout
-//! - [`name`]: host-name normalisation shared by the list, SNI and Host.
-//! - [`allowlist`]: Squid `dstdomain` list parser and suffix-trie matcher.
-//! - [`detect`]: pure parsers: TLS ClientHello → SNI, HTTP heads and framing.
+//! - [`name`], [`detect`] and the pure half of [`allowlist`] (parser, trie)
+//!   are the `portcullis-core` crate (`core/`): host names, the TLS and HTTP
+//!   detectors, the Squid `dstdomain` list.
+//! - [`allowlist`]: the list in force, its sources, reloads and cache.
 //! - [`config`]: run-time settings and their textual forms.
 //! - [`policy`]: per-source policies: client address → which list decides.
 //! - [`verdict`]: what happened to a connection, as values.
@@ -26,20 +27,21 @@
 //!   serving gateway (EC2 API, no I/O in its decisions).
 #![forbid(unsafe_code)]
 
+// The pure core, a crate of its own (`core/`), at the paths it always had.
+pub use portcullis_core::{detect, name};
+
 pub mod admin;
 pub mod allowlist;
 pub mod audit;
 pub mod aws;
 pub mod config;
 pub mod decide;
-pub mod detect;
 pub mod discover;
 pub mod dns;
 pub mod drain;
 pub mod guard;
 pub mod ha;
 pub mod limit;
-pub mod name;
 pub mod net;
 pub mod policy;
 pub mod proxy;

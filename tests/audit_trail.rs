@@ -10,6 +10,7 @@
 mod support;
 
 use nix::sys::signal::Signal;
+use portcullis_core::hello;
 use serde_json::Value;
 use std::io::Write;
 use std::net::TcpStream;
@@ -19,7 +20,7 @@ use support::dns::{Answer, DnsServer};
 use support::netns::{CLIENT_V4, NAMESERVER, RAW_V4, Topology, require_root};
 use support::scrape::Scrape;
 use support::servers::recorder;
-use support::{addr, hello, read_all, wait_until};
+use support::{addr, read_all, wait_until};
 
 const CURL_HELLO: &[u8] = include_bytes!("../testdata/clienthellos/curl-7.88-openssl-3.0.bin");
 const ALLOWLIST: &str = ".example.test\n";

@@ -7,13 +7,14 @@
 
 mod support;
 
+use portcullis_core::hello;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 use support::client::{http, text};
 use support::netns::{RAW_V4, Topology, WEB_V4, require_root};
 use support::servers::{http_server, recorder};
-use support::{addr, hello, raise_fd_limit, wait_until};
+use support::{addr, raise_fd_limit, wait_until};
 
 const CURL_HELLO: &[u8] = include_bytes!("../testdata/clienthellos/curl-7.88-openssl-3.0.bin");
 const ALLOWLIST: &str = ".example.test\n";

@@ -8,6 +8,7 @@
 
 mod support;
 
+use portcullis_core::hello;
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
@@ -15,7 +16,7 @@ use support::alert;
 use support::netns::{CLIENT_V4, RAW_V4, Topology, WEB_V4, WEB_V6, require_root};
 use support::scrape::Scrape;
 use support::servers::{Server, find, http_server};
-use support::{addr, hello, ip, raise_fd_limit, read_all, wait_until};
+use support::{addr, ip, raise_fd_limit, read_all, wait_until};
 
 const CURL_HELLO: &[u8] = include_bytes!("../testdata/clienthellos/curl-7.88-openssl-3.0.bin");
 const ALLOWLIST: &str = ".example.test\n";

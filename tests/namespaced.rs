@@ -6,6 +6,7 @@
 
 mod support;
 
+use portcullis_core::hello;
 use sha2::{Digest, Sha256};
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
@@ -14,7 +15,7 @@ use support::alert;
 use support::client::{http, https, text};
 use support::netns::{RAW_V4, RAW_V6, Topology, WEB_V4, WEB_V6, require_root};
 use support::servers::{TlsServer, find, http_server, make_certs, recorder};
-use support::{addr, hello, read_all, wait_until};
+use support::{addr, read_all, wait_until};
 
 const CURL_HELLO: &[u8] = include_bytes!("../testdata/clienthellos/curl-7.88-openssl-3.0.bin");
 const CHROMIUM_HELLO: &[u8] =

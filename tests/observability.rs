@@ -7,6 +7,7 @@
 
 mod support;
 
+use portcullis_core::hello;
 use serde_json::Value;
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
@@ -16,7 +17,7 @@ use support::netns::{CLIENT_V4, RAW_V4, Topology, WEB_V4, require_root};
 use support::s3::{self, Moto, put_list, require_moto};
 use support::scrape::{Scrape, Series, promtool_check};
 use support::servers::{TlsServer, http_server, make_certs, recorder};
-use support::{addr, hello, wait_until};
+use support::{addr, wait_until};
 
 const CURL_HELLO: &[u8] = include_bytes!("../testdata/clienthellos/curl-7.88-openssl-3.0.bin");
 const CHROMIUM_HELLO: &[u8] =

@@ -9,6 +9,7 @@
 
 mod support;
 
+use portcullis_core::hello;
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
@@ -19,7 +20,7 @@ use support::dns::{Answer, DnsServer, lookup};
 use support::netns::{NAMESERVER, RAW_V4, RAW_V6, Topology, WEB_V4, WEB_V6, require_root};
 use support::scrape::Scrape;
 use support::servers::{Server, TlsServer, find, http_server, make_certs, recorder};
-use support::{addr, hello, ip, wait_until};
+use support::{addr, ip, wait_until};
 
 const TLS12_HELLO: &[u8] = include_bytes!("../testdata/clienthellos/openssl-3.0-tls12-only.bin");
 const ALLOWLIST: &str = ".example.test\n";

@@ -6,6 +6,7 @@
 
 mod support;
 
+use portcullis_core::hello;
 use std::io::Write;
 use std::time::{Duration, SystemTime};
 use support::alert;
@@ -14,7 +15,7 @@ use support::dns::{Answer, DnsServer};
 use support::netns::{NAMESERVER, RAW_V4, RAW_V6, Topology, WEB_V4, require_root};
 use support::scrape::Scrape;
 use support::servers::{http_server, recorder};
-use support::{addr, hello, read_all, wait_until};
+use support::{addr, read_all, wait_until};
 
 const CHROMIUM_HELLO: &[u8] =
     include_bytes!("../testdata/clienthellos/chromium-156-x25519mlkem768.bin");

@@ -6,6 +6,7 @@
 
 mod support;
 
+use portcullis_core::hello;
 use std::io::{Read, Write};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -15,7 +16,7 @@ use support::netns::{RAW_V4, Topology, WEB_V4, require_root};
 use support::s3::{self, Moto, put_list, require_moto};
 use support::scrape::Scrape;
 use support::servers::{Server, http_server};
-use support::{addr, hello, wait_until};
+use support::{addr, wait_until};
 
 use nix::sys::signal::Signal;
 

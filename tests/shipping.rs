@@ -8,13 +8,14 @@
 mod support;
 
 use nix::sys::signal::Signal;
+use portcullis_core::hello;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::Duration;
 use support::netns::{RAW_V4, Topology, require_root};
 use support::s3::{self, Moto, require_moto};
-use support::{addr, hello, wait_until};
+use support::{addr, wait_until};
 use support::{repo, venv_python};
 
 const CURL_HELLO: &[u8] = include_bytes!("../testdata/clienthellos/curl-7.88-openssl-3.0.bin");

@@ -4,8 +4,8 @@
 #![forbid(unsafe_code)]
 
 use libfuzzer_sys::fuzz_target;
-use portcullis::detect::Detect;
-use portcullis::detect::tls::parse_client_hello;
+use portcullis_core::detect::Detect;
+use portcullis_core::detect::tls::parse_client_hello;
 
 const CAP: usize = 16 * 1024;
 

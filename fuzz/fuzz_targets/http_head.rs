@@ -4,7 +4,7 @@
 #![forbid(unsafe_code)]
 
 use libfuzzer_sys::fuzz_target;
-use portcullis::detect::http::{ChunkedDecoder, parse_request_head, parse_response_head};
+use portcullis_core::detect::http::{ChunkedDecoder, parse_request_head, parse_response_head};
 
 const CAP: usize = 16 * 1024;
 

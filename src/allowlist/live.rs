@@ -2,7 +2,7 @@
 //! decision sees either the whole old list or the whole new one and a
 //! reload never waits on, or for, the data path.
 
-use super::trie::Allowlist;
+use super::Allowlist;
 use arc_swap::{ArcSwap, Guard};
 use rustc_hash::FxHashMap;
 use std::sync::Arc;

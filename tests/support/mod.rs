@@ -1,9 +1,6 @@
 //! Test hosts in network namespaces, real servers and clients.
 #![allow(dead_code)]
 
-pub mod hello {
-    include!("hello.rs");
-}
 pub mod alert;
 pub mod client;
 pub mod dns;

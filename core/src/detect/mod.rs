@@ -2,7 +2,7 @@
 //!
 //! Each detector is a function over the bytes received so far that never
 //! panics and returns [`Detect::Incomplete`] (read more), [`Detect::Invalid`]
-//! or [`Detect::Done`]. The I/O around them (`crate::proxy`) reads with a cap
+//! or [`Detect::Done`]. The I/O around them (the gateway's proxy) reads with a cap
 //! and a deadline and replays the bytes upstream.
 
 pub mod http;

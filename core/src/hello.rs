@@ -1,6 +1,6 @@
-// Builds ClientHello byte streams for tests from captured real hellos.
-// Shared by the unit tests (`src/detect/tls.rs` includes this file) and the
-// end-to-end tests, so it holds no inner attributes.
+//! Builds ClientHello byte streams for tests from captured real hellos:
+//! this crate's detector tests and the gateway's end-to-end tests share it
+//! (feature `testing`).
 
 /// Joins the payloads of consecutive TLS records: the handshake message.
 pub fn handshake_message(records: &[u8]) -> Vec<u8> {
@@ -80,7 +80,9 @@ pub fn with_server_name(records: &[u8], name: &str) -> Vec<u8> {
         }
         rest = &rest[4 + len..];
     }
-    let ext_len = u16::try_from(out.len() - ext_block - 2).unwrap().to_be_bytes();
+    let ext_len = u16::try_from(out.len() - ext_block - 2)
+        .unwrap()
+        .to_be_bytes();
     out[ext_block..ext_block + 2].copy_from_slice(&ext_len);
     let body = u32::try_from(out.len() - 4).unwrap().to_be_bytes();
     out[1..4].copy_from_slice(&body[1..]);

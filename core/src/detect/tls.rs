@@ -275,19 +275,16 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    #[allow(dead_code)]
-    mod hello {
-        include!("../../tests/support/hello.rs");
-    }
+    use crate::hello;
 
     const CAP: usize = 16 * 1024;
     const CHROMIUM: &[u8] =
-        include_bytes!("../../testdata/clienthellos/chromium-156-x25519mlkem768.bin");
-    const CURL: &[u8] = include_bytes!("../../testdata/clienthellos/curl-7.88-openssl-3.0.bin");
-    const GNUTLS: &[u8] = include_bytes!("../../testdata/clienthellos/gnutls-3.7.bin");
+        include_bytes!("../../../testdata/clienthellos/chromium-156-x25519mlkem768.bin");
+    const CURL: &[u8] = include_bytes!("../../../testdata/clienthellos/curl-7.88-openssl-3.0.bin");
+    const GNUTLS: &[u8] = include_bytes!("../../../testdata/clienthellos/gnutls-3.7.bin");
     const OPENSSL_TLS12: &[u8] =
-        include_bytes!("../../testdata/clienthellos/openssl-3.0-tls12-only.bin");
-    const PYTHON: &[u8] = include_bytes!("../../testdata/clienthellos/python3-ssl.bin");
+        include_bytes!("../../../testdata/clienthellos/openssl-3.0-tls12-only.bin");
+    const PYTHON: &[u8] = include_bytes!("../../../testdata/clienthellos/python3-ssl.bin");
     const ALL: [(&str, &[u8]); 5] = [
         ("chromium", CHROMIUM),
         ("curl", CURL),

@@ -26,7 +26,7 @@
 //! [`Cache`] is pure (time is passed in); [`Resolver`] does the I/O.
 
 use crate::name::HostName;
-use crate::telemetry;
+use crate::telemetry::Metrics;
 // Closed sets, kept with the other label values in `verdict`.
 pub use crate::verdict::{LookupError, LookupResult};
 use hickory_resolver::config::{LookupIpStrategy, ResolverConfig, ResolverOpts};
@@ -312,6 +312,7 @@ struct Shared {
     state: Mutex<State>,
     queries: Semaphore,
     pace: Mutex<Pace>,
+    metrics: Metrics,
 }
 
 #[derive(Default)]
@@ -336,13 +337,14 @@ pub struct Resolver {
 impl Resolver {
     /// Uses the system's resolver configuration (an error if it cannot be
     /// read: pinning cannot work without it).
-    pub fn from_system() -> Result<Resolver, ResolveError> {
+    pub fn from_system(metrics: Metrics) -> Result<Resolver, ResolveError> {
         let (config, options) = hickory_resolver::system_conf::read_system_conf()?;
-        Ok(Resolver::new(config, options))
+        Ok(Resolver::new(config, options, metrics))
     }
 
-    /// Uses `config` and `options` (the system's, or a test's).
-    pub fn new(config: ResolverConfig, mut options: ResolverOpts) -> Resolver {
+    /// Uses `config` and `options` (the system's, or a test's), counting
+    /// lookups and cache hits in `metrics`.
+    pub fn new(config: ResolverConfig, mut options: ResolverOpts, metrics: Metrics) -> Resolver {
         // Both families always: the default asks for AAAA only when a
         // name has no A record, which refuses every IPv6 client of a
         // dual-stack name.
@@ -356,6 +358,7 @@ impl Resolver {
                 state: Mutex::new(State::default()),
                 queries: Semaphore::new(MAX_IN_FLIGHT),
                 pace: Mutex::new(Pace::new(LOOKUPS_PER_SECOND, Instant::now())),
+                metrics,
             }),
         }
     }
@@ -375,17 +378,18 @@ impl Resolver {
                     {
                         self.start(&mut state, name);
                     }
-                    telemetry::dns_cache_hit();
+                    self.shared.metrics.dns_cache_hit();
                     return Ok(addresses);
                 }
                 Cached::Negative(error) => {
-                    telemetry::dns_cache_hit();
+                    self.shared.metrics.dns_cache_hit();
                     return Err(error);
                 }
                 Cached::Miss => match state.in_flight.get(name.as_str()) {
                     Some(result) => result.clone(),
                     None if state.in_flight.len() >= MAX_PENDING => {
-                        telemetry::dns_lookup(LookupResult::Failed(LookupError::Timeout));
+                        let timeout = LookupResult::Failed(LookupError::Timeout);
+                        self.shared.metrics.dns_lookup(timeout);
                         return Err(LookupError::Timeout);
                     }
                     None => self.start(&mut state, name),
@@ -411,7 +415,7 @@ impl Resolver {
         let me = self.clone();
         tokio::spawn(async move {
             let looked_up = me.query(&key).await;
-            telemetry::dns_lookup(match &looked_up {
+            me.shared.metrics.dns_lookup(match &looked_up {
                 Ok(_) => LookupResult::Ok,
                 Err(e) => LookupResult::Failed(*e),
             });
@@ -658,7 +662,7 @@ mod tests {
         let mut options = ResolverOpts::default();
         options.timeout = Duration::from_secs(10);
         options.attempts = 1;
-        (Resolver::new(config, options), silent)
+        (Resolver::new(config, options, Metrics::detached()), silent)
     }
 
     #[tokio::test]

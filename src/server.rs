@@ -11,7 +11,7 @@ use crate::limit::{Full, Limits};
 use crate::net::listener;
 use crate::policy::{Policies, Policy};
 use crate::proxy::{self, Context};
-use crate::telemetry::{self, Exporter};
+use crate::telemetry::{Exporter, Metrics};
 use crate::verdict::Proto;
 use std::io;
 use std::net::{SocketAddr, TcpListener as StdListener};
@@ -85,15 +85,20 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         });
     }
     let policies = Arc::new(Policies::new(config.sources.clone(), all));
-    let exporter = Exporter::install(&policies);
+    let exporter = Exporter::new(&policies);
+    let metrics = exporter.metrics();
+    let dropped = metrics.audit_dropped();
     let audit = match &config.audit_file {
-        Some(path) => AuditLog::spawn_file(path, audit::QUEUE_RECORDS).map_err(|source| {
-            ServerError::AuditFile {
-                path: path.clone(),
-                source,
-            }
-        })?,
-        None => AuditLog::spawn(io::stdout(), audit::QUEUE_RECORDS).map_err(ServerError::Audit)?,
+        Some(path) => {
+            AuditLog::spawn_file(path, audit::QUEUE_RECORDS, dropped).map_err(|source| {
+                ServerError::AuditFile {
+                    path: path.clone(),
+                    source,
+                }
+            })?
+        }
+        None => AuditLog::spawn(io::stdout(), audit::QUEUE_RECORDS, dropped)
+            .map_err(ServerError::Audit)?,
     };
     // SIGUSR1 (logrotate's postrotate) reopens the audit file.
     if let Some(mut reopen) = signals.reopen.take() {
@@ -134,12 +139,13 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         resolver: match config.verify_dst {
             VerifyDst::Off => None,
             VerifyDst::Pin | VerifyDst::Dns => {
-                Some(Resolver::from_system().map_err(ServerError::Resolver)?)
+                Some(Resolver::from_system(metrics.clone()).map_err(ServerError::Resolver)?)
             }
         },
         guard: guard.clone(),
+        metrics: metrics.clone(),
     });
-    announce_mode(config.mode);
+    announce_mode(config.mode, &metrics);
     announce_verify(config.verify_dst);
     let limits = Limits::new(config.max_connections, config.max_connections_per_source);
     let refusing = Arc::new(Semaphore::new(REFUSING));
@@ -257,9 +263,9 @@ fn announce_verify(verify: VerifyDst) {
 
 /// Logs and exports the mode, and in monitor mode with an end, the switch
 /// to enforce mode when it comes (connections check the time themselves).
-fn announce_mode(mode: Mode) {
+fn announce_mode(mode: Mode, metrics: &Metrics) {
     let now = SystemTime::now();
-    telemetry::set_enforcing(mode.enforcing_at(now));
+    metrics.set_enforcing(mode.enforcing_at(now));
     match mode {
         Mode::Enforce => {}
         Mode::Monitor { until: None } => {
@@ -272,9 +278,10 @@ fn announce_mode(mode: Mode) {
                     until = %humantime::format_rfc3339_seconds(end),
                     "monitor mode: nothing is refused for policy until then"
                 );
+                let metrics = metrics.clone();
                 tokio::spawn(async move {
                     tokio::time::sleep(left).await;
-                    telemetry::set_enforcing(true);
+                    metrics.set_enforcing(true);
                     tracing::warn!("monitor mode has ended: enforcing");
                 });
             }
@@ -387,7 +394,7 @@ async fn accept_loop(
                     Err(full) => {
                         // Refused at once rather than left queued; live
                         // connections are unaffected.
-                        telemetry::limit_rejection(full);
+                        shared.ctx.metrics.limit_rejection(full);
                         refused.warn(|| match full {
                             Full::Total => {
                                 "connection limit reached; refusing new connections".to_string()
@@ -411,7 +418,7 @@ async fn accept_loop(
                 }));
             }
             Err(e) => {
-                telemetry::accept_error();
+                shared.ctx.metrics.accept_error();
                 accept_errors.warn(|| format!("accept failed: {e}"));
                 if is_resource_shortage(&e) {
                     tokio::time::sleep(ACCEPT_BACKOFF).await;

@@ -1,7 +1,7 @@
 //! The writing side of the audit log: a bounded queue that never blocks
 //! the data path, drained by one thread into stdout or a file.
 
-use crate::telemetry;
+use metrics::Counter;
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -24,11 +24,29 @@ enum Message {
     Flush(mpsc::Sender<()>),
 }
 
+/// Records lost at a full queue or a broken output.
+struct Dropped {
+    count: AtomicU64,
+    /// `portcullis_audit_records_dropped_total`.
+    metric: Counter,
+}
+
+impl Dropped {
+    fn one(&self) {
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.metric.increment(1);
+    }
+
+    fn so_far(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+}
+
 /// The sending side; cheap to clone.
 #[derive(Clone)]
 pub struct AuditLog {
     queue: SyncSender<Message>,
-    dropped: Arc<AtomicU64>,
+    dropped: Arc<Dropped>,
     /// Set by [`AuditLog::reopen`]; the writer reopens its file at its
     /// next burst (a flag rather than a message: a full queue must not
     /// lose it).
@@ -36,25 +54,34 @@ pub struct AuditLog {
 }
 
 impl AuditLog {
-    /// Starts the writer thread on `out` with room for `capacity` records.
-    pub fn spawn<W: Write + Send + 'static>(out: W, capacity: usize) -> io::Result<AuditLog> {
-        Self::start(Box::new(out), None, capacity)
+    /// Starts the writer thread on `out` with room for `capacity` records;
+    /// each record lost is also counted in `dropped`.
+    pub fn spawn<W: Write + Send + 'static>(
+        out: W,
+        capacity: usize,
+        dropped: Counter,
+    ) -> io::Result<AuditLog> {
+        Self::start(Box::new(out), None, capacity, dropped)
     }
 
     /// Starts the writer thread appending to the file at `path` (created
     /// 0640 if missing), which [`AuditLog::reopen`] opens afresh.
-    pub fn spawn_file(path: &Path, capacity: usize) -> io::Result<AuditLog> {
+    pub fn spawn_file(path: &Path, capacity: usize, dropped: Counter) -> io::Result<AuditLog> {
         let file = open_append(path)?;
-        Self::start(Box::new(file), Some(path.to_owned()), capacity)
+        Self::start(Box::new(file), Some(path.to_owned()), capacity, dropped)
     }
 
     fn start(
         out: Box<dyn Write + Send>,
         path: Option<PathBuf>,
         capacity: usize,
+        dropped: Counter,
     ) -> io::Result<AuditLog> {
         let (queue, received) = mpsc::sync_channel(capacity);
-        let dropped = Arc::new(AtomicU64::new(0));
+        let dropped = Arc::new(Dropped {
+            count: AtomicU64::new(0),
+            metric: dropped,
+        });
         let reopen = Arc::new(AtomicBool::new(false));
         let writer = Writer {
             out: BufWriter::with_capacity(64 * 1024, out),
@@ -85,13 +112,13 @@ impl AuditLog {
     /// Queues a record without ever waiting; a full queue drops it.
     pub fn record(&self, line: Vec<u8>) {
         if self.queue.try_send(Message::Line(line)).is_err() {
-            count_dropped(&self.dropped);
+            self.dropped.one();
         }
     }
 
     /// Records dropped so far.
     pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
+        self.dropped.so_far()
     }
 
     /// Waits, at most `timeout`, until every record queued before this
@@ -116,12 +143,6 @@ impl AuditLog {
     }
 }
 
-/// One record lost: counted for [`AuditLog::dropped`] and the metric.
-fn count_dropped(dropped: &AtomicU64) {
-    dropped.fetch_add(1, Ordering::Relaxed);
-    telemetry::audit_dropped(1);
-}
-
 fn open_append(path: &Path) -> io::Result<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
     std::fs::OpenOptions::new()
@@ -136,7 +157,7 @@ struct Writer {
     /// The audit file, if records go to one rather than stdout.
     path: Option<PathBuf>,
     reopen: Arc<AtomicBool>,
-    dropped: Arc<AtomicU64>,
+    dropped: Arc<Dropped>,
     /// Set after a write error: the output is gone, so later records are
     /// counted as dropped rather than retried (until a reopen succeeds).
     broken: bool,
@@ -199,7 +220,7 @@ impl Writer {
             if !flushed_for_someone {
                 std::thread::sleep(GATHER);
             }
-            let dropped = self.dropped.load(Ordering::Relaxed);
+            let dropped = self.dropped.so_far();
             if dropped > reported && last_warning.is_none_or(|t| t.elapsed() >= WARN_EVERY) {
                 tracing::warn!(
                     dropped = dropped - reported,
@@ -216,7 +237,7 @@ impl Writer {
             self.fail();
         }
         if self.broken {
-            count_dropped(&self.dropped);
+            self.dropped.one();
         }
     }
 
@@ -262,7 +283,7 @@ mod tests {
     fn a_stalled_output_drops_and_counts_instead_of_blocking() {
         let out = Stalled::default();
         let held = out.gate.lock().unwrap();
-        let log = AuditLog::spawn(out.clone(), 4).unwrap();
+        let log = AuditLog::spawn(out.clone(), 4, Counter::noop()).unwrap();
         log.record(b"first\n".to_vec());
         while !out.reached.load(Ordering::SeqCst) {
             std::thread::sleep(Duration::from_millis(1));
@@ -286,7 +307,7 @@ mod tests {
     #[test]
     fn flush_waits_for_everything_queued_before_it() {
         let out = Stalled::default();
-        let log = AuditLog::spawn(out.clone(), 1024).unwrap();
+        let log = AuditLog::spawn(out.clone(), 1024, Counter::noop()).unwrap();
         let mut expected = String::new();
         for i in 0..500 {
             log.record(format!("{i}\n").into_bytes());
@@ -303,7 +324,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("audit.log");
-        let log = AuditLog::spawn_file(&path, 1024).unwrap();
+        let log = AuditLog::spawn_file(&path, 1024, Counter::noop()).unwrap();
         for i in 0..100 {
             log.record(format!("{i}\n").into_bytes());
         }

@@ -18,7 +18,7 @@ use crate::net::forward::{
 use crate::net::orig_dst::{OrigDst, is_loop, original_dst};
 use crate::policy::{Policies, PolicyId};
 use crate::record::{Fact, Record};
-use crate::telemetry;
+use crate::telemetry::Metrics;
 use crate::verdict::{ErrorKind, Proto, Reason, Verdict};
 use std::io;
 use std::net::SocketAddr;
@@ -45,6 +45,7 @@ pub struct Context {
     pub resolver: Option<Resolver>,
     /// Destinations never contacted.
     pub guard: Arc<Guard>,
+    pub metrics: Metrics,
 }
 
 /// What a port knows when it asks [`Context::admit`].
@@ -259,7 +260,7 @@ impl Drop for Ending<'_> {
 
 /// Serves one accepted connection to the end and reports it.
 pub async fn serve(client: TcpStream, src: SocketAddr, proto: Proto, ctx: &Context) {
-    let _active = telemetry::Active::start(proto);
+    let _active = ctx.metrics.active(proto);
     let conn = Conn {
         rec: Mutex::new(Record::new(src, ctx.policies.policy_of(src.ip()), proto)),
         moved: Counters::default(),
@@ -307,7 +308,7 @@ fn destination(client: &TcpStream) -> io::Result<(OrigDst, SocketAddr)> {
 /// The one place a connection's end is accounted for: its audit record
 /// and its metrics.
 fn report(rec: &Record, ctx: &Context) {
-    telemetry::connection_ended(rec);
+    ctx.metrics.connection_ended(rec);
     let policy = ctx.policies.get(rec.policy).name.as_str();
     ctx.audit.record(audit::line(
         rec,
@@ -405,12 +406,13 @@ mod tests {
                 Arc::new(crate::allowlist::Live::empty()),
             )),
             limits: Limits::default(),
-            audit: AuditLog::spawn(io::sink(), 1).unwrap(),
+            audit: AuditLog::spawn(io::sink(), 1, metrics::Counter::noop()).unwrap(),
             audit_open: false,
             mode: Mode::Enforce,
             verify: VerifyDst::Pin,
             resolver: None,
             guard: Arc::new(Guard::with_addresses([])),
+            metrics: Metrics::detached(),
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let _client = TcpStream::connect(listener.local_addr().unwrap())

@@ -5,8 +5,10 @@
 //! so the series count stays bounded. A denied name goes to the audit log,
 //! never into a label.
 //!
-//! Event counts and timings go through the `metrics` facade into the
-//! Prometheus recorder. The allowlist families (entries, reloads, version,
+//! The gateway counts through [`Metrics`], handles registered once on a
+//! Prometheus recorder of its own and passed to whoever counts; the HA
+//! agent and the shipper, each alone in its process, use the `metrics`
+//! facade's process-wide recorder. The allowlist families (entries, reloads, version,
 //! per-rule hits) describe the list in force and are rendered from it at
 //! scrape time (`lists`), so a rule dropped by a reload stops being
 //! exported at once.
@@ -18,9 +20,13 @@ use crate::record::Record;
 use crate::verdict::LookupResult;
 use crate::verdict::{ErrorKind, Proto, Reason, Verdict};
 use lists::{ListView, render_lists};
-use metrics::{Counter, Gauge, Histogram};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use std::sync::{Arc, OnceLock};
+use metrics::{
+    Counter, Gauge, Histogram, Key, KeyName, Label, Level, Metadata, Recorder, SharedString,
+};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
+use std::sync::Arc;
 
 pub const CONNECTIONS: &str = "portcullis_connections_total";
 pub const DENIED: &str = "portcullis_denied_total";
@@ -344,24 +350,22 @@ fn family_of(name: &str) -> &'static Family {
         .expect("every name has a family")
 }
 
-static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-
-/// The Prometheus side of the metrics, and the lists whose families are
-/// rendered at scrape time.
+/// The Prometheus side of the gateway's metrics, and the lists whose
+/// families are rendered at scrape time.
 #[derive(Clone)]
 pub struct Exporter {
     handle: PrometheusHandle,
     lists: Arc<[ListView]>,
+    metrics: Metrics,
 }
 
 impl Exporter {
-    /// Installs the process-wide recorder (the first call does; later
-    /// calls share it, with the first call's policies), describes every
-    /// family and registers the series of every policy.
-    pub fn install(policies: &Policies) -> Exporter {
-        let handle = HANDLE.get_or_init(build).clone();
+    /// A recorder of the gateway's own (not the process-wide one, so each
+    /// gateway, and each test, counts apart), every family described and
+    /// the series of every policy registered.
+    pub fn new(policies: &Policies) -> Exporter {
         let names: Vec<&PolicyName> = policies.iter().map(|p| &p.name).collect();
-        HANDLES.get_or_init(|| Handles::register(&names));
+        let (handle, metrics) = Metrics::register(&names);
         let lists = policies
             .iter()
             .map(|p| ListView {
@@ -370,7 +374,16 @@ impl Exporter {
                 live: p.live.clone(),
             })
             .collect();
-        Exporter { handle, lists }
+        Exporter {
+            handle,
+            lists,
+            metrics,
+        }
+    }
+
+    /// The handles the data path counts with.
+    pub fn metrics(&self) -> Metrics {
+        self.metrics.clone()
     }
 
     /// The HA agent's exporter: its own families, no lists.
@@ -383,28 +396,20 @@ impl Exporter {
         Self::install_agent(SHIP_FAMILIES)
     }
 
-    /// A helper process's exporter: `families`, no lists.
+    /// A helper process's exporter: `families`, no lists. Its recorder
+    /// is the process-wide one, which the helper's `metrics::counter!`
+    /// calls record into; a process runs one helper.
     fn install_agent(families: &'static [Family]) -> Exporter {
-        let handle = HANDLE
-            .get_or_init(|| {
-                let recorder = PrometheusBuilder::new().build_recorder();
-                let handle = recorder.handle();
-                if metrics::set_global_recorder(recorder).is_err() {
-                    tracing::warn!("a metrics recorder was already installed");
-                }
-                for f in families {
-                    match f.kind {
-                        Kind::Counter => metrics::describe_counter!(f.name, f.help),
-                        Kind::Gauge => metrics::describe_gauge!(f.name, f.help),
-                        Kind::Histogram => metrics::describe_histogram!(f.name, f.help),
-                    }
-                }
-                handle
-            })
-            .clone();
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        describe(&recorder, families);
+        if metrics::set_global_recorder(recorder).is_err() {
+            tracing::warn!("a metrics recorder was already installed");
+        }
         Exporter {
             handle,
             lists: Arc::from(Vec::new()),
+            metrics: Metrics::detached(),
         }
     }
 
@@ -421,7 +426,7 @@ impl Exporter {
     }
 }
 
-fn build() -> PrometheusHandle {
+fn recorder() -> PrometheusRecorder {
     let with_buckets = |builder: PrometheusBuilder, name: &str, buckets: &[f64]| {
         builder
             .set_buckets_for_metric(Matcher::Full(name.to_string()), buckets)
@@ -432,29 +437,63 @@ fn build() -> PrometheusHandle {
     builder = with_buckets(builder, CONNECT_DURATION, SETUP_BUCKETS);
     builder = with_buckets(builder, CONNECTION_DURATION, LIFETIME_BUCKETS);
     let recorder = builder.build_recorder();
-    let handle = recorder.handle();
-    if metrics::set_global_recorder(recorder).is_err() {
-        tracing::warn!("a metrics recorder was already installed; /metrics will miss its events");
-    }
-    describe();
-    handle
+    describe(&recorder, FAMILIES);
+    recorder
 }
 
-fn describe() {
-    for f in FAMILIES {
+fn describe(recorder: &PrometheusRecorder, families: &[Family]) {
+    for f in families {
+        let (name, help) = (
+            KeyName::from_const_str(f.name),
+            SharedString::const_str(f.help),
+        );
         match f.kind {
-            Kind::Counter => metrics::describe_counter!(f.name, f.help),
-            Kind::Gauge => metrics::describe_gauge!(f.name, f.help),
-            Kind::Histogram => metrics::describe_histogram!(f.name, f.help),
+            Kind::Counter => recorder.describe_counter(name, None, help),
+            Kind::Gauge => recorder.describe_gauge(name, None, help),
+            Kind::Histogram => recorder.describe_histogram(name, None, help),
         }
     }
 }
 
-/// The series every connection touches, registered once at start: counting
-/// a connection is then a few atomic adds, not a registry lookup (and a
-/// label allocation) per series. Registering also exports each series
-/// from the start, at zero, so rates and alerts work before the first
-/// event rather than on an absent series.
+const METADATA: Metadata<'static> =
+    Metadata::new(module_path!(), Level::INFO, Some(module_path!()));
+
+/// Registers series on one recorder.
+struct Registry<'r>(&'r PrometheusRecorder);
+
+impl Registry<'_> {
+    fn key(name: &'static str, labels: &[(&'static str, &str)]) -> Key {
+        let labels: Vec<Label> = labels
+            .iter()
+            .map(|(k, v)| Label::new(*k, v.to_string()))
+            .collect();
+        Key::from_parts(name, labels)
+    }
+
+    fn counter(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Counter {
+        self.0.register_counter(&Self::key(name, labels), &METADATA)
+    }
+
+    fn gauge(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Gauge {
+        self.0.register_gauge(&Self::key(name, labels), &METADATA)
+    }
+
+    fn histogram(&self, name: &'static str, labels: &[(&'static str, &str)]) -> Histogram {
+        self.0
+            .register_histogram(&Self::key(name, labels), &METADATA)
+    }
+}
+
+/// The series the gateway counts with, registered once at start on its
+/// own recorder and passed to whoever counts (the proxy's context, the
+/// resolver, the accept loops, the audit writer); cheap to clone.
+/// Counting a connection is then a few atomic adds, not a registry lookup
+/// (and a label allocation) per series. Registering also exports each
+/// series from the start, at zero, so rates and alerts work before the
+/// first event rather than on an absent series.
+#[derive(Clone)]
+pub struct Metrics(Arc<Handles>);
+
 struct Handles {
     /// By [`Proto`].
     by_proto: [ProtoSeries; 2],
@@ -467,6 +506,11 @@ struct Handles {
     /// By [`LookupResult::index`].
     dns_lookups: [Counter; LookupResult::ALL.len()],
     dns_cache_hits: Counter,
+    accept_errors: Counter,
+    /// By [`Full`](crate::limit::Full).
+    limit_rejections: [Counter; 2],
+    audit_dropped: Counter,
+    enforcing: Gauge,
 }
 
 struct ProtoSeries {
@@ -490,20 +534,23 @@ struct Decisions {
 }
 
 impl Decisions {
-    fn register(policy: &PolicyName, proto: Proto) -> Decisions {
-        let labels = |key: &'static str, value: &str| {
-            [
-                ("policy", policy.to_string()),
-                ("proto", proto.as_str().to_string()),
-                (key, value.to_string()),
-            ]
-        };
+    fn register(r: &Registry<'_>, policy: &PolicyName, proto: Proto) -> Decisions {
+        let (policy, proto) = (policy.as_str(), proto.as_str());
         let by_reason = |family: &'static str| {
-            Reason::ALL.map(|r| metrics::counter!(family, &labels("reason", r.as_str())))
+            Reason::ALL.map(|reason| {
+                let labels = [
+                    ("policy", policy),
+                    ("proto", proto),
+                    ("reason", reason.as_str()),
+                ];
+                r.counter(family, &labels)
+            })
         };
         Decisions {
-            connections: Verdict::LABELS
-                .map(|v| metrics::counter!(CONNECTIONS, &labels("verdict", v))),
+            connections: Verdict::LABELS.map(|verdict| {
+                let labels = [("policy", policy), ("proto", proto), ("verdict", verdict)];
+                r.counter(CONNECTIONS, &labels)
+            }),
             denied: by_reason(DENIED),
             would_deny: by_reason(WOULD_DENY),
         }
@@ -517,165 +564,205 @@ impl Decisions {
     }
 }
 
-static HANDLES: OnceLock<Handles> = OnceLock::new();
-
-impl Handles {
-    fn register(policies: &[&PolicyName]) -> Handles {
+impl Metrics {
+    /// A recorder of its own with every series of `policies` registered;
+    /// its handle renders them.
+    fn register(policies: &[&PolicyName]) -> (PrometheusHandle, Metrics) {
+        let recorder = recorder();
+        let r = Registry(&recorder);
         let decisions: Vec<[Decisions; 2]> = policies
             .iter()
-            .map(|policy| Proto::ALL.map(|proto| Decisions::register(policy, proto)))
+            .map(|policy| Proto::ALL.map(|proto| Decisions::register(&r, policy, proto)))
             .collect();
         let by_proto = Proto::ALL.map(|proto| {
             let p = proto.as_str();
+            let bytes = |direction| r.counter(BYTES, &[("proto", p), ("direction", direction)]);
             ProtoSeries {
-                active: metrics::gauge!(ACTIVE, "proto" => p),
-                bytes_upstream: metrics::counter!(BYTES, "proto" => p, "direction" => "upstream"),
-                bytes_downstream: metrics::counter!(BYTES, "proto" => p, "direction" => "downstream"),
-                hello: metrics::histogram!(HELLO_DURATION, "proto" => p),
-                connect: metrics::histogram!(CONNECT_DURATION, "proto" => p),
+                active: r.gauge(ACTIVE, &[("proto", p)]),
+                bytes_upstream: bytes("upstream"),
+                bytes_downstream: bytes("downstream"),
+                hello: r.histogram(HELLO_DURATION, &[("proto", p)]),
+                connect: r.histogram(CONNECT_DURATION, &[("proto", p)]),
                 duration: Verdict::LABELS
-                    .map(|v| metrics::histogram!(CONNECTION_DURATION, "proto" => p, "verdict" => v)),
+                    .map(|v| r.histogram(CONNECTION_DURATION, &[("proto", p), ("verdict", v)])),
             }
         });
         let upstream_errors = ErrorKind::ALL.map(|kind| {
             kind.is_upstream()
-                .then(|| metrics::counter!(UPSTREAM_ERRORS, "kind" => kind.as_str()))
+                .then(|| r.counter(UPSTREAM_ERRORS, &[("kind", kind.as_str())]))
         });
-        for counter in decisions.iter().flatten().flat_map(Decisions::all) {
+        let handles = Handles {
+            by_proto,
+            decisions,
+            upstream_errors,
+            repinned: Proto::ALL.map(|p| r.counter(REPINNED, &[("proto", p.as_str())])),
+            dns_lookups: LookupResult::ALL
+                .map(|l| r.counter(DNS_LOOKUPS, &[("result", l.as_str())])),
+            dns_cache_hits: r.counter(DNS_CACHE_HITS, &[]),
+            accept_errors: r.counter(ACCEPT_ERRORS, &[]),
+            limit_rejections: crate::limit::Full::ALL
+                .map(|full| r.counter(LIMIT_REJECTIONS, &[("limit", full.as_str())])),
+            audit_dropped: r.counter(AUDIT_DROPPED, &[]),
+            enforcing: r.gauge(ENFORCING, &[]),
+        };
+        let counters = handles
+            .decisions
+            .iter()
+            .flatten()
+            .flat_map(Decisions::all)
+            .chain(handles.upstream_errors.iter().flatten())
+            .chain(&handles.repinned)
+            .chain(&handles.dns_lookups)
+            .chain(&handles.limit_rejections)
+            .chain([
+                &handles.dns_cache_hits,
+                &handles.accept_errors,
+                &handles.audit_dropped,
+            ]);
+        for counter in counters {
             counter.increment(0);
         }
-        for series in &by_proto {
+        for series in &handles.by_proto {
             series.active.set(0.0);
             series.bytes_upstream.increment(0);
             series.bytes_downstream.increment(0);
         }
-        for counter in upstream_errors.iter().flatten() {
-            counter.increment(0);
-        }
-        let repinned = Proto::ALL.map(|p| metrics::counter!(REPINNED, "proto" => p.as_str()));
-        let dns_lookups =
-            LookupResult::ALL.map(|r| metrics::counter!(DNS_LOOKUPS, "result" => r.as_str()));
-        let dns_cache_hits = metrics::counter!(DNS_CACHE_HITS);
-        for counter in repinned.iter().chain(&dns_lookups) {
-            counter.increment(0);
-        }
-        dns_cache_hits.increment(0);
-        metrics::counter!(ACCEPT_ERRORS).increment(0);
-        for full in crate::limit::Full::ALL {
-            metrics::counter!(LIMIT_REJECTIONS, "limit" => full.as_str()).increment(0);
-        }
-        metrics::counter!(AUDIT_DROPPED).increment(0);
-        metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
-        Handles {
-            by_proto,
-            decisions,
-            upstream_errors,
-            repinned,
-            dns_lookups,
-            dns_cache_hits,
-        }
+        r.gauge(BUILD_INFO, &[("version", env!("CARGO_PKG_VERSION"))])
+            .set(1.0);
+        (recorder.handle(), Metrics(Arc::new(handles)))
     }
 
-    fn of(proto: Proto) -> Option<&'static ProtoSeries> {
-        HANDLES.get().map(|h| &h.by_proto[proto as usize])
+    /// Handles on a recorder nobody renders, for the default policy: for
+    /// code (and tests) that must count somewhere but whose counts are not
+    /// exported.
+    pub fn detached() -> Metrics {
+        Metrics::register(&[&PolicyName::default_policy()]).1
+    }
+
+    /// Counts one ended connection.
+    pub fn connection_ended(&self, rec: &Record) {
+        let handles = &self.0;
+        let series = &handles.by_proto[rec.proto as usize];
+        let verdict = rec.verdict.index();
+        // Registered for every policy the exporter was made with.
+        let decided = handles
+            .decisions
+            .get(rec.policy.index())
+            .map(|d| &d[rec.proto as usize]);
+        if let Some(decided) = decided {
+            decided.connections[verdict].increment(1);
+            if let Verdict::Deny(reason) = rec.verdict {
+                decided.denied[reason as usize].increment(1);
+            }
+            if let Some(reason) = rec.would_deny {
+                decided.would_deny[reason as usize].increment(1);
+            }
+        }
+        if let Verdict::Error(kind) = rec.verdict
+            && let Some(counter) = &handles.upstream_errors[kind as usize]
+        {
+            counter.increment(1);
+        }
+        if let (Some(upstream), Some(dst)) = (rec.upstream, rec.dst)
+            && upstream != dst.0
+        {
+            handles.repinned[rec.proto as usize].increment(1);
+        }
+        series.bytes_upstream.increment(rec.moved.up);
+        series.bytes_downstream.increment(rec.moved.down);
+        if let Some(hello) = rec.hello {
+            series.hello.record(hello);
+        }
+        if let Some(connect) = rec.connect {
+            series.connect.record(connect);
+        }
+        series.duration[verdict].record(rec.duration);
+    }
+
+    /// Counts a query the gateway sent to its resolver.
+    pub fn dns_lookup(&self, result: LookupResult) {
+        self.0.dns_lookups[result.index()].increment(1);
+    }
+
+    /// Counts a name answered from the DNS cache.
+    pub fn dns_cache_hit(&self) {
+        self.0.dns_cache_hits.increment(1);
+    }
+
+    /// Counts a connection being served for as long as the value lives.
+    pub fn active(&self, proto: Proto) -> Active<'_> {
+        let gauge = &self.0.by_proto[proto as usize].active;
+        gauge.increment(1.0);
+        Active(gauge)
+    }
+
+    pub fn set_enforcing(&self, enforcing: bool) {
+        self.0.enforcing.set(f64::from(u8::from(enforcing)));
+    }
+
+    pub fn accept_error(&self) {
+        self.0.accept_errors.increment(1);
+    }
+
+    pub fn limit_rejection(&self, full: crate::limit::Full) {
+        self.0.limit_rejections[full as usize].increment(1);
+    }
+
+    /// The counter of audit records dropped at a full queue.
+    pub fn audit_dropped(&self) -> Counter {
+        self.0.audit_dropped.clone()
     }
 }
 
-/// Counts one ended connection.
-pub fn connection_ended(rec: &Record) {
-    let Some(handles) = HANDLES.get() else {
-        return;
-    };
-    let series = &handles.by_proto[rec.proto as usize];
-    let verdict = rec.verdict.index();
-    // Registered for every policy the exporter was installed with.
-    let decided = handles
-        .decisions
-        .get(rec.policy.index())
-        .map(|d| &d[rec.proto as usize]);
-    if let Some(decided) = decided {
-        decided.connections[verdict].increment(1);
-        if let Verdict::Deny(reason) = rec.verdict {
-            decided.denied[reason as usize].increment(1);
-        }
-        if let Some(reason) = rec.would_deny {
-            decided.would_deny[reason as usize].increment(1);
-        }
-    }
-    if let Verdict::Error(kind) = rec.verdict
-        && let Some(counter) = &handles.upstream_errors[kind as usize]
-    {
-        counter.increment(1);
-    }
-    if let (Some(upstream), Some(dst)) = (rec.upstream, rec.dst)
-        && upstream != dst.0
-    {
-        handles.repinned[rec.proto as usize].increment(1);
-    }
-    series.bytes_upstream.increment(rec.moved.up);
-    series.bytes_downstream.increment(rec.moved.down);
-    if let Some(hello) = rec.hello {
-        series.hello.record(hello);
-    }
-    if let Some(connect) = rec.connect {
-        series.connect.record(connect);
-    }
-    series.duration[verdict].record(rec.duration);
-}
+/// A connection being served, counted until dropped.
+pub struct Active<'m>(&'m Gauge);
 
-/// Counts a query the gateway sent to its resolver.
-pub fn dns_lookup(result: LookupResult) {
-    if let Some(handles) = HANDLES.get() {
-        handles.dns_lookups[result.index()].increment(1);
-    }
-}
-
-/// Counts a name answered from the DNS cache.
-pub fn dns_cache_hit() {
-    if let Some(handles) = HANDLES.get() {
-        handles.dns_cache_hits.increment(1);
-    }
-}
-
-/// Counts a connection being served for as long as it lives.
-pub struct Active(Proto);
-
-impl Active {
-    pub fn start(proto: Proto) -> Active {
-        if let Some(series) = Handles::of(proto) {
-            series.active.increment(1.0);
-        }
-        Active(proto)
-    }
-}
-
-impl Drop for Active {
+impl Drop for Active<'_> {
     fn drop(&mut self) {
-        if let Some(series) = Handles::of(self.0) {
-            series.active.decrement(1.0);
-        }
+        self.0.decrement(1.0);
     }
-}
-
-pub fn set_enforcing(enforcing: bool) {
-    metrics::gauge!(ENFORCING).set(f64::from(u8::from(enforcing)));
-}
-
-pub fn accept_error() {
-    metrics::counter!(ACCEPT_ERRORS).increment(1);
-}
-
-pub fn limit_rejection(full: crate::limit::Full) {
-    metrics::counter!(LIMIT_REJECTIONS, "limit" => full.as_str()).increment(1);
-}
-
-pub fn audit_dropped(records: u64) {
-    metrics::counter!(AUDIT_DROPPED).increment(records);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn exporter() -> Exporter {
+        Exporter::new(&Policies::single(
+            crate::allowlist::Source::File("/nonexistent".into()),
+            Arc::new(crate::allowlist::Live::empty()),
+        ))
+    }
+
+    fn series(text: &str, prefix: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .and_then(|v| v.trim().parse().ok())
+    }
+
+    #[test]
+    fn each_exporter_counts_its_own_connections_from_zero() {
+        let (one, two) = (exporter(), exporter());
+        let mut rec = Record::new(
+            "192.0.2.10:40000".parse().unwrap(),
+            crate::policy::PolicyId::DEFAULT,
+            Proto::Http,
+        );
+        rec.verdict = Verdict::Deny(Reason::NotListed);
+        one.metrics().connection_ended(&rec);
+        one.metrics().connection_ended(&rec);
+        let denied =
+            "portcullis_denied_total{policy=\"default\",proto=\"http\",reason=\"not_listed\"}";
+        assert_eq!(series(&one.render(), denied), Some(2.0));
+        assert_eq!(series(&two.render(), denied), Some(0.0));
+        let active = "portcullis_active_connections{proto=\"tls\"}";
+        let metrics = two.metrics();
+        let held = metrics.active(Proto::Tls);
+        assert_eq!(series(&two.render(), active), Some(1.0));
+        drop(held);
+        assert_eq!(series(&two.render(), active), Some(0.0));
+        assert_eq!(series(&one.render(), active), Some(0.0));
+    }
 
     #[test]
     fn names_follow_prometheus_conventions() {

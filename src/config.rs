@@ -179,44 +179,95 @@ pub const DEFAULT_REFRESH: Duration = Duration::from_secs(60);
 pub const DEFAULT_CACHE_DIR: &str = "/var/lib/portcullis";
 const MAX_HELLO_BYTES_RANGE: std::ops::RangeInclusive<u32> = 512..=(1 << 20);
 
-/// Every run setting, each optional: read from the config file (keys are
-/// the flag names) or from the flags.
-#[derive(Debug, Clone, Default, Deserialize)]
+/// Every run setting, each optional, written once: the same struct is the
+/// flags of `portcullis run` (clap) and the config file's table (serde;
+/// keys are the flag names). Flags given are laid over the file
+/// ([`Settings::overlay`]); [`Settings::into_config`] applies the
+/// defaults, which the help text shows in brackets (a test holds the two
+/// together, and README's table with them).
+#[derive(Debug, Clone, Default, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Settings {
+    /// Allowlist: a file or s3://bucket/key (Squid dstdomain syntax).
+    #[arg(long)]
     pub allowlist: Option<String>,
+    /// Address for redirected TLS; repeatable [0.0.0.0:15443, [::]:15443]
+    #[arg(long)]
     pub tls_listen: Option<Vec<SocketAddr>>,
+    /// Address for redirected plain HTTP; repeatable [0.0.0.0:15080, [::]:15080]
+    #[arg(long)]
     pub http_listen: Option<Vec<SocketAddr>>,
+    /// Admin endpoint: /metrics, /healthz, /readyz [0.0.0.0:9090]
+    #[arg(long)]
     pub metrics_listen: Option<SocketAddr>,
+    /// Time from accept until the ClientHello or request head is complete [5s]
+    #[arg(long, value_parser = parse_duration)]
     #[serde(default, deserialize_with = "duration")]
     pub hello_timeout: Option<Duration>,
+    /// Time to connect to the original destination [10s]
+    #[arg(long, value_parser = parse_duration)]
     #[serde(default, deserialize_with = "duration")]
     pub connect_timeout: Option<Duration>,
+    /// Close a flow after this long with no byte in either direction [15m]
+    #[arg(long, value_parser = parse_duration)]
     #[serde(default, deserialize_with = "duration")]
     pub idle_timeout: Option<Duration>,
+    /// Most connections served at once; more are refused [10000]
+    #[arg(long)]
     pub max_connections: Option<u32>,
+    /// Most connections one client (IPv4 address, IPv6 /64) may hold at once [a tenth of --max-connections]
+    #[arg(long)]
     pub max_connections_per_source: Option<u32>,
+    /// Once one side of a flow has closed, close it after this long with no byte moving [60s]
+    #[arg(long, value_parser = parse_duration)]
     #[serde(default, deserialize_with = "duration")]
     pub half_closed_timeout: Option<Duration>,
+    /// A connection still open writes an interim audit record this often; 0s: never [5m]
+    #[arg(long, value_parser = parse_duration)]
     #[serde(default, deserialize_with = "duration")]
     pub audit_interval: Option<Duration>,
+    /// Also write an audit record when a connection is admitted [only when it ends]
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
     pub audit_open: Option<bool>,
+    /// Write the audit records to this file, reopened on SIGUSR1 (log rotation), instead of stdout [stdout]
+    #[arg(long)]
     pub audit_file: Option<PathBuf>,
+    /// Largest ClientHello or HTTP request head accepted, in bytes [16384]
+    #[arg(long)]
     pub max_hello_bytes: Option<u32>,
+    /// Refuse TLS whose highest offered version is below this: 1.0, 1.1, 1.2 or 1.3 [1.2]
+    #[arg(long)]
     #[serde(default, deserialize_with = "from_str")]
     pub min_tls: Option<TlsVersion>,
+    /// On SIGTERM, how long live connections may take to finish [30s]
+    #[arg(long, value_parser = parse_duration)]
     #[serde(default, deserialize_with = "duration")]
     pub drain_timeout: Option<Duration>,
+    /// How often the allowlist source is checked, ±10% jitter [60s]
+    #[arg(long, value_parser = parse_duration)]
     #[serde(default, deserialize_with = "duration")]
     pub refresh: Option<Duration>,
+    /// Where the last good copy of a remote allowlist is kept [/var/lib/portcullis]
+    #[arg(long)]
     pub cache_dir: Option<PathBuf>,
+    /// Accept an empty list replacing a non-empty one [refused]
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
     pub allow_empty: Option<bool>,
+    /// Refuse a list with an entry that covers a shared public suffix such as .s3.amazonaws.com [warn]
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
     pub strict: Option<bool>,
+    /// enforce: refuse what the policy denies; monitor: forward it, and log and count it as would_deny [enforce]
+    #[arg(long, value_enum)]
     pub mode: Option<ModeName>,
+    /// With --mode monitor: enforce from this date (midnight UTC) or RFC 3339 time on [never]
+    #[arg(long, value_parser = parse_time)]
     #[serde(default, deserialize_with = "time")]
     pub monitor_until: Option<SystemTime>,
+    /// pin: an allowed name goes only to its own addresses (the dialled one if it is one, else one it resolves to); dns: refuse a dialled address the name does not resolve to; off: trust the client's address [pin]
+    #[arg(long, value_enum)]
     pub verify_dst: Option<VerifyDst>,
-    /// Per-source policies, `[policy.NAME]`; from the config file only.
+    /// Per-source policies, `[policy.NAME]`; tables, so the config file only.
+    #[arg(skip)]
     #[serde(default)]
     pub policy: BTreeMap<PolicyName, PolicySettings>,
 }
@@ -357,40 +408,11 @@ impl Settings {
         Ok(table)
     }
 
-    /// `self` with every setting that `over` has replaced by `over`'s.
-    pub fn overlaid_with(self, over: Settings) -> Settings {
-        Settings {
-            allowlist: over.allowlist.or(self.allowlist),
-            tls_listen: over.tls_listen.or(self.tls_listen),
-            http_listen: over.http_listen.or(self.http_listen),
-            metrics_listen: over.metrics_listen.or(self.metrics_listen),
-            hello_timeout: over.hello_timeout.or(self.hello_timeout),
-            connect_timeout: over.connect_timeout.or(self.connect_timeout),
-            idle_timeout: over.idle_timeout.or(self.idle_timeout),
-            max_connections: over.max_connections.or(self.max_connections),
-            max_connections_per_source: over
-                .max_connections_per_source
-                .or(self.max_connections_per_source),
-            half_closed_timeout: over.half_closed_timeout.or(self.half_closed_timeout),
-            audit_interval: over.audit_interval.or(self.audit_interval),
-            audit_open: over.audit_open.or(self.audit_open),
-            audit_file: over.audit_file.or(self.audit_file),
-            max_hello_bytes: over.max_hello_bytes.or(self.max_hello_bytes),
-            min_tls: over.min_tls.or(self.min_tls),
-            drain_timeout: over.drain_timeout.or(self.drain_timeout),
-            refresh: over.refresh.or(self.refresh),
-            cache_dir: over.cache_dir.or(self.cache_dir),
-            allow_empty: over.allow_empty.or(self.allow_empty),
-            strict: over.strict.or(self.strict),
-            mode: over.mode.or(self.mode),
-            monitor_until: over.monitor_until.or(self.monitor_until),
-            verify_dst: over.verify_dst.or(self.verify_dst),
-            policy: if over.policy.is_empty() {
-                self.policy
-            } else {
-                over.policy
-            },
-        }
+    /// Lays the flags in `matches` (of a command [`Settings`] was
+    /// flattened into) over `self`: each flag given replaces the file's
+    /// setting, the others stay.
+    pub fn overlay(&mut self, matches: &clap::ArgMatches) -> Result<(), clap::Error> {
+        clap::FromArgMatches::update_from_arg_matches(self, matches)
     }
 
     /// The default policy's allowlist source, if one is set.
@@ -592,19 +614,154 @@ mod tests {
         path
     }
 
+    /// `run`'s flags as clap parses `args`.
+    fn flags(args: &[&str]) -> clap::ArgMatches {
+        run_command().get_matches_from(std::iter::once("run").chain(args.iter().copied()))
+    }
+
+    fn run_command() -> clap::Command {
+        <Settings as clap::Args>::augment_args(clap::Command::new("run"))
+    }
+
+    #[test]
+    fn a_flag_given_as_false_replaces_the_files_true() {
+        let path = file(
+            "strict.toml",
+            "allowlist = \"/l\"\nstrict = true\naudit-open = true\n",
+        );
+        let mut settings = Settings::from_file(&path).unwrap();
+        settings.overlay(&flags(&["--strict=false"])).unwrap();
+        assert_eq!(
+            (settings.strict, settings.audit_open),
+            (Some(false), Some(true))
+        );
+        settings.overlay(&flags(&[])).unwrap();
+        assert_eq!(
+            (settings.strict, settings.audit_open),
+            (Some(false), Some(true))
+        );
+    }
+
+    /// What the last balanced `[…]` of `help` holds (`[::]` may be inside).
+    fn bracketed_tail(help: &str) -> Option<&str> {
+        let inner = help.strip_suffix(']')?;
+        let mut depth = 1;
+        for (i, c) in inner.char_indices().rev() {
+            match c {
+                ']' => depth += 1,
+                '[' if depth == 1 => return Some(&inner[i + 1..]),
+                '[' => depth -= 1,
+                _ => {}
+            }
+        }
+        None
+    }
+
+    /// The default each flag's help shows in brackets, and README's table,
+    /// are what `into_config` applies.
+    #[test]
+    fn help_and_readme_state_the_defaults_that_apply() {
+        let limits = Limits::default();
+        let addrs = |t: &str| -> Vec<SocketAddr> {
+            t.split(", ")
+                .map(|a| a.trim_matches('`').parse().unwrap())
+                .collect()
+        };
+        let listen = |given: [&str; 2]| -> Vec<SocketAddr> {
+            given.iter().map(|a| a.parse().unwrap()).collect()
+        };
+        let is_duration = |d: Duration| move |t: &str| parse_duration(t) == Ok(d);
+        type Holds = Box<dyn Fn(&str) -> bool>;
+        let checks: Vec<(&str, Holds)> = vec![
+            (
+                "tls-listen",
+                Box::new(move |t| addrs(t) == listen(DEFAULT_TLS_LISTEN)),
+            ),
+            (
+                "http-listen",
+                Box::new(move |t| addrs(t) == listen(DEFAULT_HTTP_LISTEN)),
+            ),
+            (
+                "metrics-listen",
+                Box::new(|t| t.parse() == DEFAULT_METRICS_LISTEN.parse::<SocketAddr>()),
+            ),
+            ("hello-timeout", Box::new(is_duration(limits.hello_timeout))),
+            (
+                "connect-timeout",
+                Box::new(is_duration(limits.connect_timeout)),
+            ),
+            ("idle-timeout", Box::new(is_duration(limits.idle_timeout))),
+            (
+                "half-closed-timeout",
+                Box::new(is_duration(limits.half_closed_timeout)),
+            ),
+            (
+                "audit-interval",
+                Box::new(move |t| limits.audit_interval == parse_duration(t).ok()),
+            ),
+            (
+                "drain-timeout",
+                Box::new(is_duration(DEFAULT_DRAIN_TIMEOUT)),
+            ),
+            ("refresh", Box::new(is_duration(DEFAULT_REFRESH))),
+            (
+                "max-connections",
+                Box::new(|t| t.parse() == Ok(DEFAULT_MAX_CONNECTIONS)),
+            ),
+            (
+                "max-hello-bytes",
+                Box::new(move |t| t.parse() == Ok(limits.max_hello_bytes)),
+            ),
+            (
+                "min-tls",
+                Box::new(move |t| t.parse() == Ok(limits.min_tls)),
+            ),
+            ("cache-dir", Box::new(|t| t == DEFAULT_CACHE_DIR)),
+            ("mode", Box::new(|t| t == "enforce")),
+            (
+                "verify-dst",
+                Box::new(|t| {
+                    <VerifyDst as clap::ValueEnum>::from_str(t, false) == Ok(VerifyDst::default())
+                }),
+            ),
+        ];
+        let command = run_command();
+        let readme =
+            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+                .unwrap();
+        for (flag, holds) in &checks {
+            let arg = command
+                .get_arguments()
+                .find(|a| a.get_long() == Some(flag))
+                .unwrap_or_else(|| panic!("no --{flag}"));
+            let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+            let shown = bracketed_tail(&help)
+                .unwrap_or_else(|| panic!("--{flag}: no [default] in {help:?}"));
+            assert!(holds(shown), "--{flag}'s help says [{shown}]");
+            let row = readme
+                .lines()
+                .find(|l| {
+                    l.starts_with(&format!("| `--{flag} "))
+                        || l.starts_with(&format!("| `--{flag}`"))
+                })
+                .unwrap_or_else(|| panic!("README has no row for --{flag}"));
+            let cell = row.split(" | ").nth(1).unwrap_or_default().trim();
+            assert!(
+                holds(cell.trim_matches('`')) || holds(cell),
+                "README's --{flag} says {cell}"
+            );
+        }
+    }
+
     #[test]
     fn the_shipped_example_config_sets_every_option() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/portcullis.toml");
         let s = Settings::from_file(&path).unwrap();
         // monitor-until only goes with mode = "monitor"; the example
         // enforces and shows it commented out.
-        let debug = format!(
-            "{:?}",
-            s.clone().overlaid_with(Settings {
-                monitor_until: Some(SystemTime::UNIX_EPOCH),
-                ..Settings::default()
-            })
-        );
+        let mut every = s.clone();
+        every.monitor_until = Some(SystemTime::UNIX_EPOCH);
+        let debug = format!("{every:?}");
         assert!(
             !debug.contains("None"),
             "every setting appears in the example: {debug}"
@@ -646,15 +803,12 @@ mod tests {
             "over.toml",
             "allowlist = \"s3://b/k\"\nhello-timeout = \"2s\"\nrefresh = \"10s\"\n",
         );
-        let flags = Settings {
-            hello_timeout: Some(Duration::from_millis(700)),
-            ..Settings::default()
-        };
-        let c = Settings::from_file(&path)
-            .unwrap()
-            .overlaid_with(flags)
-            .into_config()
+        let mut settings = Settings::from_file(&path).unwrap();
+        settings
+            .overlay(&flags(&["--hello-timeout", "700ms", "--strict"]))
             .unwrap();
+        assert_eq!(settings.strict, Some(true));
+        let c = settings.into_config().unwrap();
         assert_eq!(c.limits.hello_timeout, Duration::from_millis(700));
         assert_eq!(c.policies[0].reload.refresh, Duration::from_secs(10));
         assert_eq!(c.policies[0].reload.source, "s3://b/k".parse().unwrap());

@@ -1,16 +1,14 @@
 //! Command line: parse flags, set up logging, map results to exit codes.
 #![forbid(unsafe_code)]
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use portcullis::allowlist::{Allowlist, Source, load_once, shared_suffixes, system_suffixes};
-use portcullis::config::{ModeName, Settings, VerifyDst, parse_duration, parse_time};
-use portcullis::detect::tls::TlsVersion;
+use portcullis::config::Settings;
 use portcullis::discover::Tally;
 use portcullis::name::HostName;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 /// Every connection allocates its task and a few small buffers; glibc's
 /// allocator spent a sixth of the user time on them, mimalloc's thread
@@ -80,113 +78,17 @@ struct RunArgs {
     /// TOML file with any of these settings (keys are the flag names).
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Allowlist: a file or s3://bucket/key (Squid dstdomain syntax).
-    #[arg(long)]
-    allowlist: Option<String>,
-    /// Address for redirected TLS; repeatable [0.0.0.0:15443, [::]:15443]
-    #[arg(long = "tls-listen")]
-    tls_listen: Vec<SocketAddr>,
-    /// Address for redirected plain HTTP; repeatable [0.0.0.0:15080, [::]:15080]
-    #[arg(long = "http-listen")]
-    http_listen: Vec<SocketAddr>,
-    /// Admin endpoint: /healthz, /readyz [0.0.0.0:9090]
-    #[arg(long)]
-    metrics_listen: Option<SocketAddr>,
-    /// Time from accept until the ClientHello or request head is complete [5s]
-    #[arg(long, value_parser = parse_duration)]
-    hello_timeout: Option<Duration>,
-    /// Time to connect to the original destination [10s]
-    #[arg(long, value_parser = parse_duration)]
-    connect_timeout: Option<Duration>,
-    /// Close a flow after this long with no byte in either direction [15m]
-    #[arg(long, value_parser = parse_duration)]
-    idle_timeout: Option<Duration>,
-    /// Most connections served at once; more are refused [10000]
-    #[arg(long)]
-    max_connections: Option<u32>,
-    /// Most connections one client (IPv4 address, IPv6 /64) may hold at once [a tenth of --max-connections]
-    #[arg(long)]
-    max_connections_per_source: Option<u32>,
-    /// Once one side of a flow has closed, close it after this long with no byte moving [60s]
-    #[arg(long, value_parser = parse_duration)]
-    half_closed_timeout: Option<Duration>,
-    /// A connection still open writes an interim audit record this often; 0s: never [5m]
-    #[arg(long, value_parser = parse_duration)]
-    audit_interval: Option<Duration>,
-    /// Also write an audit record when a connection is admitted [only when it ends]
-    #[arg(long)]
-    audit_open: bool,
-    /// Write the audit records to this file, reopened on SIGUSR1 (log rotation), instead of stdout [stdout]
-    #[arg(long)]
-    audit_file: Option<PathBuf>,
-    /// Largest ClientHello or HTTP request head accepted, in bytes [16384]
-    #[arg(long)]
-    max_hello_bytes: Option<u32>,
-    /// Refuse TLS whose highest offered version is below this: 1.0, 1.1, 1.2 or 1.3 [1.2]
-    #[arg(long)]
-    min_tls: Option<TlsVersion>,
-    /// On SIGTERM, how long live connections may take to finish [30s]
-    #[arg(long, value_parser = parse_duration)]
-    drain_timeout: Option<Duration>,
-    /// How often the allowlist source is checked, ±10% jitter [60s]
-    #[arg(long, value_parser = parse_duration)]
-    refresh: Option<Duration>,
-    /// Where the last good copy of a remote allowlist is kept [/var/lib/portcullis]
-    #[arg(long)]
-    cache_dir: Option<PathBuf>,
-    /// Accept an empty list replacing a non-empty one [refused]
-    #[arg(long)]
-    allow_empty: bool,
-    /// Refuse a list with an entry that covers a shared public suffix such as .s3.amazonaws.com [warn]
-    #[arg(long)]
-    strict: bool,
-    /// enforce: refuse what the policy denies; monitor: forward it, and log and count it as would_deny [enforce]
-    #[arg(long, value_enum)]
-    mode: Option<ModeName>,
-    /// With --mode monitor: enforce from this date (midnight UTC) or RFC 3339 time on [never]
-    #[arg(long, value_parser = parse_time)]
-    monitor_until: Option<SystemTime>,
-    /// pin: an allowed name goes only to its own addresses (the dialled one if it is one, else one it resolves to); dns: refuse a dialled address the name does not resolve to; off: trust the client's address [pin]
-    #[arg(long, value_enum)]
-    verify_dst: Option<VerifyDst>,
-}
-
-impl RunArgs {
-    fn settings(self) -> Settings {
-        let some = |v: Vec<SocketAddr>| (!v.is_empty()).then_some(v);
-        Settings {
-            allowlist: self.allowlist,
-            tls_listen: some(self.tls_listen),
-            http_listen: some(self.http_listen),
-            metrics_listen: self.metrics_listen,
-            hello_timeout: self.hello_timeout,
-            connect_timeout: self.connect_timeout,
-            idle_timeout: self.idle_timeout,
-            max_connections: self.max_connections,
-            max_connections_per_source: self.max_connections_per_source,
-            half_closed_timeout: self.half_closed_timeout,
-            audit_interval: self.audit_interval,
-            audit_open: self.audit_open.then_some(true),
-            audit_file: self.audit_file,
-            max_hello_bytes: self.max_hello_bytes,
-            min_tls: self.min_tls,
-            drain_timeout: self.drain_timeout,
-            refresh: self.refresh,
-            cache_dir: self.cache_dir,
-            allow_empty: self.allow_empty.then_some(true),
-            strict: self.strict.then_some(true),
-            mode: self.mode,
-            monitor_until: self.monitor_until,
-            verify_dst: self.verify_dst,
-            // Policies are tables: the config file only.
-            policy: Default::default(),
-        }
-    }
+    #[command(flatten)]
+    settings: Settings,
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
+    // The matches are kept: `run` lays the flags given over its config file.
+    let parsed = Cli::command()
+        .try_get_matches()
+        .and_then(|matches| Cli::from_arg_matches(&matches).map(|cli| (cli, matches)));
+    let (cli, matches) = match parsed {
+        Ok(parsed) => parsed,
         Err(e) if !e.use_stderr() => {
             let _ = e.print();
             return ExitCode::SUCCESS;
@@ -200,7 +102,10 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
-        Command::Run(args) => run(*args),
+        Command::Run(args) => {
+            let flags = matches.subcommand_matches("run").unwrap_or(&matches);
+            run(*args, flags)
+        }
         Command::Check {
             source,
             config,
@@ -250,13 +155,18 @@ where
     Ok(ExitCode::SUCCESS)
 }
 
-fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+fn run(args: RunArgs, flags: &clap::ArgMatches) -> anyhow::Result<ExitCode> {
     init_logging();
-    let file = match &args.config {
-        Some(path) => Settings::from_file(path)?,
-        None => Settings::default(),
+    let settings = match &args.config {
+        // Each flag given replaces the file's setting.
+        Some(path) => {
+            let mut file = Settings::from_file(path)?;
+            file.overlay(flags)?;
+            file
+        }
+        None => args.settings,
     };
-    let config = file.overlaid_with(args.settings()).into_config()?;
+    let config = settings.into_config()?;
     // Connections are served on the workers' own runtimes (see `server`);
     // this one only loads lists, handles signals and drains.
     let runtime = tokio::runtime::Builder::new_current_thread()

@@ -39,9 +39,6 @@ pub(super) async fn serve(client: &TcpStream, dst: OrigDst, ctx: &Context, conn:
         ServerName::Invalid(NameError::IpLiteral) => Err(Reason::IpLiteral),
         ServerName::Invalid(_) => return deny(client, Reason::Malformed).await,
     };
-    if let Ok(name) = &name {
-        conn.learn(Fact::Named(name.clone()));
-    }
     let ask = Ask {
         policy: conn.policy(),
         name: name.as_ref().map_err(|r| *r),
@@ -49,7 +46,12 @@ pub(super) async fn serve(client: &TcpStream, dst: OrigDst, ctx: &Context, conn:
         dst,
         connected: None,
     };
-    let admitted = match ctx.admit(ask).await {
+    let admitted = ctx.admit(ask).await;
+    // Noted after the decision, which only borrows it: no copy per hello.
+    if let Ok(name) = name {
+        conn.learn(Fact::Named(name));
+    }
+    let admitted = match admitted {
         Ok(admitted) => admitted,
         Err(reason) => return deny(client, reason).await,
     };

@@ -144,34 +144,25 @@ data "aws_iam_policy_document" "own_group" {
   # gateway unable to forward; the bound is the AZ's own gateways (the
   # launch template tags their instances and interfaces, and CreateTags
   # above cannot write these keys).
-  statement {
-    sid       = "DisableSourceDestCheckOnTheAzsGateways"
-    actions   = ["ec2:ModifyInstanceAttribute"]
-    resources = ["${local.arn_prefix}:ec2:${data.aws_region.current.name}:${data.aws_caller_identity.current.account_id}:instance/*"]
-    condition {
-      test     = "StringEquals"
-      variable = "aws:ResourceTag/portcullis:gateway"
-      values   = [var.name]
+  dynamic "statement" {
+    for_each = {
+      DisableSourceDestCheckOnTheAzsGateways = { action = "ec2:ModifyInstanceAttribute", type = "instance" }
+      OnTheAzsGatewayInterfaces              = { action = "ec2:AssociateAddress", type = "network-interface" }
     }
-    condition {
-      test     = "StringEquals"
-      variable = "aws:ResourceTag/portcullis:az"
-      values   = [each.key]
-    }
-  }
-  statement {
-    sid       = "OnTheAzsGatewayInterfaces"
-    actions   = ["ec2:AssociateAddress"]
-    resources = ["${local.arn_prefix}:ec2:${data.aws_region.current.name}:${data.aws_caller_identity.current.account_id}:network-interface/*"]
-    condition {
-      test     = "StringEquals"
-      variable = "aws:ResourceTag/portcullis:gateway"
-      values   = [var.name]
-    }
-    condition {
-      test     = "StringEquals"
-      variable = "aws:ResourceTag/portcullis:az"
-      values   = [each.key]
+    content {
+      sid       = statement.key
+      actions   = [statement.value.action]
+      resources = ["${local.arn_prefix}:ec2:${data.aws_region.current.name}:${data.aws_caller_identity.current.account_id}:${statement.value.type}/*"]
+      condition {
+        test     = "StringEquals"
+        variable = "aws:ResourceTag/portcullis:gateway"
+        values   = [var.name]
+      }
+      condition {
+        test     = "StringEquals"
+        variable = "aws:ResourceTag/portcullis:az"
+        values   = [each.key]
+      }
     }
   }
 }

@@ -51,6 +51,8 @@ def main():
         gateway = fields.pop("gateway")
         rounds.setdefault(gateway, []).append({k: float(v) for k, v in fields.items()})
     runs = {g: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for g, rs in rounds.items()}
+    # How sure each number is: its lowest and highest round.
+    spread = {g: {k: (min(r[k] for r in rs), max(r[k] for r in rs)) for k in rs[0]} for g, rs in rounds.items()}
     n_rounds = min(len(rs) for rs in rounds.values())
     gateways = list(runs)
     peers = [g for g in gateways if g not in REFERENCES + ("portcullis", UNPINNED)]
@@ -60,10 +62,14 @@ def main():
     def cell(gw, key):
         if not measured(runs, gw, key):
             return "n/a"
-        return f"{runs[gw][key]:g}"
+        low, high = spread[gw][key]
+        if n_rounds < 2 or low == high:
+            return f"{runs[gw][key]:g}"
+        return f"{runs[gw][key]:g} ({low:g}–{high:g})"
 
     print(f"Run on Linux {kernel}, {cpu}. Every gateway carried the same traffic in the same run;")
-    print(f"each number is the median of {n_rounds} rounds that take the gateways in turn.")
+    print(f"each number is the median of {n_rounds} rounds that take the gateways in turn,")
+    print("with the lowest and highest round in brackets.")
     print("Every proxy wrote one log line per connection (to /dev/null), as an audited gateway must.")
     if "relay" in runs:
         print("relay is a bare splice relay (no parsing, policy or log): what a proxy that does")
@@ -77,7 +83,9 @@ def main():
     if "portcullis" not in runs:
         return
     p = runs["portcullis"]
-    print("\nportcullis relative to each: above 1.00 means portcullis is better.\n")
+    print("\nportcullis relative to each: above 1.00 means portcullis is better. The ratio of the")
+    print("medians, and in brackets the lowest and highest of the rounds' own ratios (each round")
+    print("measures every gateway within a minute or so, so its ratio is one like-for-like sample).\n")
     others = [g for g in list(REFERENCES) + peers if g in runs]
     print("| workload | " + " | ".join(f"vs {g}" for g in others) + " |")
     print("|---|" + "---|" * len(others))
@@ -87,8 +95,16 @@ def main():
             x = runs[g].get(key, 0)
             if not measured(runs, g, key) or x == 0 or p.get(key, 0) == 0:
                 cells.append("n/a")
-            else:
-                cells.append(f"{(p[key] / x if higher else x / p[key]):.2f}")
+                continue
+            text = f"{ratio(p[key], x, higher):.2f}"
+            per_round = [
+                ratio(a[key], b[key], higher)
+                for a, b in zip(rounds["portcullis"], rounds[g])
+                if a.get(key, 0) > 0 and b.get(key, 0) > 0
+            ]
+            if len(per_round) > 1:
+                text += f" ({min(per_round):.2f}–{max(per_round):.2f})"
+            cells.append(text)
         print(f"| {label} | " + " | ".join(cells) + " |")
     if all("busy_pct_down1" in r for r in runs.values()):
         busy = [f"{g} {runs[g]['busy_pct_down1']:.0f}%" for g in gateways]
@@ -99,6 +115,11 @@ def main():
     if "kernel" in runs:
         added = [f"{g} +{runs[g]['ttfb_p50_ms'] - runs['kernel']['ttfb_p50_ms']:.3f} ms" for g in gateways if g != "kernel" and "ttfb_p50_ms" in runs[g]]
         print("\nTime to first byte added over the kernel alone (p50): " + ", ".join(added) + ".")
+
+
+def ratio(ours, theirs, higher):
+    """Above 1 when ours is better."""
+    return ours / theirs if higher else theirs / ours
 
 
 def print_pinning(path):

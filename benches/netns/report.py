@@ -68,8 +68,8 @@ def main():
         return f"{runs[gw][key]:g} ({low:g}–{high:g})"
 
     print(f"Run on Linux {kernel}, {cpu}. Every gateway carried the same traffic in the same run;")
-    print(f"each number is the median of {n_rounds} rounds that take the gateways in turn,")
-    print("with the lowest and highest round in brackets.")
+    print(f"each number is the median of {n_rounds} rounds that take the gateways in turn"
+          + (",\nwith the lowest and highest round in brackets." if n_rounds > 1 else "."))
     print("Every proxy wrote one log line per connection (to /dev/null), as an audited gateway must.")
     if "relay" in runs:
         print("relay is a bare splice relay (no parsing, policy or log): what a proxy that does")

@@ -85,8 +85,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         });
     }
     let policies = Arc::new(Policies::new(config.sources.clone(), all));
-    let exporter = Exporter::new(&policies);
-    let metrics = exporter.metrics();
+    let (exporter, metrics) = Exporter::new(&policies);
     let dropped = metrics.audit_dropped();
     let audit = match &config.audit_file {
         Some(path) => {

@@ -356,14 +356,14 @@ fn family_of(name: &str) -> &'static Family {
 pub struct Exporter {
     handle: PrometheusHandle,
     lists: Arc<[ListView]>,
-    metrics: Metrics,
 }
 
 impl Exporter {
     /// A recorder of the gateway's own (not the process-wide one, so each
     /// gateway, and each test, counts apart), every family described and
-    /// the series of every policy registered.
-    pub fn new(policies: &Policies) -> Exporter {
+    /// the series of every policy registered: what renders it, and the
+    /// handles the data path counts with.
+    pub fn new(policies: &Policies) -> (Exporter, Metrics) {
         let names: Vec<&PolicyName> = policies.iter().map(|p| &p.name).collect();
         let (handle, metrics) = Metrics::register(&names);
         let lists = policies
@@ -374,16 +374,7 @@ impl Exporter {
                 live: p.live.clone(),
             })
             .collect();
-        Exporter {
-            handle,
-            lists,
-            metrics,
-        }
-    }
-
-    /// The handles the data path counts with.
-    pub fn metrics(&self) -> Metrics {
-        self.metrics.clone()
+        (Exporter { handle, lists }, metrics)
     }
 
     /// The HA agent's exporter: its own families, no lists.
@@ -409,7 +400,6 @@ impl Exporter {
         Exporter {
             handle,
             lists: Arc::from(Vec::new()),
-            metrics: Metrics::detached(),
         }
     }
 
@@ -727,7 +717,7 @@ impl Drop for Active<'_> {
 mod tests {
     use super::*;
 
-    fn exporter() -> Exporter {
+    fn exporter() -> (Exporter, Metrics) {
         Exporter::new(&Policies::single(
             crate::allowlist::Source::File("/nonexistent".into()),
             Arc::new(crate::allowlist::Live::empty()),
@@ -742,22 +732,21 @@ mod tests {
 
     #[test]
     fn each_exporter_counts_its_own_connections_from_zero() {
-        let (one, two) = (exporter(), exporter());
+        let ((one, counts_one), (two, counts_two)) = (exporter(), exporter());
         let mut rec = Record::new(
             "192.0.2.10:40000".parse().unwrap(),
             crate::policy::PolicyId::DEFAULT,
             Proto::Http,
         );
         rec.verdict = Verdict::Deny(Reason::NotListed);
-        one.metrics().connection_ended(&rec);
-        one.metrics().connection_ended(&rec);
+        counts_one.connection_ended(&rec);
+        counts_one.connection_ended(&rec);
         let denied =
             "portcullis_denied_total{policy=\"default\",proto=\"http\",reason=\"not_listed\"}";
         assert_eq!(series(&one.render(), denied), Some(2.0));
         assert_eq!(series(&two.render(), denied), Some(0.0));
         let active = "portcullis_active_connections{proto=\"tls\"}";
-        let metrics = two.metrics();
-        let held = metrics.active(Proto::Tls);
+        let held = counts_two.active(Proto::Tls);
         assert_eq!(series(&two.render(), active), Some(1.0));
         drop(held);
         assert_eq!(series(&two.render(), active), Some(0.0));

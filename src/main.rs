@@ -13,8 +13,17 @@ use std::time::Duration;
 /// Every connection allocates its task and a few small buffers; glibc's
 /// allocator spent a sixth of the user time on them, mimalloc's thread
 /// caches a fraction of that.
+#[cfg(not(feature = "dhat-heap"))]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// The heap profiler's build (`--features dhat-heap`, used by
+/// benches/netns/profile.sh): every allocation is recorded, and
+/// dhat-heap.json is written to the working directory when the process
+/// exits cleanly.
+#[cfg(feature = "dhat-heap")]
+#[global_allocator]
+static ALLOCATOR: dhat::Alloc = dhat::Alloc;
 
 #[derive(Parser)]
 #[command(
@@ -83,6 +92,8 @@ struct RunArgs {
 }
 
 fn main() -> ExitCode {
+    #[cfg(feature = "dhat-heap")]
+    let _profiler = dhat::Profiler::new_heap();
     // The matches are kept: `run` lays the flags given over its config file.
     let parsed = Cli::command()
         .try_get_matches()

@@ -410,7 +410,7 @@ async fn accept_loop(
                 let ctx = shared.ctx.clone();
                 // Boxed, so the task holds a pointer: tokio moves a task's
                 // future by value several times as it spawns and finishes
-                // it, and a connection's state is about 1.7 KiB to copy.
+                // it, and a connection's state is about 1 KiB to copy.
                 tokio::spawn(Box::pin(async move {
                     proxy::serve(stream, peer, proto, &ctx).await;
                     drop(slot);

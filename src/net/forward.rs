@@ -205,37 +205,76 @@ pub struct Transferred {
 }
 
 /// Forwards both directions until both have ended, propagating each
-/// half-close, or until either fails. Run it under [`supervise`] for its
-/// timeouts.
-pub async fn forward_both(
-    client: &TcpStream,
-    upstream: &TcpStream,
-    activity: &Activity,
-    moved: &Counters,
-) -> io::Result<()> {
-    let one_ended = AtomicBool::new(false);
-    // A clean end of one direction leaves the other flowing (half-close);
-    // an error in either ends both, since the connection is broken.
-    let direction = |src, dst, count| {
-        let one_ended = &one_ended;
-        async move {
-            forward_to_end(src, dst, activity, count).await?;
-            // The first direction to end passes its half-close on. When
-            // the second ends, both sockets are about to be closed, and
-            // close sends that FIN anyway: one system call fewer.
-            if one_ended.swap(true, Ordering::Relaxed) {
-                Ok(())
-            } else {
-                activity.one_side_closed();
-                shutdown_write(dst)
+/// half-close, or until either fails; made by [`forward_both`]. Run it
+/// under [`supervise`] for its timeouts.
+///
+/// Written out rather than as an `async fn` (as [`Supervised`] is): it is
+/// part of every connection's task for the connection's whole life, and
+/// the two directions' generated states took 768 bytes where these two
+/// [`Leg`]s take a few dozen.
+pub struct ForwardBoth<'a> {
+    client: &'a TcpStream,
+    upstream: &'a TcpStream,
+    activity: &'a Activity,
+    moved: &'a Counters,
+    up: Leg<'a>,
+    down: Leg<'a>,
+}
+
+/// Forwards between `client` and `upstream`, counting into `moved`.
+pub fn forward_both<'a>(
+    client: &'a TcpStream,
+    upstream: &'a TcpStream,
+    activity: &'a Activity,
+    moved: &'a Counters,
+) -> ForwardBoth<'a> {
+    ForwardBoth {
+        client,
+        upstream,
+        activity,
+        moved,
+        up: Leg::default(),
+        down: Leg::default(),
+    }
+}
+
+impl Future for ForwardBoth<'_> {
+    type Output = io::Result<()>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let activity = this.activity;
+        let legs = [
+            (&mut this.up, this.client, this.upstream, &this.moved.up),
+            (&mut this.down, this.upstream, this.client, &this.moved.down),
+        ];
+        let mut open = 0;
+        let mut just_ended = None;
+        for (leg, src, dst, count) in legs {
+            if leg.is_ended() {
+                continue;
+            }
+            match leg.poll(cx, src, dst, activity, count) {
+                // An error in either direction ends both: the connection
+                // is broken.
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) => just_ended = Some(dst),
+                Poll::Pending => open += 1,
             }
         }
-    };
-    tokio::try_join!(
-        direction(client, upstream, &moved.up),
-        direction(upstream, client, &moved.down)
-    )
-    .map(|_| ())
+        // A clean end of one direction leaves the other flowing: the
+        // first to end passes its half-close on. When the second ends,
+        // both sockets are about to be closed, and close sends that FIN
+        // anyway: one system call fewer.
+        if open == 0 {
+            return Poll::Ready(Ok(()));
+        }
+        if let Some(dst) = just_ended {
+            activity.one_side_closed();
+            shutdown_write(dst)?;
+        }
+        Poll::Pending
+    }
 }
 
 /// Forwards `src` → `dst` until `src` reaches end of stream, then shuts
@@ -247,74 +286,133 @@ pub async fn forward(
     activity: &Activity,
     count: &AtomicU64,
 ) -> io::Result<()> {
-    forward_to_end(src, dst, activity, count).await?;
+    let mut leg = Leg::default();
+    std::future::poll_fn(|cx| leg.poll(cx, src, dst, activity, count)).await?;
     activity.one_side_closed();
     shutdown_write(dst)
 }
 
-/// [`forward`] without the half-close at the end.
-async fn forward_to_end(
+/// Where one direction of a flow stands.
+///
+/// Small exchanges (a handshake, a request, a short answer) are copied:
+/// a pipe costs four system calls to make and close, more than the copy
+/// saves. The first read that fills a whole [`SMALL_READ`] shows a bulk
+/// flow, which moves to splice for the rest of its life. An idle
+/// connection therefore holds no pipe: two descriptors, not six.
+#[derive(Default)]
+enum Leg<'a> {
+    /// Copying through the worker's scratch buffer: `unsent` is what `dst`
+    /// has not taken yet of the last read, which was `last` bytes (counted
+    /// once they are all sent).
+    #[default]
+    Copying,
+    Sending {
+        unsent: Vec<u8>,
+        last: usize,
+    },
+    /// A bulk flow in its loop, boxed: its state is larger, and only a
+    /// flow that carries bulk data pays for it.
+    Bulk(Pin<Box<dyn Future<Output = io::Result<()>> + Send + 'a>>),
+    /// `src` has reached end of stream.
+    Ended,
+}
+
+impl<'a> Leg<'a> {
+    fn is_ended(&self) -> bool {
+        matches!(self, Leg::Ended)
+    }
+
+    /// Moves what can be moved now; ready once `src` has ended (and all
+    /// of it is sent) or on an error.
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        src: &'a TcpStream,
+        dst: &'a TcpStream,
+        activity: &'a Activity,
+        count: &'a AtomicU64,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            match self {
+                Leg::Ended => return Poll::Ready(Ok(())),
+                Leg::Bulk(work) => {
+                    let ended = std::task::ready!(work.as_mut().poll(cx));
+                    *self = Leg::Ended;
+                    return Poll::Ready(ended);
+                }
+                Leg::Sending { unsent, last } => {
+                    if !unsent.is_empty() {
+                        std::task::ready!(dst.poll_write_ready(cx))?;
+                        match dst.try_write(unsent) {
+                            Ok(n) => drop(unsent.drain(..n)),
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                            Err(e) => return Poll::Ready(Err(e)),
+                        }
+                        continue;
+                    }
+                    count.fetch_add(*last as u64, Ordering::Relaxed);
+                    activity.touch();
+                    *self = if *last == SMALL_READ {
+                        Leg::Bulk(Box::pin(bulk(src, dst, activity, count)))
+                    } else {
+                        Leg::Copying
+                    };
+                }
+                Leg::Copying => {
+                    std::task::ready!(src.poll_read_ready(cx))?;
+                    match relay_once(src, dst) {
+                        Ok(Some((last, unsent))) => *self = Leg::Sending { unsent, last },
+                        Ok(None) => *self = Leg::Ended,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) => return Poll::Ready(Err(e)),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A bulk flow's direction, to its end: splice, or a copy where splice
+/// is unavailable.
+async fn bulk(
     src: &TcpStream,
     dst: &TcpStream,
     activity: &Activity,
     count: &AtomicU64,
 ) -> io::Result<()> {
-    // Small exchanges (a handshake, a request, a short answer) are copied:
-    // a pipe costs four system calls to make and close, more than the
-    // copy saves. The first read that fills a whole buffer shows a bulk
-    // flow, which moves to splice for the rest of its life. An idle
-    // connection therefore holds no pipe: two descriptors, not six.
-    if copy_small(src, dst, activity, count).await? {
-        return Ok(());
-    }
-    // The bulk loops are boxed: their states are larger than copy_small's
-    // and would otherwise size every connection's task, idle ones too,
-    // for the one allocation a bulk flow makes when it starts.
     let before = count.load(Ordering::Relaxed);
     let result = match Pipe::new() {
-        Ok(pipe) => Box::pin(splice_loop(src, dst, &pipe, activity, count)).await,
+        Ok(pipe) => splice_loop(src, dst, &pipe, activity, count).await,
         // Out of descriptors for a pipe: still serve the connection.
-        Err(_) => Box::pin(copy_loop(src, dst, activity, count)).await,
+        Err(_) => copy_loop(src, dst, activity, count).await,
     };
     match result {
         Err(e) if is_splice_unsupported(&e) && count.load(Ordering::Relaxed) == before => {
-            Box::pin(copy_loop(src, dst, activity, count)).await
+            copy_loop(src, dst, activity, count).await
         }
         other => other,
     }
 }
 
-/// Copies reads smaller than [`SMALL_READ`] until end of stream (true) or
-/// until a read fills the buffer (false: a bulk flow has started).
-async fn copy_small(
-    src: &TcpStream,
-    dst: &TcpStream,
-    activity: &Activity,
-    count: &AtomicU64,
-) -> io::Result<bool> {
-    loop {
-        read_ready(src).await?;
-        let (n, unsent) = match relay_once(src, dst) {
-            Ok(Some(moved)) => moved,
-            Ok(None) => return Ok(true),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        };
-        if !unsent.is_empty() {
-            write_all(dst, &unsent).await?;
-        }
-        count.fetch_add(n as u64, Ordering::Relaxed);
-        activity.touch();
-        if n == SMALL_READ {
-            return Ok(false);
-        }
-    }
-}
+/// The largest read through [`SCRATCH`].
+pub const SCRATCH_SIZE: usize = 64 * 1024;
 
 thread_local! {
-    /// Where [`relay_once`] reads: one buffer per worker thread, not one
-    /// per connection or per read.
-    static SCRATCH: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; SMALL_READ]);
+    /// Where copied reads land first: one buffer per worker thread, zeroed
+    /// once, not one per connection or per read.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; SCRATCH_SIZE]);
+}
+
+/// One read of at most `max` bytes appended to `buf`, without waiting
+/// (see [`try_read_draining`]). Read through the worker's scratch buffer,
+/// so that `buf` grows by what arrived only: a 500-byte hello costs 500
+/// bytes, and no room is zeroed before each read.
+pub fn try_read_append(src: &TcpStream, buf: &mut Vec<u8>, max: usize) -> io::Result<usize> {
+    SCRATCH.with_borrow_mut(|scratch| {
+        let n = try_read_draining(src, &mut scratch[..max.min(SCRATCH_SIZE)])?;
+        buf.extend_from_slice(&scratch[..n]);
+        Ok(n)
+    })
 }
 
 /// One read from `src` and one write of it to `dst`, without waiting:
@@ -322,7 +420,7 @@ thread_local! {
 /// can take them), or `None` at end of stream.
 fn relay_once(src: &TcpStream, dst: &TcpStream) -> io::Result<Option<(usize, Vec<u8>)>> {
     SCRATCH.with_borrow_mut(|buf| {
-        let n = try_read_draining(src, buf)?;
+        let n = try_read_draining(src, &mut buf[..SMALL_READ])?;
         if n == 0 {
             return Ok(None);
         }
@@ -561,25 +659,85 @@ mod tests {
         assert_eq!(count.load(Ordering::Relaxed), expected.len() as u64);
     }
 
+    /// Drives one direction until it ends (true) or turns to bulk (false).
+    async fn copy_phase(src: &TcpStream, dst: &TcpStream, count: &AtomicU64) -> io::Result<bool> {
+        let activity = Activity::default();
+        let mut leg = Leg::default();
+        std::future::poll_fn(|cx| match leg.poll(cx, src, dst, &activity, count) {
+            Poll::Ready(ended) => Poll::Ready(ended.map(|()| true)),
+            Poll::Pending if matches!(leg, Leg::Bulk(_)) => Poll::Ready(Ok(false)),
+            Poll::Pending => Poll::Pending,
+        })
+        .await
+    }
+
     #[tokio::test]
     async fn small_exchanges_are_copied_and_bulk_moves_to_splice() {
         let (mut client, proxy_client) = pair().await;
         let (proxy_upstream, mut server) = pair().await;
-        let (activity, count) = (Activity::default(), AtomicU64::new(0));
+        let count = AtomicU64::new(0);
         client.write_all(b"a short request").await.unwrap();
         client.shutdown().await.unwrap();
-        let ended = copy_small(&proxy_client, &proxy_upstream, &activity, &count).await;
+        let ended = copy_phase(&proxy_client, &proxy_upstream, &count).await;
         assert!(ended.unwrap(), "a small exchange ends in the copy phase");
         let mut got = [0u8; 15];
         server.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b"a short request");
+        assert_eq!(count.load(Ordering::Relaxed), 15);
 
         let (mut client, proxy_client) = pair().await;
         client.write_all(&vec![7u8; 4 * SMALL_READ]).await.unwrap();
         let count = AtomicU64::new(0);
-        let ended = copy_small(&proxy_client, &proxy_upstream, &activity, &count).await;
+        let ended = copy_phase(&proxy_client, &proxy_upstream, &count).await;
         assert!(!ended.unwrap(), "a full read hands the flow to splice");
-        assert_eq!(count.load(Ordering::Relaxed), SMALL_READ as u64);
+        assert!(count.load(Ordering::Relaxed) >= SMALL_READ as u64);
+    }
+
+    /// A copied read the destination cannot take at once is kept and sent
+    /// when it can, and counted only then.
+    #[tokio::test]
+    async fn a_read_the_destination_cannot_take_waits_for_it() {
+        let (mut client, proxy_client) = pair().await;
+        let (proxy_upstream, mut server) = pair().await;
+        // A tiny send buffer, and a server that reads nothing yet.
+        socket2::SockRef::from(&proxy_upstream)
+            .set_send_buffer_size(4096)
+            .unwrap();
+        let (activity, moved) = (Activity::default(), Counters::default());
+        let flow = forward_both(&proxy_client, &proxy_upstream, &activity, &moved);
+        let payload: Vec<u8> = (0..2_000_000u32).map(|i| (i % 241) as u8).collect();
+        let expected = payload.clone();
+        let writer = async move {
+            for chunk in payload.chunks(1000) {
+                client.write_all(chunk).await.unwrap();
+            }
+            client.shutdown().await.unwrap();
+            client
+        };
+        let reader = async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let mut got = Vec::new();
+            server.read_to_end(&mut got).await.unwrap();
+            got
+        };
+        let flow = async {
+            let mut flow = std::pin::pin!(flow);
+            // Ends only once the server closes its side too.
+            tokio::select! {
+                r = &mut flow => r.unwrap(),
+                _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+            }
+        };
+        let (client, got) = tokio::join!(writer, async {
+            tokio::select! {
+                got = reader => got,
+                () = flow => panic!("the flow ended before the server read it all"),
+            }
+        });
+        drop(client);
+        assert_eq!(got.len(), expected.len());
+        assert!(got == expected, "every byte, in order");
+        assert_eq!(moved.snapshot().up, expected.len() as u64);
     }
 
     const CLOCK: FlowClock = FlowClock {

@@ -2,15 +2,16 @@
 //! detectors look at them, then they are replayed upstream byte for byte.
 
 use crate::detect::Detect;
-use crate::net::forward::{Activity, forward, read_ready, try_read_draining, write_all};
+use crate::net::forward::{Activity, forward, read_ready, try_read_append, write_all};
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 /// Read size for bodies forwarded in user space.
-const BODY_CHUNK: usize = 64 * 1024;
-/// A hello or head is read 4 KiB first, then at most doubling.
+const BODY_CHUNK: usize = crate::net::forward::SCRATCH_SIZE;
+/// A buffer this large, or twice what it holds, is given back once its
+/// message is forwarded.
 const GROW_FROM: usize = 4 * 1024;
 
 /// Why a read for a hello or head did not produce one.
@@ -80,11 +81,7 @@ impl<'a> Inbound<'a> {
                 }
                 Detect::Incomplete => {}
             }
-            // Grow as the message does (most hellos and heads fit in the
-            // first 4 KiB) rather than zeroing the whole cap per connection.
-            let len = self.buf.len();
-            let step = cap.min(len + len.max(GROW_FROM));
-            match tokio::time::timeout_at(deadline, self.read_more(step)).await {
+            match tokio::time::timeout_at(deadline, self.read_more(cap)).await {
                 Err(_) => return Err(ReadError::Timeout),
                 Ok(Err(_)) => return Err(ReadError::Io),
                 Ok(Ok(0)) => {
@@ -113,13 +110,8 @@ impl<'a> Inbound<'a> {
             return Err(io::Error::other("buffer full"));
         }
         loop {
-            // Room is made only once there is something to read: a client
-            // that connects and stays silent costs no buffer.
             read_ready(self.stream).await?;
-            self.buf.resize(len + room, 0);
-            let result = try_read_draining(self.stream, &mut self.buf[len..]);
-            self.buf.truncate(len + *result.as_ref().unwrap_or(&0));
-            match result {
+            match try_read_append(self.stream, &mut self.buf, room) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 other => return other,
             }
@@ -193,5 +185,70 @@ impl<'a> Inbound<'a> {
         let n = self.buf.len();
         self.forward_buffered(n, dst, count).await?;
         forward(self.stream, dst, activity, count).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tokio::io::AsyncWriteExt;
+
+    /// A whole message, as the detectors say: `len` bytes.
+    fn exactly(len: usize) -> impl Fn(&[u8]) -> Detect<usize, ()> {
+        move |buf: &[u8]| {
+            if buf.len() >= len {
+                Detect::Done(buf.len())
+            } else {
+                Detect::Incomplete
+            }
+        }
+    }
+
+    /// A hello costs what it holds, not a fixed buffer: thousands of
+    /// connections may sit between their hello and their upstream.
+    #[tokio::test]
+    async fn a_message_holds_only_its_own_bytes() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut inbound = Inbound::new(&accepted);
+
+        client.write_all(&[0x16; 517]).await.unwrap();
+        let read = inbound.read_message(16 * 1024, deadline, exactly(517), ());
+        assert_eq!(read.await, Ok(517));
+        assert_eq!(inbound.buffered(), &[0x16; 517][..]);
+        assert!(inbound.buf.capacity() < 1024, "{}", inbound.buf.capacity());
+
+        // A message in two reads is put together in order.
+        let mut inbound = Inbound::new(&accepted);
+        let whole: Vec<u8> = (0..3000u32).map(|i| i as u8).collect();
+        client.write_all(&whole[..1000]).await.unwrap();
+        let writer = async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            client.write_all(&whole[1000..]).await.unwrap();
+        };
+        let read = inbound.read_message(16 * 1024, deadline, exactly(3000), ());
+        let (read, ()) = tokio::join!(read, writer);
+        assert_eq!(read, Ok(3000));
+        assert_eq!(inbound.buffered(), &whole[..]);
+    }
+
+    #[tokio::test]
+    async fn a_message_past_its_cap_is_refused() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut inbound = Inbound::new(&accepted);
+        client.write_all(&[1; 5000]).await.unwrap();
+        let read = inbound.read_message(4096, deadline, exactly(5000), ());
+        assert_eq!(read.await, Err(ReadError::Invalid(())));
+        assert!(inbound.buffered().len() <= 4096);
     }
 }

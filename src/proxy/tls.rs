@@ -13,6 +13,31 @@ use std::sync::atomic::Ordering;
 use tokio::net::TcpStream;
 
 pub(super) async fn serve(client: &TcpStream, dst: OrigDst, ctx: &Context, conn: &Conn) -> Outcome {
+    // Boxed: the hello, the decision and the connect take more room than
+    // the forwarding after them, and a connection's task would otherwise
+    // keep that room for its whole life, idle or not.
+    let upstream = match Box::pin(open_upstream(client, dst, ctx, conn)).await {
+        Ok(upstream) => upstream,
+        Err(outcome) => return outcome,
+    };
+    let activity = Activity::default();
+    let flow = std::pin::pin!(forward_both(client, &upstream, &activity, &conn.moved));
+    let verdict = match conn.supervised(flow, &activity, ctx).await {
+        Ok(Ok(())) => Verdict::Allow,
+        Ok(Err(_)) => Verdict::Error(ErrorKind::Io),
+        Err(expired) => Verdict::Error(expired.into()),
+    };
+    verdict.into()
+}
+
+/// Reads the hello, decides, connects and sends the hello upstream: the
+/// upstream connection, or how the connection ended.
+async fn open_upstream(
+    client: &TcpStream,
+    dst: OrigDst,
+    ctx: &Context,
+    conn: &Conn,
+) -> Result<TcpStream, Outcome> {
     let limits = ctx.limits;
     let accepted = conn.accepted();
     let deadline = accepted + limits.hello_timeout;
@@ -24,10 +49,10 @@ pub(super) async fn serve(client: &TcpStream, dst: OrigDst, ctx: &Context, conn:
         .await
     {
         Ok(hello) => hello,
-        Err(ReadError::Invalid(e)) => return deny(client, reason_for(e)).await,
-        Err(ReadError::Timeout) => return deny(client, Reason::Timeout).await,
-        Err(ReadError::Closed { .. }) => return Verdict::Error(ErrorKind::ClientClosed).into(),
-        Err(ReadError::Io) => return Verdict::Error(ErrorKind::Io).into(),
+        Err(ReadError::Invalid(e)) => return Err(deny(client, reason_for(e)).await),
+        Err(ReadError::Timeout) => return Err(deny(client, Reason::Timeout).await),
+        Err(ReadError::Closed { .. }) => return Err(Verdict::Error(ErrorKind::ClientClosed).into()),
+        Err(ReadError::Io) => return Err(Verdict::Error(ErrorKind::Io).into()),
     };
     conn.learn(Fact::Hello {
         took: accepted.elapsed(),
@@ -37,7 +62,7 @@ pub(super) async fn serve(client: &TcpStream, dst: OrigDst, ctx: &Context, conn:
         ServerName::Name(name) => Ok(name),
         ServerName::Absent => Err(Reason::NoName),
         ServerName::Invalid(NameError::IpLiteral) => Err(Reason::IpLiteral),
-        ServerName::Invalid(_) => return deny(client, Reason::Malformed).await,
+        ServerName::Invalid(_) => return Err(deny(client, Reason::Malformed).await),
     };
     let ask = Ask {
         policy: conn.policy(),
@@ -53,7 +78,7 @@ pub(super) async fn serve(client: &TcpStream, dst: OrigDst, ctx: &Context, conn:
     }
     let admitted = match admitted {
         Ok(admitted) => admitted,
-        Err(reason) => return deny(client, reason).await,
+        Err(reason) => return Err(deny(client, reason).await),
     };
     conn.learn(Fact::Admitted {
         rule: admitted.rule,
@@ -63,25 +88,17 @@ pub(super) async fn serve(client: &TcpStream, dst: OrigDst, ctx: &Context, conn:
         Ok(upstream) => upstream,
         Err(kind) => {
             reset(client);
-            return Verdict::Error(kind).into();
+            return Err(Verdict::Error(kind).into());
         }
     };
     if write_all(&upstream, inbound.buffered()).await.is_err() {
-        return Verdict::Error(ErrorKind::Io).into();
+        return Err(Verdict::Error(ErrorKind::Io).into());
     }
     let hello_len = inbound.buffered().len() as u64;
     conn.moved.up.fetch_add(hello_len, Ordering::Relaxed);
-    // The hello is upstream now: free its buffer before a flow that may
-    // last hours.
-    drop(inbound);
-    let activity = Activity::default();
-    let flow = std::pin::pin!(forward_both(client, &upstream, &activity, &conn.moved));
-    let verdict = match conn.supervised(flow, &activity, ctx).await {
-        Ok(Ok(())) => Verdict::Allow,
-        Ok(Err(_)) => Verdict::Error(ErrorKind::Io),
-        Err(expired) => Verdict::Error(expired.into()),
-    };
-    verdict.into()
+    // The hello is upstream now: its buffer goes with this function,
+    // before a flow that may last hours.
+    Ok(upstream)
 }
 
 fn reason_for(e: TlsError) -> Reason {

@@ -111,6 +111,11 @@ impl Guard {
         Ok(())
     }
 
+    /// Whether `ip` is one of the host's own addresses.
+    pub fn is_own(&self, ip: IpAddr) -> bool {
+        self.own.load().contains(&canonical(ip))
+    }
+
     /// Why `ip` must not be contacted, if it must not.
     pub fn check(&self, ip: IpAddr) -> Option<Forbidden> {
         let ip = canonical(ip);
@@ -216,6 +221,11 @@ mod tests {
         );
         assert_eq!(guard.check(ip("192.0.2.2")), None);
         assert_eq!(guard.check(ip("203.0.113.10")), None);
+        // What the proxy's loop check asks of every connection.
+        assert!(guard.is_own(ip("::ffff:192.0.2.1")));
+        assert!(guard.is_own(ip("2001:db8:1::1")));
+        assert!(!guard.is_own(ip("169.254.169.254")));
+        assert!(!guard.is_own(ip("192.0.2.2")));
     }
 
     #[test]

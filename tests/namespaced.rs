@@ -483,6 +483,42 @@ fn refuses_hellos_without_sni_and_bytes_that_are_not_tls() {
     );
 }
 
+/// A client that names an allowed host but sends the bytes to the gateway
+/// itself is refused as a loop, before its hello is read, on either
+/// family and on the gateway's other link too.
+#[test]
+fn a_connection_addressed_to_the_gateway_itself_is_refused_as_a_loop() {
+    if !require_root() {
+        return;
+    }
+    let mut t = Topology::new();
+    t.start_portcullis(ALLOWLIST, &[]);
+    let hello = hello::into_records(&hello::handshake_message(CURL_HELLO), &[]);
+    let own = [
+        "192.0.2.1",
+        "2001:db8:1::1",
+        "198.51.100.1",
+        "2001:db8:2::1",
+    ];
+    for ip in own {
+        assert_eq!(
+            t.exchange(addr(ip, 443), &hello),
+            alert::ACCESS_DENIED,
+            "to {ip}"
+        );
+    }
+    wait_until("the loops' audit records", Duration::from_secs(5), || {
+        t.audit_where("reason", "loop").len() == own.len()
+    });
+    for record in t.audit_where("reason", "loop") {
+        assert!(
+            own.iter()
+                .any(|ip| record["dst"].as_str().unwrap().contains(ip)),
+            "{record}"
+        );
+    }
+}
+
 #[test]
 fn idle_connections_do_not_stop_a_normal_client_and_close_after_the_hello_timeout() {
     if !require_root() {

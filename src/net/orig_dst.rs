@@ -6,7 +6,7 @@
 
 use nix::sys::socket::{getsockopt, sockopt};
 use std::io;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::AsFd;
 
 /// Where the client meant to go. A newtype so it cannot be confused with
@@ -20,10 +20,10 @@ impl std::fmt::Display for OrigDst {
     }
 }
 
-/// Reads the original destination of an accepted socket whose local
-/// address is `local` (which decides the address family to ask for).
-pub fn original_dst(socket: &impl AsFd, local: SocketAddr) -> io::Result<OrigDst> {
-    let addr = match local {
+/// Reads the original destination of an accepted socket whose addresses
+/// are of `family`'s family (the client's, or our own: they are the same).
+pub fn original_dst(socket: &impl AsFd, family: SocketAddr) -> io::Result<OrigDst> {
+    let addr = match family {
         SocketAddr::V4(_) => {
             let sin = getsockopt(socket, sockopt::OriginalDst)?;
             SocketAddr::V4(SocketAddrV4::new(
@@ -45,11 +45,14 @@ pub fn original_dst(socket: &impl AsFd, local: SocketAddr) -> io::Result<OrigDst
 }
 
 /// Whether forwarding to `dst` would come back to this gateway: the
-/// connection was not redirected at all (its original destination is our
-/// listener), or it was addressed to the gateway itself.
-pub fn is_loop(dst: OrigDst, local: SocketAddr) -> bool {
+/// connection was not redirected at all (its original destination is then
+/// our listener, at one of our addresses), or it was addressed to the
+/// gateway itself. `own` says whether an address is the host's: the
+/// destination guard's set, kept fresh, so that no connection needs a
+/// `getsockname` for this.
+pub fn is_loop(dst: OrigDst, own: impl Fn(IpAddr) -> bool) -> bool {
     let ip = dst.0.ip();
-    dst.0 == local || ip == local.ip() || ip.is_loopback() || ip.is_unspecified()
+    ip.is_loopback() || ip.is_unspecified() || own(ip)
 }
 
 #[cfg(test)]
@@ -62,19 +65,21 @@ mod tests {
 
     #[test]
     fn detects_connections_that_would_loop() {
-        let local = addr("192.0.2.1:15443");
-        assert!(is_loop(OrigDst(local), local), "not redirected");
+        let own = |ip: IpAddr| ip == addr("192.0.2.1:0").ip() || ip == addr("[2001:db8::1]:0").ip();
         assert!(
-            is_loop(OrigDst(addr("192.0.2.1:443")), local),
+            is_loop(OrigDst(addr("192.0.2.1:15443")), own),
+            "not redirected"
+        );
+        assert!(
+            is_loop(OrigDst(addr("192.0.2.1:443")), own),
             "addressed to the gateway"
         );
-        assert!(is_loop(OrigDst(addr("127.0.0.1:443")), local));
-        assert!(is_loop(OrigDst(addr("0.0.0.0:443")), local));
-        assert!(is_loop(
-            OrigDst(addr("[::1]:443")),
-            addr("[2001:db8::1]:15443")
-        ));
-        assert!(!is_loop(OrigDst(addr("203.0.113.10:443")), local));
+        assert!(is_loop(OrigDst(addr("[2001:db8::1]:443")), own));
+        assert!(is_loop(OrigDst(addr("127.0.0.1:443")), own));
+        assert!(is_loop(OrigDst(addr("0.0.0.0:443")), own));
+        assert!(is_loop(OrigDst(addr("[::1]:443")), own));
+        assert!(!is_loop(OrigDst(addr("203.0.113.10:443")), own));
+        assert!(!is_loop(OrigDst(addr("[2001:db8::2]:443")), own));
     }
 
     #[tokio::test]
@@ -83,12 +88,12 @@ mod tests {
         let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
             .await
             .unwrap();
-        let (server, _) = listener.accept().await.unwrap();
+        let (server, peer) = listener.accept().await.unwrap();
         let local = server.local_addr().unwrap();
         // Without NAT, conntrack either has no entry (ENOENT) or reports the
         // address as it is: both are refused by the proxy.
-        match original_dst(&server, local) {
-            Ok(dst) => assert!(is_loop(dst, local)),
+        match original_dst(&server, peer) {
+            Ok(dst) => assert!(is_loop(dst, |ip| ip == local.ip())),
             Err(e) => assert!(e.raw_os_error().is_some()),
         }
         drop(client);

@@ -270,23 +270,33 @@ pub async fn serve(client: TcpStream, src: SocketAddr, proto: Proto, ctx: &Conte
         ctx,
         reported: false,
     };
-    let outcome = handle(&client, proto, ctx, &conn).await;
+    let outcome = handle(&client, src, proto, ctx, &conn).await;
     ending.report(outcome.verdict);
     if outcome.refusal_sent {
         linger(&client).await;
     }
 }
 
-async fn handle(client: &TcpStream, proto: Proto, ctx: &Context, conn: &Conn) -> Outcome {
-    let dst = destination(client);
-    conn.learn(Fact::Destination(dst.as_ref().ok().map(|(dst, _)| *dst)));
+async fn handle(
+    client: &TcpStream,
+    src: SocketAddr,
+    proto: Proto,
+    ctx: &Context,
+    conn: &Conn,
+) -> Outcome {
+    // The listener is bound to one family (IPv6 ones are v6-only), so the
+    // client's address says which original destination to ask for.
+    let dst = original_dst(client, src);
+    conn.learn(Fact::Destination(dst.as_ref().ok().copied()));
     match dst {
-        Ok((dst, local)) if !is_loop(dst, local) => match proto {
+        Ok(dst) if !is_loop(dst, |ip| ctx.guard.is_own(ip)) => match proto {
             Proto::Tls => tls::serve(client, dst, ctx, conn).await,
             // Boxed: its future is several times the TLS one, and every
             // connection's task would otherwise be sized for it.
             Proto::Http => Box::pin(http::serve(client, dst, ctx, conn)).await,
         },
+        // An error means the connection was not redirected (no conntrack
+        // entry): refused as a loop too.
         _ => {
             let sent = match proto {
                 Proto::Tls => tls::refuse(client, Reason::Loop).await,
@@ -295,14 +305,6 @@ async fn handle(client: &TcpStream, proto: Proto, ctx: &Context, conn: &Conn) ->
             Outcome::refused(Reason::Loop, sent)
         }
     }
-}
-
-/// The original destination and our own address; an error means the
-/// connection was not redirected (no conntrack NAT entry), which is
-/// refused as a loop.
-fn destination(client: &TcpStream) -> io::Result<(OrigDst, SocketAddr)> {
-    let local = client.local_addr()?;
-    Ok((original_dst(client, local)?, local))
 }
 
 /// The one place a connection's end is accounted for: its audit record

@@ -165,6 +165,17 @@ impl Default for Limits {
     }
 }
 
+impl Limits {
+    /// The timers of a forwarding flow.
+    pub fn flow_clock(&self) -> crate::net::forward::FlowClock {
+        crate::net::forward::FlowClock {
+            idle: self.idle_timeout,
+            half_closed: self.half_closed_timeout,
+            every: self.audit_interval,
+        }
+    }
+}
+
 pub const DEFAULT_TLS_LISTEN: [&str; 2] = ["0.0.0.0:15443", "[::]:15443"];
 pub const DEFAULT_HTTP_LISTEN: [&str; 2] = ["0.0.0.0:15080", "[::]:15080"];
 pub const DEFAULT_METRICS_LISTEN: &str = "0.0.0.0:9090";

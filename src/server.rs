@@ -131,6 +131,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     let ctx = Arc::new(Context {
         policies: policies.clone(),
         limits: config.limits,
+        flow: config.limits.flow_clock(),
         audit: audit.clone(),
         audit_open: config.audit_open,
         mode: config.mode,
@@ -407,14 +408,11 @@ async fn accept_loop(
                         continue;
                     }
                 };
-                let ctx = shared.ctx.clone();
                 // Boxed, so the task holds a pointer: tokio moves a task's
                 // future by value several times as it spawns and finishes
                 // it, and a connection's state is about 1 KiB to copy.
-                tokio::spawn(Box::pin(async move {
-                    proxy::serve(stream, peer, proto, &ctx).await;
-                    drop(slot);
-                }));
+                let ctx = shared.ctx.clone();
+                tokio::spawn(Box::pin(proxy::serve(stream, peer, proto, ctx, slot)));
             }
             Err(e) => {
                 shared.ctx.metrics.accept_error();

@@ -108,7 +108,7 @@ pin_project_lite::pin_project! {
     pub struct Supervised<'a, F, T> {
         work: Pin<&'a mut F>,
         activity: &'a Activity,
-        clock: FlowClock,
+        clock: &'a FlowClock,
         next_tick: Option<Instant>,
         tick: T,
         #[pin]
@@ -120,7 +120,7 @@ pin_project_lite::pin_project! {
 pub fn supervise<'a, F: Future, T: FnMut()>(
     work: Pin<&'a mut F>,
     activity: &'a Activity,
-    clock: FlowClock,
+    clock: &'a FlowClock,
     tick: T,
 ) -> Supervised<'a, F, T> {
     let next_tick = clock.every.map(|every| Instant::now() + every);
@@ -130,7 +130,7 @@ pub fn supervise<'a, F: Future, T: FnMut()>(
         clock,
         next_tick,
         tick,
-        timer: tokio::time::sleep_until(due(activity, &clock, next_tick)),
+        timer: tokio::time::sleep_until(due(activity, clock, next_tick)),
     }
 }
 
@@ -780,7 +780,7 @@ mod tests {
     ) -> (Result<io::Result<()>, Expired>, Transferred) {
         let (activity, moved) = (Activity::default(), Counters::default());
         let flow = std::pin::pin!(forward_both(client, upstream, &activity, &moved));
-        let ended = supervise(flow, &activity, clock, tick).await;
+        let ended = supervise(flow, &activity, &clock, tick).await;
         (ended, moved.snapshot())
     }
 

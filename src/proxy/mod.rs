@@ -36,6 +36,9 @@ const LINGER_BYTES: usize = 64 * 1024;
 pub struct Context {
     pub policies: Arc<Policies>,
     pub limits: Limits,
+    /// A forwarding flow's timers ([`Limits::flow_clock`]): one copy that
+    /// every flow refers to rather than one in each connection's task.
+    pub flow: FlowClock,
     pub audit: AuditLog,
     /// Write an `open` record for each admitted connection.
     pub audit_open: bool,
@@ -211,13 +214,8 @@ impl Conn {
         activity: &'a Activity,
         ctx: &'a Context,
     ) -> Supervised<'a, F, impl FnMut() + 'a> {
-        let clock = FlowClock {
-            idle: ctx.limits.idle_timeout,
-            half_closed: ctx.limits.half_closed_timeout,
-            every: ctx.limits.audit_interval,
-        };
         let tick = move || self.report_progress(audit::Kind::Interim, ctx);
-        supervise(work, activity, clock, tick)
+        supervise(work, activity, &ctx.flow, tick)
     }
 }
 
@@ -258,52 +256,73 @@ impl Drop for Ending<'_> {
     }
 }
 
-/// Serves one accepted connection to the end and reports it.
-pub async fn serve(client: TcpStream, src: SocketAddr, proto: Proto, ctx: &Context) {
-    let _active = ctx.metrics.active(proto);
+/// Serves one accepted connection to the end and reports it, holding its
+/// place under the connection limits (`slot`) until then.
+///
+/// This future is the connection's task, and every value in it that lives
+/// across an await point stays in the task for the connection's whole
+/// life, idle or not. So it owns what it is given (an async block around
+/// it would keep copies of the socket and the address beside it), the
+/// client's address goes into the record before the future is made, and
+/// the phases before the flow are boxed futures of their own.
+pub fn serve(
+    client: TcpStream,
+    src: SocketAddr,
+    proto: Proto,
+    ctx: Arc<Context>,
+    slot: crate::limit::Slot,
+) -> impl Future<Output = ()> + Send {
     let conn = Conn {
         rec: Mutex::new(Record::new(src, ctx.policies.policy_of(src.ip()), proto)),
         moved: Counters::default(),
     };
-    let mut ending = Ending {
-        conn: &conn,
-        ctx,
-        reported: false,
-    };
-    let outcome = handle(&client, src, proto, ctx, &conn).await;
-    ending.report(outcome.verdict);
-    if outcome.refusal_sent {
-        linger(&client).await;
+    async move {
+        let _slot = slot;
+        let ctx = &*ctx;
+        let _active = ctx.metrics.active(proto);
+        let mut ending = Ending {
+            conn: &conn,
+            ctx,
+            reported: false,
+        };
+        let outcome = handle(&client, proto, ctx, &conn).await;
+        ending.report(outcome.verdict);
+        if outcome.refusal_sent {
+            linger(&client).await;
+        }
     }
 }
 
-async fn handle(
-    client: &TcpStream,
-    src: SocketAddr,
-    proto: Proto,
-    ctx: &Context,
-    conn: &Conn,
-) -> Outcome {
+async fn handle(client: &TcpStream, proto: Proto, ctx: &Context, conn: &Conn) -> Outcome {
     // The listener is bound to one family (IPv6 ones are v6-only), so the
     // client's address says which original destination to ask for.
-    let dst = original_dst(client, src);
+    let dst = original_dst(client, conn.record().src);
     conn.learn(Fact::Destination(dst.as_ref().ok().copied()));
-    match dst {
-        Ok(dst) if !is_loop(dst, |ip| ctx.guard.is_own(ip)) => match proto {
-            Proto::Tls => tls::serve(client, dst, ctx, conn).await,
-            // Boxed: its future is several times the TLS one, and every
-            // connection's task would otherwise be sized for it.
-            Proto::Http => Box::pin(http::serve(client, dst, ctx, conn)).await,
-        },
-        // An error means the connection was not redirected (no conntrack
-        // entry): refused as a loop too.
+    // An error means the connection was not redirected (no conntrack
+    // entry): refused as a loop too.
+    let dst = match dst {
+        Ok(dst) if !is_loop(dst, |ip| ctx.guard.is_own(ip)) => dst,
         _ => {
             let sent = match proto {
                 Proto::Tls => tls::refuse(client, Reason::Loop).await,
                 Proto::Http => http::refuse(client, Reason::Loop).await,
             };
-            Outcome::refused(Reason::Loop, sent)
+            return Outcome::refused(Reason::Loop, sent);
         }
+    };
+    match proto {
+        // Boxed: the hello, the decision and the connect take more room
+        // than the forwarding after them.
+        Proto::Tls => {
+            let opened = Box::pin(tls::open_upstream(client, dst, ctx, conn)).await;
+            match opened {
+                Ok(upstream) => tls::forward(client, upstream, ctx, conn).await,
+                Err(outcome) => outcome,
+            }
+        }
+        // Boxed: its future is several times the TLS one, and every
+        // connection's task would otherwise be sized for it.
+        Proto::Http => Box::pin(http::serve(client, dst, ctx, conn)).await,
     }
 }
 
@@ -410,6 +429,7 @@ mod tests {
                 Arc::new(crate::allowlist::Live::empty()),
             )),
             limits: Limits::default(),
+            flow: Limits::default().flow_clock(),
             audit: AuditLog::spawn(io::sink(), 1, metrics::Counter::noop()).unwrap(),
             audit_open: false,
             mode: Mode::Enforce,
@@ -423,7 +443,10 @@ mod tests {
             .await
             .unwrap();
         let (accepted, peer) = listener.accept().await.unwrap();
-        let task = serve(accepted, peer, Proto::Tls, &ctx);
+        let slot = crate::limit::Limits::new(10, 10)
+            .try_admit(peer.ip())
+            .unwrap();
+        let task = serve(accepted, peer, Proto::Tls, Arc::new(ctx), slot);
         let size = std::mem::size_of_val(&task);
         assert!(size <= 1024, "a connection's task takes {size} bytes");
     }

@@ -12,14 +12,13 @@ use crate::verdict::{ErrorKind, Reason, Verdict};
 use std::sync::atomic::Ordering;
 use tokio::net::TcpStream;
 
-pub(super) async fn serve(client: &TcpStream, dst: OrigDst, ctx: &Context, conn: &Conn) -> Outcome {
-    // Boxed: the hello, the decision and the connect take more room than
-    // the forwarding after them, and a connection's task would otherwise
-    // keep that room for its whole life, idle or not.
-    let upstream = match Box::pin(open_upstream(client, dst, ctx, conn)).await {
-        Ok(upstream) => upstream,
-        Err(outcome) => return outcome,
-    };
+/// Forwards an admitted connection (see [`open_upstream`]) to its end.
+pub(super) async fn forward(
+    client: &TcpStream,
+    upstream: TcpStream,
+    ctx: &Context,
+    conn: &Conn,
+) -> Outcome {
     let activity = Activity::default();
     let flow = std::pin::pin!(forward_both(client, &upstream, &activity, &conn.moved));
     let verdict = match conn.supervised(flow, &activity, ctx).await {
@@ -32,7 +31,7 @@ pub(super) async fn serve(client: &TcpStream, dst: OrigDst, ctx: &Context, conn:
 
 /// Reads the hello, decides, connects and sends the hello upstream: the
 /// upstream connection, or how the connection ended.
-async fn open_upstream(
+pub(super) async fn open_upstream(
     client: &TcpStream,
     dst: OrigDst,
     ctx: &Context,

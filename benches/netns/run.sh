@@ -35,6 +35,7 @@
 #
 #   benches/netns/run.sh           full run, about 10 minutes
 #   benches/netns/run.sh --short   a second per workload: checks every gateway carries traffic
+#   benches/netns/profile.sh ...   where portcullis's time and memory go (its header says how)
 #
 #   GATEWAYS="portcullis portcullis_base" PORTCULLIS_BASELINE=BINARY PAIRS=0 \
 #     BENCH_RESULTS=DIR benches/netns/run.sh

@@ -15,11 +15,14 @@
 #       per MiB moved.
 #   benches/netns/profile.sh rate [SECONDS]   short connections
 #       The connection-rate workload (64 clients) through portcullis: CPU
-#       per connection, then under `strace -c`: system calls per connection.
+#       per connection; under `strace -c`: system calls per connection;
+#       under `perf record`: the share of the CPU in the kernel and in
+#       portcullis, and its own functions that take more than 0.5%.
 #
 # Instruction counts need a hardware PMU; the virtual machines this ran on
 # have none (`perf stat -e instructions` is not supported there), so time
-# is measured as CPU ticks and work as system calls.
+# is measured as CPU ticks and software-clock samples, and work as system
+# calls.
 #
 # PORTCULLIS=BINARY profiles another build (memory: a dhat build).
 # Root; everything runs in namespaces of its own, removed on exit.
@@ -176,8 +179,8 @@ case $mode in
             tracer=$!
             sleep 0.5
             out=$(client bulk $way $target 1 "$SECONDS_PER" $name)
-            kill -INT $tracer
-            wait $tracer || true
+            kill -INT "$tracer"
+            wait "$tracer" || true
             stop "$pid"
             mib=$(awk -v b="$(field bytes "$out")" 'BEGIN { printf "%.1f", b / 2^20 }')
             echo "  under strace ($mib MiB), system calls per MiB:"
@@ -188,11 +191,16 @@ case $mode in
     done
     ;;
   rate)
-    for tool in none strace; do
+    for tool in none strace perf; do
       pid=$(start "$portcullis")
       client rate 203.0.113.10:443 8 1 $ANSWER >/dev/null
       if [ $tool = strace ]; then
         strace -c -f -p "$pid" -o "$work/strace.txt" 2>/dev/null &
+        tracer=$!
+        sleep 0.5
+      elif [ $tool = perf ]; then
+        # Sampled by a software clock: these machines have no PMU.
+        perf record -q -e cpu-clock -F 2000 -p "$pid" -o "$work/perf.data" 2>/dev/null &
         tracer=$!
         sleep 0.5
       fi
@@ -201,10 +209,19 @@ case $mode in
       cpu1=$(cpu_ticks "$pid")
       conns=$(field connections "$out")
       if [ $tool = strace ]; then
-        kill -INT $tracer
-        wait $tracer || true
+        kill -INT "$tracer"
+        wait "$tracer" || true
         echo "  under strace ($conns connections), system calls per connection:"
         per "$conns" "$work/strace.txt"
+      elif [ $tool = perf ]; then
+        kill -INT "$tracer"
+        wait "$tracer" || true
+        echo "  where the gateway's CPU samples fall:"
+        perf report -i "$work/perf.data" --no-children --sort dso --stdio 2>/dev/null |
+          awk '$1 ~ /%$/ && $1 + 0 >= 0.5 { printf "    %-8s %s\n", $1, $2 }'
+        echo "  its own functions above 0.5%:"
+        perf report -i "$work/perf.data" --no-children --sort sym --stdio --dsos "$(basename "$portcullis")" 2>/dev/null |
+          awk '$1 ~ /%$/ && $1 + 0 >= 0.5 { $2 = ""; print "   " $0 }' | head -10
       else
         echo "portcullis: $(field conn_per_s "$out") connections/s, CPU ms per connection $(awk -v a="$cpu0" -v b="$cpu1" -v n="$conns" -v hz="$(getconf CLK_TCK)" 'BEGIN { split(a, x); split(b, y); printf "%.3f user, %.3f system", (y[1] - x[1]) / hz * 1000 / n, (y[2] - x[2]) / hz * 1000 / n }')"
       fi

@@ -302,15 +302,12 @@ pub async fn forward(
 /// connection therefore holds no pipe: two descriptors, not six.
 #[derive(Default)]
 enum Leg<'a> {
-    /// Copying through the worker's scratch buffer: `unsent` is what `dst`
-    /// has not taken yet of the last read, which was `last` bytes (counted
-    /// once they are all sent).
+    /// Copying through the worker's scratch buffer: waiting for a read.
     #[default]
     Copying,
-    Sending {
-        unsent: Vec<u8>,
-        last: usize,
-    },
+    /// The last read was `last` bytes, and `unsent` is what `dst` has not
+    /// taken of it yet; they are counted once all are sent.
+    Sending { unsent: Vec<u8>, last: usize },
     /// A bulk flow in its loop, boxed: its state is larger, and only a
     /// flow that carries bulk data pays for it.
     Bulk(Pin<Box<dyn Future<Output = io::Result<()>> + Send + 'a>>),

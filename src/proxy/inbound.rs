@@ -106,7 +106,8 @@ impl<'a> Inbound<'a> {
     /// Bodies are read in that one size, which the allocator then hands
     /// from connection to connection; reads of every size the network
     /// delivers would each leave pages of their own size class behind
-    /// (an idle kept-alive connection measured 19 KiB of RSS so, 8 this way).
+    /// (an idle kept-alive connection measured 19 KiB of RSS so, 4 to 6
+    /// this way).
     async fn read_body(&mut self) -> io::Result<usize> {
         self.read(BODY_CHUNK, true).await
     }

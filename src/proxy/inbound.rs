@@ -211,6 +211,7 @@ impl<'a> Inbound<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::net::forward::tests::pair;
     use std::time::Duration;
     use tokio::io::AsyncWriteExt;
 
@@ -229,11 +230,7 @@ mod tests {
     /// connections may sit between their hello and their upstream.
     #[tokio::test]
     async fn a_message_holds_only_its_own_bytes() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut client = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (accepted, _) = listener.accept().await.unwrap();
+        let (mut client, accepted) = pair().await;
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut inbound = Inbound::new(&accepted);
 
@@ -259,11 +256,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_message_past_its_cap_is_refused() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut client = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (accepted, _) = listener.accept().await.unwrap();
+        let (mut client, accepted) = pair().await;
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut inbound = Inbound::new(&accepted);
         client.write_all(&[1; 5000]).await.unwrap();

@@ -11,6 +11,7 @@
 //! - [`net`]: original destination, listeners, splice forwarding.
 //! - [`proxy`]: one connection: detect → decide → refuse or forward.
 //! - [`server`]: accept loops, shutdown.
+//! - [`balance`]: which worker serves a connection: few heavy flows spread.
 //! - [`limit`]: connections served at once: in all and per client.
 //! - [`drain`]: signals and how to stop.
 //! - [`telemetry`]: metric names, the Prometheus recorder, list families.
@@ -34,6 +35,7 @@ pub mod admin;
 pub mod allowlist;
 pub mod audit;
 pub mod aws;
+pub mod balance;
 pub mod config;
 pub mod decide;
 pub mod discover;

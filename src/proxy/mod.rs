@@ -412,6 +412,30 @@ pub fn reset(stream: &TcpStream) {
     let _ = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }
 #[cfg(test)]
+impl Context {
+    /// A context with no list loaded (every name is refused), defaults
+    /// otherwise, and nowhere for its audit records to go.
+    pub(crate) fn for_tests() -> Context {
+        Context {
+            policies: Arc::new(crate::policy::Policies::single(
+                crate::allowlist::Source::File("/nonexistent".into()),
+                Arc::new(crate::allowlist::Live::empty()),
+            )),
+            limits: Limits::default(),
+            flow: Limits::default().flow_clock(),
+            audit: AuditLog::spawn(io::sink(), 1, metrics::Counter::noop())
+                .expect("an audit writer thread"),
+            audit_open: false,
+            mode: Mode::Enforce,
+            verify: VerifyDst::Pin,
+            resolver: None,
+            guard: Arc::new(Guard::with_addresses([])),
+            metrics: Metrics::detached(),
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -423,21 +447,7 @@ mod tests {
     /// catches one that is not.
     #[tokio::test]
     async fn a_connections_task_stays_small() {
-        let ctx = Context {
-            policies: Arc::new(crate::policy::Policies::single(
-                crate::allowlist::Source::File("/nonexistent".into()),
-                Arc::new(crate::allowlist::Live::empty()),
-            )),
-            limits: Limits::default(),
-            flow: Limits::default().flow_clock(),
-            audit: AuditLog::spawn(io::sink(), 1, metrics::Counter::noop()).unwrap(),
-            audit_open: false,
-            mode: Mode::Enforce,
-            verify: VerifyDst::Pin,
-            resolver: None,
-            guard: Arc::new(Guard::with_addresses([])),
-            metrics: Metrics::detached(),
-        };
+        let ctx = Context::for_tests();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let _client = TcpStream::connect(listener.local_addr().unwrap())
             .await

@@ -112,6 +112,9 @@ def main():
     pinning = sys.argv[5] if len(sys.argv) > 5 else None
     if pinning and os.path.exists(pinning) and os.path.getsize(pinning) > 0:
         print_pinning(pinning)
+    duels = sys.argv[6] if len(sys.argv) > 6 else None
+    if duels and os.path.exists(duels) and os.path.getsize(duels) > 0:
+        print_duels(duels)
     if "kernel" in runs:
         added = [f"{g} +{runs[g]['ttfb_p50_ms'] - runs['kernel']['ttfb_p50_ms']:.3f} ms" for g in gateways if g != "kernel" and "ttfb_p50_ms" in runs[g]]
         print("\nTime to first byte added over the kernel alone (p50): " + ", ".join(added) + ".")
@@ -142,6 +145,36 @@ def print_pinning(path):
     print(f"| connections/s, pin / off | {statistics.median(rate):.3f} | " + ", ".join(f"{r:.2f}" for r in rate) + " |")
     print(f"| time to first byte p50, pin - off | {statistics.median(p50):+.0f} us | " + ", ".join(f"{d:+.0f}" for d in p50) + " |")
     print(f"| time to first byte p99, pin - off | {statistics.median(p99):+.0f} us | " + ", ".join(f"{d:+.0f}" for d in p99) + " |")
+
+
+def print_duels(path):
+    """The head-to-head sets: portcullis against each rival, one ratio per
+    set (above 1: portcullis is better), and their median."""
+    sets = []
+    for line in open(path):
+        f = dict(kv.split("=", 1) for kv in line.split())
+        sets.append({k: float(v) for k, v in f.items()})
+    rows = [
+        ("connections/s, portcullis / nginx", "conn_per_s", "nginx"),
+        ("connections/s, portcullis / haproxy", "conn_per_s", "haproxy"),
+        ("8 streams, portcullis / relay", "down8", "relay"),
+    ]
+    shown = []
+    for label, key, rival in rows:
+        ratios = [q[f"portcullis_{key}"] / q[f"{rival}_{key}"] for q in sets if q.get(f"{rival}_{key}", 0) > 0 and f"portcullis_{key}" in q]
+        if ratios:
+            shown.append((label, ratios))
+    if not shown:
+        return
+    print(
+        f"\nHead to head: portcullis and each rival run back to back in {len(sets)} sets, the order "
+        f"rotated each set, so that each ratio compares moments seconds apart; the median of the sets "
+        f"(above 1.00: portcullis is better):\n"
+    )
+    print("| | median | sets |")
+    print("|---|---|---|")
+    for label, ratios in shown:
+        print(f"| {label} | {statistics.median(ratios):.2f} | " + ", ".join(f"{r:.2f}" for r in ratios) + " |")
 
 
 COLOURS = {"kernel": "#9e9e9e", "relay": "#bdbdbd", "portcullis": "#1565c0", "portcullis_off": "#64b5f6", "nginx": "#2e7d32", "haproxy": "#ef6c00", "squid": "#6a1b9a"}

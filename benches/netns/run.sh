@@ -26,6 +26,13 @@
 #   (e) squid     intercept, ssl_bump peek then splice by ssl::server_name
 #                 (the Squid-in-an-autoscaling-group design portcullis replaces)
 #
+# The rounds' medians judge narrow margins poorly (a round's numbers move by
+# 10% on a shared machine), so the closest comparisons are also measured
+# head to head: in DUELS sets run back to back, each in a rotated order,
+# portcullis's connection rate against nginx's and HAProxy's, and its eight
+# streams against the relay's; each set gives one ratio from moments
+# seconds apart, and the report gives their median.
+#
 # Every proxy gets the same redirect (iptables/portcullis-iptables.sh) and
 # the same allowlist; the client sends a real ClientHello before any data.
 # Every proxy also writes one log line per connection, as a gateway kept
@@ -33,7 +40,7 @@
 # with the SNI (buffered), HAProxy its tcplog on stdout, Squid its
 # access.log; all of them to /dev/null.
 #
-#   benches/netns/run.sh           full run, about 10 minutes
+#   benches/netns/run.sh           full run, about 12 minutes
 #   benches/netns/run.sh --short   a second per workload: checks every gateway carries traffic
 #   benches/netns/profile.sh ...   where portcullis's time and memory go (its header says how)
 #
@@ -53,14 +60,15 @@ repo=$PWD
 SECONDS_PER=${SECONDS_PER:-3}
 ROUNDS=${ROUNDS:-3}
 PAIRS=${PAIRS:-10}
+DUELS=${DUELS:-5}
 IDLE=2000
 RESULTS=${BENCH_RESULTS:-$repo/benches/results}
 # The short run only proves that every gateway carries traffic: its
 # numbers are not worth publishing, so they stay under target/.
-if [ "${1:-}" = --short ]; then SECONDS_PER=1 ROUNDS=1 PAIRS=1 IDLE=200 RESULTS=$repo/target/bench-short; fi
+if [ "${1:-}" = --short ]; then SECONDS_PER=1 ROUNDS=1 PAIRS=1 DUELS=1 IDLE=200 RESULTS=$repo/target/bench-short; fi
 # The whole run is bounded: nothing here may run away.
 if [ -z "${PORTCULLIS_BENCH_BOUNDED:-}" ]; then
-  PORTCULLIS_BENCH_BOUNDED=1 exec timeout --kill-after=10 900 bash "$self" "$@"
+  PORTCULLIS_BENCH_BOUNDED=1 exec timeout --kill-after=10 1200 bash "$self" "$@"
 fi
 
 # shellcheck source=scripts/setup.sh
@@ -319,6 +327,7 @@ raw=$RESULTS/latest.txt
 mkdir -p "$RESULTS"
 : >"$raw"
 : >"$RESULTS/pinning.txt"
+: >"$RESULTS/duels.txt"
 # The busy fraction of the whole machine since the last call (from
 # /proc/stat): on a box this small the clients and servers share the CPUs
 # with the gateway, so this says whether a workload was CPU-bound.
@@ -433,7 +442,38 @@ if [[ " ${gateways[*]} " == *" portcullis "* ]]; then
   done
 fi
 
+# Head to head (see the header): portcullis and each rival present in
+# turn, the order rotated by one each set, so that going first favours
+# none of them.
+rivals=()
+for gw in relay nginx haproxy; do
+  [[ " ${gateways[*]} " == *" $gw "* ]] && rivals+=("$gw")
+done
+if [[ " ${gateways[*]} " == *" portcullis "* ]] && [ ${#rivals[@]} -gt 0 ]; then
+  for set in $(seq "$DUELS"); do
+    line="set=$set"
+    order=(portcullis "${rivals[@]}")
+    shift_by=$(((set - 1) % ${#order[@]}))
+    order=("${order[@]:shift_by}" "${order[@]:0:shift_by}")
+    for gw in "${order[@]}"; do
+      echo "== head to head, set $set of $DUELS: $gw"
+      "start_$gw"
+      wait_ready "$gw"
+      if [ "$gw" != relay ]; then
+        rate=$(client rate 203.0.113.10:443 64 "$SECONDS_PER" $ANSWER)
+        line+=" ${gw}_conn_per_s=$(field conn_per_s "$rate")"
+      fi
+      if [ "$gw" = relay ] || [ "$gw" = portcullis ]; then
+        down8=$(client bulk down 203.0.113.12:443 8 "$SECONDS_PER" $SOURCE)
+        line+=" ${gw}_down8=$(field mib_per_s "$down8")"
+      fi
+      stop_gateway
+    done
+    echo "$line" | tee -a "$RESULTS/duels.txt"
+  done
+fi
+
 python3 "$repo/benches/netns/report.py" "$raw" "$(uname -r)" \
   "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs) x $(nproc)" "$RESULTS/latest.svg" \
-  "$RESULTS/pinning.txt" >"$RESULTS/latest.md"
+  "$RESULTS/pinning.txt" "$RESULTS/duels.txt" >"$RESULTS/latest.md"
 cat "$RESULTS/latest.md"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Sourced by scripts/demo.sh and benches/netns/run.sh: the client / gateway
+# Sourced by scripts/demo.sh and benches/netns/run.sh and profile.sh: the client / gateway
 # / upstream namespaces they share, and the gateway's own DNS server (the
 # e2e tests build the same in Rust, tests/support/netns.rs and dns.rs),
 # with documentation addresses only:
@@ -30,6 +30,20 @@ topology_up() {
   ip -n "$u" route add default via 198.51.100.1
   ip -n "$g" route add 203.0.113.0/24 via 198.51.100.2
   ip netns exec "$g" sysctl -qw net.ipv4.ip_forward=1
+}
+
+# topology_many_connections CLIENT GATEWAY UPSTREAM: for workloads that
+# open tens of thousands of connections a run, every host reuses TIME_WAIT
+# ports over a wide range, as ami/sysctl sets for a gateway. With the range
+# that wide, a gateway's own outbound connections (Squid's to the upstream)
+# could take its listening ports, left in TIME_WAIT for the next gateway's
+# bind: reserved, as ami/sysctl reserves them.
+topology_many_connections() {
+  local ns
+  for ns in "$@"; do
+    ip netns exec "$ns" sysctl -qw net.ipv4.ip_local_port_range="1024 65000" net.ipv4.tcp_tw_reuse=1
+  done
+  ip netns exec "$2" sysctl -qw net.ipv4.ip_local_reserved_ports=9090,15080,15443
 }
 
 # gateway_dns UPSTREAM DIR NAME,ADDRESS...: a real DNS server (dnsmasq) on

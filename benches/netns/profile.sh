@@ -14,10 +14,11 @@
 #       GiB (user and system); then once under `strace -c`: system calls
 #       per MiB moved.
 #   benches/netns/profile.sh rate [SECONDS]   short connections
-#       The connection-rate workload (64 clients) through portcullis: CPU
-#       per connection; under `strace -c`: system calls per connection;
-#       under `perf record`: the share of the CPU in the kernel and in
-#       portcullis, and its own functions that take more than 0.5%.
+#       The connection-rate workload (64 clients) through portcullis and
+#       through nginx, the same way: CPU per connection; under `strace -c`:
+#       system calls per connection; under `perf record`: the share of the
+#       CPU in the kernel and in the proxy, and its own functions that take
+#       more than 0.5%.
 #
 # Instruction counts need a hardware PMU; the virtual machines this ran on
 # have none (`perf stat -e instructions` is not supported there), so time
@@ -34,6 +35,9 @@ mode=${1:?usage: profile.sh memory|stream|rate [N]}
 # shellcheck source=scripts/setup.sh
 source scripts/setup.sh
 install_missing strace linux-perf dnsmasq-base
+# shellcheck source=benches/netns/peers.sh
+source benches/netns/peers.sh
+[ "$mode" != rate ] || install_peers nginx libnginx-mod-stream
 
 case $mode in
   memory)
@@ -62,6 +66,7 @@ topology_down $C $G $U
 work=$(mktemp -d)
 trap 'topology_down $C $G $U; rm -rf "$work"' EXIT
 topology_up $C $G $U 203.0.113.10 203.0.113.11 203.0.113.12
+topology_many_connections $C $G $U
 ip netns exec $U "$loadgen" serve 203.0.113.10:443 203.0.113.11:443 203.0.113.12:443 &
 disown # killed with the namespace
 ANSWER=answer.bench.example SINK=sink.bench.example SOURCE=source.bench.example
@@ -70,10 +75,14 @@ gateway_dns $U "$work" "$ANSWER,203.0.113.10" "$SINK,203.0.113.11" "$SOURCE,203.
 ip netns exec $G env PRIVATE_CIDRS=192.0.2.0/24 PRIVATE_CIDRS6= "$repo/iptables/portcullis-iptables.sh" apply
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
-# start BINARY [run|relay]: the gateway, in $work (where dhat writes); its pid.
+# start BINARY [run|relay|nginx]: the gateway, in $work (where dhat
+# writes); its pid (one of nginx's).
 start() {
   local bin=$1
-  if [ "${2:-run}" = relay ]; then
+  if [ "${2:-run}" = nginx ]; then
+    write_nginx_conf "$work" $ANSWER $SINK $SOURCE
+    ip netns exec $G nginx -c "$work/nginx.conf" -e "$work/nginx.log" &
+  elif [ "${2:-run}" = relay ]; then
     # Not on this function's stdout, which the caller reads to its end.
     ip netns exec $G "$loadgen" relay 0.0.0.0:15443 >/dev/null 2>"$work/gateway.log" &
   else
@@ -93,20 +102,27 @@ start() {
   done
   ip netns exec $G ss -Hltnp 'sport = :15443' | sed -n 's/.*pid=\([0-9]*\).*/\1/p' | head -1
 }
-# stop PID: SIGTERM, and wait until it has exited (dhat writes on exit).
+# stop: SIGTERM to every process of the gateway, and wait until they have
+# exited (dhat writes on exit).
 stop() {
-  kill -TERM "$1" 2>/dev/null || true
+  local pid
+  for pid in $(ip netns pids $G); do kill -TERM "$pid" 2>/dev/null || true; done
   for _ in $(seq 300); do
-    kill -0 "$1" 2>/dev/null || return 0
+    [ -n "$(ip netns pids $G)" ] || return 0
     sleep 0.1
   done
-  kill -9 "$1" 2>/dev/null || true
+  for pid in $(ip netns pids $G); do kill -9 "$pid" 2>/dev/null || true; done
 }
+# The gateway's processes: portcullis's one, or nginx's master and workers.
+gateway_pids() { ip netns pids $G | tr '\n' ' '; }
 client() { ip netns exec $C "$loadgen" "$@"; }
 field() { sed -n "s/.*\b$1=\([^ ]*\).*/\1/p" <<<"$2"; }
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
-# cpu_ticks PID: the process's user and system clock ticks so far.
-cpu_ticks() { awk '{ print $14, $15 }' "/proc/$1/stat"; }
+# cpu_ticks PID...: the processes' user and system clock ticks so far.
+cpu_ticks() {
+  local pid
+  for pid in "$@"; do cat "/proc/$pid/stat"; done | awk '{ u += $14; s += $15 } END { print u, s }'
+}
 # per_gib TICKS0 TICKS1 BYTES: CPU seconds per GiB, user and system.
 per_gib() {
   awk -v a="$1" -v b="$2" -v n="$3" -v hz="$(getconf CLK_TCK)" \
@@ -142,7 +158,7 @@ peak_heap() {
   pid=$(start "$portcullis")
   client rate 203.0.113.10:443 8 1 $ANSWER >/dev/null # names resolved, caches warm
   hold "$pid" "$count" >/dev/null
-  stop "$pid"
+  stop
   cp "$work/dhat-heap.json" "$work/heap-$count.json"
   python3 -c 'import json, sys; print(sum(p.get("gb", 0) for p in json.load(open(sys.argv[1]))["pps"]))' \
     "$work/heap-$count.json"
@@ -157,7 +173,7 @@ case $mode in
     pid=$(start "$repo/target/release/portcullis")
     client rate 203.0.113.10:443 8 1 $ANSWER >/dev/null
     grown=$(hold "$pid" "$COUNT")
-    stop "$pid"
+    stop
     echo "RSS per idle TLS connection (mimalloc build, as run.sh measures): $(awk -v k="$grown" -v n="$COUNT" 'BEGIN { printf "%.2f", k / n }') KiB"
     ;;
   stream)
@@ -171,7 +187,7 @@ case $mode in
           cpu0=$(cpu_ticks "$pid")
           out=$(client bulk $way $target 1 "$SECONDS_PER" $name)
           cpu1=$(cpu_ticks "$pid")
-          stop "$pid"
+          stop
           echo "round $round: $gw $way $(field mib_per_s "$out") MiB/s, CPU s per GiB $(per_gib "$cpu0" "$cpu1" "$(field bytes "$out")")"
           if [ "$round" = 1 ]; then
             pid=$(start "$portcullis" "$([ $gw = relay ] && echo relay || echo run)")
@@ -181,7 +197,7 @@ case $mode in
             out=$(client bulk $way $target 1 "$SECONDS_PER" $name)
             kill -INT "$tracer"
             wait "$tracer" || true
-            stop "$pid"
+            stop
             mib=$(awk -v b="$(field bytes "$out")" 'BEGIN { printf "%.1f", b / 2^20 }')
             echo "  under strace ($mib MiB), system calls per MiB:"
             per "$mib" "$work/strace.txt"
@@ -191,41 +207,46 @@ case $mode in
     done
     ;;
   rate)
-    for tool in none strace perf; do
-      pid=$(start "$portcullis")
-      client rate 203.0.113.10:443 8 1 $ANSWER >/dev/null
-      if [ $tool = strace ]; then
-        strace -c -f -p "$pid" -o "$work/strace.txt" 2>/dev/null &
-        tracer=$!
-        sleep 0.5
-      elif [ $tool = perf ]; then
-        # Sampled by a software clock: these machines have no PMU.
-        perf record -q -e cpu-clock -F 2000 -p "$pid" -o "$work/perf.data" 2>/dev/null &
-        tracer=$!
-        sleep 0.5
-      fi
-      cpu0=$(cpu_ticks "$pid")
-      out=$(client rate 203.0.113.10:443 64 "$SECONDS_PER" $ANSWER)
-      cpu1=$(cpu_ticks "$pid")
-      conns=$(field connections "$out")
-      if [ $tool = strace ]; then
-        kill -INT "$tracer"
-        wait "$tracer" || true
-        echo "  under strace ($conns connections), system calls per connection:"
-        per "$conns" "$work/strace.txt"
-      elif [ $tool = perf ]; then
-        kill -INT "$tracer"
-        wait "$tracer" || true
-        echo "  where the gateway's CPU samples fall:"
-        perf report -i "$work/perf.data" --no-children --sort dso --stdio 2>/dev/null |
-          awk '$1 ~ /%$/ && $1 + 0 >= 0.5 { printf "    %-8s %s\n", $1, $2 }'
-        echo "  its own functions above 0.5%:"
-        perf report -i "$work/perf.data" --no-children --sort sym --stdio --dsos "$(basename "$portcullis")" 2>/dev/null |
-          awk '$1 ~ /%$/ && $1 + 0 >= 0.5 { $2 = ""; print "   " $0 }' | head -10
-      else
-        echo "portcullis: $(field conn_per_s "$out") connections/s, CPU ms per connection $(awk -v a="$cpu0" -v b="$cpu1" -v n="$conns" -v hz="$(getconf CLK_TCK)" 'BEGIN { split(a, x); split(b, y); printf "%.3f user, %.3f system", (y[1] - x[1]) / hz * 1000 / n, (y[2] - x[2]) / hz * 1000 / n }')"
-      fi
-      stop "$pid"
+    for gw in portcullis nginx; do
+      for tool in none strace perf; do
+        start "$portcullis" "$([ $gw = nginx ] && echo nginx || echo run)" >/dev/null
+        client rate 203.0.113.10:443 8 1 $ANSWER >/dev/null
+        read -r -a pids <<<"$(gateway_pids)"
+        if [ $tool = strace ]; then
+          strace -c -f "${pids[@]/#/-p}" -o "$work/strace.txt" 2>/dev/null &
+          tracer=$!
+          sleep 0.5
+        elif [ $tool = perf ]; then
+          # Sampled by a software clock: these machines have no PMU.
+          perf record -q -e cpu-clock -F 2000 -p "$(IFS=,; echo "${pids[*]}")" -o "$work/perf.data" 2>/dev/null &
+          tracer=$!
+          sleep 0.5
+        fi
+        cpu0=$(cpu_ticks "${pids[@]}")
+        out=$(client rate 203.0.113.10:443 64 "$SECONDS_PER" $ANSWER)
+        cpu1=$(cpu_ticks "${pids[@]}")
+        conns=$(field connections "$out")
+        if [ $tool = strace ]; then
+          kill -INT "$tracer"
+          wait "$tracer" || true
+          echo "  $gw under strace ($conns connections), system calls per connection:"
+          per "$conns" "$work/strace.txt"
+        elif [ $tool = perf ]; then
+          kill -INT "$tracer"
+          wait "$tracer" || true
+          echo "  where $gw's CPU samples fall:"
+          perf report -i "$work/perf.data" --no-children --sort dso --stdio 2>/dev/null |
+            awk '$1 ~ /%$/ && $1 + 0 >= 0.5 { printf "    %-8s %s\n", $1, $2 }'
+          echo "  its own functions above 0.5%:"
+          own=nginx
+          [ $gw = nginx ] || own=$(basename "$portcullis")
+          perf report -i "$work/perf.data" --no-children --sort sym --stdio --dsos "$own" 2>/dev/null |
+            awk '$1 ~ /%$/ && $1 + 0 >= 0.5 { $2 = ""; print "   " $0 }' | head -10
+        else
+          echo "$gw: $(field conn_per_s "$out") connections/s, CPU ms per connection $(awk -v a="$cpu0" -v b="$cpu1" -v n="$conns" -v hz="$(getconf CLK_TCK)" 'BEGIN { split(a, x); split(b, y); printf "%.3f user, %.3f system", (y[1] - x[1]) / hz * 1000 / n, (y[2] - x[2]) / hz * 1000 / n }')"
+        fi
+        stop
+      done
     done
     ;;
 esac

@@ -167,7 +167,7 @@ def print_duels(path):
     if not shown:
         return
     print(
-        f"\nHead to head: portcullis and each rival run back to back in {len(sets)} sets, the order "
+        f"\nHead to head: portcullis and each rival run back to back in {len(sets)} set{'s' if len(sets) != 1 else ''}, the order "
         f"rotated each set, so that each ratio compares moments seconds apart; the median of the sets "
         f"(above 1.00: portcullis is better):\n"
     )

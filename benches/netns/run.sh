@@ -40,7 +40,7 @@
 # with the SNI (buffered), HAProxy its tcplog on stdout, Squid its
 # access.log; all of them to /dev/null.
 #
-#   benches/netns/run.sh           full run, about 12 minutes
+#   benches/netns/run.sh           full run, about 15 minutes once built
 #   benches/netns/run.sh --short   a second per workload: checks every gateway carries traffic
 #   benches/netns/profile.sh ...   where portcullis's time and memory go (its header says how)
 #
@@ -68,26 +68,14 @@ RESULTS=${BENCH_RESULTS:-$repo/benches/results}
 if [ "${1:-}" = --short ]; then SECONDS_PER=1 ROUNDS=1 PAIRS=1 DUELS=1 IDLE=200 RESULTS=$repo/target/bench-short; fi
 # The whole run is bounded: nothing here may run away.
 if [ -z "${PORTCULLIS_BENCH_BOUNDED:-}" ]; then
-  PORTCULLIS_BENCH_BOUNDED=1 exec timeout --kill-after=10 1200 bash "$self" "$@"
+  PORTCULLIS_BENCH_BOUNDED=1 exec timeout --kill-after=10 1800 bash "$self" "$@"
 fi
 
 # shellcheck source=scripts/setup.sh
 source scripts/setup.sh
-# policy-rc.d 101: the peers' services must not start on this machine,
-# and since they are installed for the benchmark only, nor at the next boot.
-# An administrator's own policy-rc.d is left as it is.
-own_policy=
-if [ ! -e /usr/sbin/policy-rc.d ]; then
-  printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
-  chmod +x /usr/sbin/policy-rc.d
-  own_policy=1
-fi
-install_missing nginx libnginx-mod-stream haproxy squid-openssl dnsmasq-base || status=$?
-[ -z "$own_policy" ] || rm -f /usr/sbin/policy-rc.d
-[ "${status:-0}" -eq 0 ] || exit "$status"
-if [ ${#newly_installed[@]} -gt 0 ]; then
-  systemctl disable --quiet nginx haproxy squid 2>/dev/null || true
-fi
+# shellcheck source=benches/netns/peers.sh
+source benches/netns/peers.sh
+install_peers nginx libnginx-mod-stream haproxy squid-openssl dnsmasq-base
 
 cargo build --locked --release --quiet
 loadgen=$(cargo bench --locked --bench loadgen --no-run 2>&1 | sed -n 's/.*Executable .*(\(.*\))$/\1/p')
@@ -100,15 +88,7 @@ topology_down $C $G $U # left by a run that was killed
 work=$(mktemp -d)
 trap 'topology_down $C $G $U; rm -rf "$work"' EXIT
 topology_up $C $G $U 203.0.113.10 203.0.113.11 203.0.113.12 203.0.113.13
-# The connection-rate workload opens tens of thousands of connections a
-# run: every host reuses TIME_WAIT ports, as ami/sysctl sets for a gateway.
-for ns in $C $G $U; do
-  ip netns exec "$ns" sysctl -qw net.ipv4.ip_local_port_range="1024 65000" net.ipv4.tcp_tw_reuse=1
-done
-# With the range that wide, the gateways' own outbound connections (Squid's
-# to the upstream) could take the listening ports, left in TIME_WAIT for
-# the next gateway's bind: reserved, as ami/sysctl reserves them.
-ip netns exec $G sysctl -qw net.ipv4.ip_local_reserved_ports=9090,15080,15443
+topology_many_connections $C $G $U
 
 ip netns exec $U "$loadgen" serve 203.0.113.10:443 203.0.113.11:443 203.0.113.12:443 203.0.113.13:80 &
 disown # killed with the namespace, not reported
@@ -192,32 +172,7 @@ start_portcullis_base() {
 
 start_nginx() {
   redirect
-  cat >"$work/nginx.conf" <<EOF
-load_module /usr/lib/nginx/modules/ngx_stream_module.so;
-worker_processes auto;
-pid $work/nginx.pid;
-error_log $work/nginx.log warn;
-daemon off;
-events { worker_connections 16384; }
-stream {
-  log_format egress '\$time_iso8601 \$remote_addr:\$remote_port \$ssl_preread_server_name '
-                    '\$upstream_addr \$status \$bytes_received \$bytes_sent \$session_time';
-  access_log /dev/null egress buffer=64k flush=1s;
-  # The allowlist: SNI -> upstream (in production, a resolver and
-  # \$ssl_preread_server_name:443; here a map stands in for DNS).
-  map \$ssl_preread_server_name \$upstream {
-    $ANSWER 203.0.113.10:443;
-    $SINK 203.0.113.11:443;
-    $SOURCE 203.0.113.12:443;
-    default 127.0.0.1:1;
-  }
-  server {
-    listen 15443 reuseport;
-    ssl_preread on;
-    proxy_pass \$upstream;
-  }
-}
-EOF
+  write_nginx_conf "$work" $ANSWER $SINK $SOURCE
   ip netns exec $G nginx -c "$work/nginx.conf" -e "$work/nginx.log" &
   disown # killed with the namespace, not reported
 }

@@ -388,7 +388,7 @@ fn spawn_worker(
 }
 
 /// How often a worker's own timer fires; see [`keep_a_timer_near`].
-/// Shorter than every per-connection timeout, which are whole seconds.
+/// Shorter than the per-connection timeouts (seconds, by default).
 const NEAR_TIMER: Duration = Duration::from_millis(500);
 
 /// Keeps a timer at most [`NEAR_TIMER`] away in the worker's timer wheel.
@@ -470,26 +470,32 @@ async fn accept_loop(
 
 /// Serves a connection on the worker that holds its `place`, which it
 /// keeps until it ends.
-async fn serve_placed(
+///
+/// The connection's future is made and boxed here, before the task, so
+/// the task holds a pointer and the place: tokio moves a task's future by
+/// value several times as it spawns and finishes it, a connection's state
+/// is about 1 KiB to copy, and an `async fn` here would also keep room for
+/// its arguments in every task for the connection's whole life.
+fn serve_placed(
     stream: tokio::net::TcpStream,
     peer: SocketAddr,
     proto: Proto,
     ctx: Arc<Context>,
     slot: crate::limit::Slot,
     place: Place,
-) {
-    let _place = place;
-    // Boxed, so the task holds a pointer: tokio moves a task's future by
-    // value several times as it spawns and finishes it, and a
-    // connection's state is about 1 KiB to copy.
-    Box::pin(proxy::serve(stream, peer, proto, ctx, slot)).await;
+) -> impl Future<Output = ()> + Send + 'static {
+    let serving = Box::pin(proxy::serve(stream, peer, proto, ctx, slot));
+    async move {
+        let _place = place;
+        serving.await;
+    }
 }
 
 /// Serves a connection accepted here on the worker that holds its
-/// `place`: the socket leaves this worker's event loop and joins that
-/// one's, where its task then runs. A socket that cannot move is closed
-/// and counted as an accept error, as one that tokio fails to register
-/// at accept is.
+/// `place`: the socket leaves this worker's event loop for that one's,
+/// and its task is spawned there. A socket that cannot move is closed and
+/// counted as an accept error, as one that tokio fails to register at
+/// accept is.
 fn hand_over(
     stream: tokio::net::TcpStream,
     peer: SocketAddr,
@@ -498,24 +504,23 @@ fn hand_over(
     slot: crate::limit::Slot,
     place: Place,
 ) {
-    let ctx = shared.ctx.clone();
-    let moved = match stream.into_std() {
-        Ok(moved) => moved,
-        Err(e) => {
-            ctx.metrics.accept_error();
-            tracing::warn!("cannot hand a connection to another worker: {e}");
-            return;
-        }
-    };
-    shared.handles[place.worker()].spawn(async move {
-        match tokio::net::TcpStream::from_std(moved) {
-            Ok(stream) => serve_placed(stream, peer, proto, ctx, slot, place).await,
-            Err(e) => {
-                ctx.metrics.accept_error();
-                tracing::warn!("cannot take over a connection from another worker: {e}");
-            }
-        }
+    let there = &shared.handles[place.worker()];
+    let moved = stream.into_std().and_then(|stream| {
+        // Registered with the other worker's event loop from this thread,
+        // which tokio allows.
+        let _there = there.enter();
+        tokio::net::TcpStream::from_std(stream)
     });
+    match moved {
+        Ok(stream) => {
+            let ctx = shared.ctx.clone();
+            there.spawn(serve_placed(stream, peer, proto, ctx, slot, place));
+        }
+        Err(e) => {
+            shared.ctx.metrics.accept_error();
+            tracing::warn!("cannot hand a connection over to another worker: {e}");
+        }
+    }
 }
 
 /// Tells a connection refused at a limit why, if a refusal slot is free;
@@ -565,6 +570,23 @@ impl Throttled {
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A connection's task lives as long as the connection: what it holds
+    /// beside the boxed connection is the memory of every idle one.
+    #[tokio::test]
+    async fn a_placed_connections_task_holds_a_pointer_and_its_place() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (accepted, peer) = listener.accept().await.unwrap();
+        let slot = Limits::new(10, 10).try_admit(peer.ip()).unwrap();
+        let place = Workers::new(1).place(0);
+        let ctx = Arc::new(Context::for_tests());
+        let task = serve_placed(accepted, peer, Proto::Tls, ctx, slot, place);
+        let size = std::mem::size_of_val(&task);
+        assert!(size <= 64, "a placed connection's task takes {size} bytes");
+    }
 
     /// A connection accepted by one worker and placed on another is served
     /// there to its end, holding its place on that worker meanwhile.

@@ -306,8 +306,13 @@ enum Leg<'a> {
     #[default]
     Copying,
     /// The last read was `last` bytes, and `unsent` is what `dst` has not
-    /// taken of it yet; they are counted once all are sent.
-    Sending { unsent: Vec<u8>, last: usize },
+    /// taken of it yet; they are counted once all are sent. `last_of_all`:
+    /// `src` has nothing after them but its end of stream.
+    Sending {
+        unsent: Vec<u8>,
+        last: usize,
+        last_of_all: bool,
+    },
     /// A bulk flow in its loop, boxed: its state is larger, and only a
     /// flow that carries bulk data pays for it.
     Bulk(Pin<Box<dyn Future<Output = io::Result<()>> + Send + 'a>>),
@@ -338,7 +343,11 @@ impl<'a> Leg<'a> {
                     *self = Leg::Ended;
                     return Poll::Ready(ended);
                 }
-                Leg::Sending { unsent, last } => {
+                Leg::Sending {
+                    unsent,
+                    last,
+                    last_of_all,
+                } => {
                     if !unsent.is_empty() {
                         std::task::ready!(dst.poll_write_ready(cx))?;
                         match dst.try_write(unsent) {
@@ -350,7 +359,9 @@ impl<'a> Leg<'a> {
                     }
                     count.fetch_add(*last as u64, Ordering::Relaxed);
                     activity.touch();
-                    *self = if *last == SMALL_READ {
+                    *self = if *last_of_all {
+                        Leg::Ended
+                    } else if *last == SMALL_READ {
                         Leg::Bulk(Box::pin(bulk(src, dst, activity, count)))
                     } else {
                         Leg::Copying
@@ -358,8 +369,16 @@ impl<'a> Leg<'a> {
                 }
                 Leg::Copying => {
                     std::task::ready!(src.poll_read_ready(cx))?;
+                    // Asked before the read: see `fin_received`.
+                    let fin = fin_received(src);
                     match relay_once(src, dst) {
-                        Ok(Some((last, unsent))) => *self = Leg::Sending { unsent, last },
+                        Ok(Some((last, unsent))) => {
+                            *self = Leg::Sending {
+                                unsent,
+                                last,
+                                last_of_all: fin && last < SMALL_READ,
+                            }
+                        }
                         Ok(None) => *self = Leg::Ended,
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                         Err(e) => return Poll::Ready(Err(e)),
@@ -411,6 +430,27 @@ pub fn try_read_append(src: &TcpStream, buf: &mut Vec<u8>, max: usize) -> io::Re
         buf.extend_from_slice(&scratch[..n]);
         Ok(n)
     })
+}
+
+/// Whether `s`'s peer has sent its FIN, and nothing worse, by what tokio
+/// last heard from epoll (EPOLLRDHUP without EPOLLHUP or EPOLLERR).
+///
+/// Asked before a read that then comes back short of its buffer, a yes
+/// means that read took the last bytes: they all came before the FIN, and
+/// a short read empties the socket. The read that would only say "end of
+/// stream" is then left out, one system call a connection (the server's
+/// answer and its FIN usually arrive together). Asked after the read, a
+/// yes could be a FIN that came later, behind more bytes, so it is not.
+/// A reset sets EPOLLHUP, so it is still read, and reported as the error
+/// it is.
+fn fin_received(s: &TcpStream) -> bool {
+    let ready = std::pin::pin!(s.ready(Interest::READABLE | Interest::WRITABLE));
+    // Polled once, never waited on: the caller has just seen the socket
+    // readable, so the readiness is there to be read without a wait.
+    match ready.poll(&mut Context::from_waker(std::task::Waker::noop())) {
+        Poll::Ready(Ok(ready)) => ready.is_read_closed() && !ready.is_write_closed(),
+        _ => false,
+    }
 }
 
 /// One read from `src` and one write of it to `dst`, without waiting:
@@ -713,6 +753,45 @@ pub(crate) mod tests {
         let ended = copy_phase(&proxy_client, &proxy_upstream, &count).await;
         assert!(!ended.unwrap(), "a full read hands the flow to splice");
         assert!(count.load(Ordering::Relaxed) >= SMALL_READ as u64);
+    }
+
+    /// An answer and its FIN that arrive together end the direction with
+    /// every byte moved and counted; the FIN is known from epoll's word
+    /// (EPOLLRDHUP), and only a FIN, never a reset, counts as one.
+    #[tokio::test]
+    async fn an_answer_with_its_fin_ends_the_direction() {
+        let (mut server, proxy_upstream) = pair().await;
+        let (proxy_client, mut client) = pair().await;
+        assert!(!fin_received(&proxy_upstream), "nothing has arrived");
+        server.write_all(&[5u8; 1024]).await.unwrap();
+        server.shutdown().await.unwrap();
+        // Both in before the proxy looks, as the server's answer and its
+        // FIN usually are.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        read_ready(&proxy_upstream).await.unwrap();
+        assert!(fin_received(&proxy_upstream), "the FIN is known");
+        let count = AtomicU64::new(0);
+        let ended = copy_phase(&proxy_upstream, &proxy_client, &count).await;
+        assert!(ended.unwrap(), "the direction has ended");
+        assert_eq!(count.load(Ordering::Relaxed), 1024);
+        let mut got = vec![0u8; 1024];
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, vec![5u8; 1024]);
+
+        // A reset after data is no FIN: the direction fails.
+        let (server, proxy_upstream) = pair().await;
+        let mut server = server;
+        server.write_all(&[6u8; 100]).await.unwrap();
+        socket2::SockRef::from(&server)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(server);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        read_ready(&proxy_upstream).await.unwrap();
+        assert!(!fin_received(&proxy_upstream), "a reset is not a FIN");
+        let count = AtomicU64::new(0);
+        let ended = copy_phase(&proxy_upstream, &proxy_client, &count).await;
+        assert!(ended.is_err(), "a reset fails the direction: {ended:?}");
     }
 
     /// A copied read the destination cannot take at once is kept and sent

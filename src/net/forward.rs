@@ -779,8 +779,7 @@ pub(crate) mod tests {
         assert_eq!(got, vec![5u8; 1024]);
 
         // A reset after data is no FIN: the direction fails.
-        let (server, proxy_upstream) = pair().await;
-        let mut server = server;
+        let (mut server, proxy_upstream) = pair().await;
         server.write_all(&[6u8; 100]).await.unwrap();
         socket2::SockRef::from(&server)
             .set_linger(Some(Duration::ZERO))

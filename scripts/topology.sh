@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Sourced by scripts/demo.sh and benches/netns/run.sh and profile.sh: the client / gateway
-# / upstream namespaces they share, and the gateway's own DNS server (the
-# e2e tests build the same in Rust, tests/support/netns.rs and dns.rs),
-# with documentation addresses only:
+# Sourced by scripts/demo.sh and benches/netns/run.sh and profile.sh: the
+# client / gateway / upstream namespaces they share, and the gateway's own
+# DNS server (the e2e tests build the same in Rust, tests/support/netns.rs
+# and dns.rs), with documentation addresses only:
 #
 #   client 192.0.2.2 --- 192.0.2.1 gateway 198.51.100.1 --- 198.51.100.2 upstream
 #                                                          + the "internet" addresses given

@@ -125,13 +125,15 @@ def ratio(ours, theirs, higher):
     return ours / theirs if higher else theirs / ours
 
 
+def numbered_lines(path):
+    """Each line of `key=number ...` fields as a dict of floats."""
+    return [{k: float(v) for k, v in (kv.split("=", 1) for kv in line.split())} for line in open(path)]
+
+
 def print_pinning(path):
     """The paired comparison of --verify-dst pin (the default) and off:
     each pair's ratio and differences, then their medians."""
-    pairs = []
-    for line in open(path):
-        f = dict(kv.split("=", 1) for kv in line.split())
-        pairs.append({k: float(v) for k, v in f.items()})
+    pairs = numbered_lines(path)
     rate = [q["pin_conn_per_s"] / q["off_conn_per_s"] for q in pairs]
     p50 = [1000 * (q["pin_ttfb_p50_ms"] - q["off_ttfb_p50_ms"]) for q in pairs]
     p99 = [1000 * (q["pin_ttfb_p99_ms"] - q["off_ttfb_p99_ms"]) for q in pairs]
@@ -150,10 +152,7 @@ def print_pinning(path):
 def print_duels(path):
     """The head-to-head sets: portcullis against each rival, one ratio per
     set (above 1: portcullis is better), and their median."""
-    sets = []
-    for line in open(path):
-        f = dict(kv.split("=", 1) for kv in line.split())
-        sets.append({k: float(v) for k, v in f.items()})
+    sets = numbered_lines(path)
     rows = [
         ("connections/s, portcullis / nginx", "conn_per_s", "nginx"),
         ("connections/s, portcullis / haproxy", "conn_per_s", "haproxy"),

@@ -586,17 +586,15 @@ impl Throttled {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::net::forward::tests::pair;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// A connection's task lives as long as the connection: what it holds
     /// beside the boxed connection is the memory of every idle one.
     #[tokio::test]
     async fn a_placed_connections_task_holds_a_pointer_and_its_place() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let _client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (accepted, peer) = listener.accept().await.unwrap();
+        let (_client, accepted) = pair().await;
+        let peer = accepted.peer_addr().unwrap();
         let slot = Limits::new(10, 10).try_admit(peer.ip()).unwrap();
         let place = Workers::new(1).place(0);
         let ctx = Arc::new(Context::for_tests());
@@ -628,11 +626,8 @@ mod tests {
         let other = std::thread::spawn(move || there.block_on(stopped));
 
         here.block_on(async {
-            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
-                .await
-                .unwrap();
-            let (accepted, peer) = listener.accept().await.unwrap();
+            let (mut client, accepted) = pair().await;
+            let peer = accepted.peer_addr().unwrap();
             // Worker 0 serves one connection already, so the next place is
             // on worker 1.
             let busy = shared.workers.place(0);

@@ -16,8 +16,16 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 /// How many connections each worker serves now.
 #[derive(Debug)]
 pub struct Workers {
-    live: Box<[AtomicUsize]>,
+    live: Box<[Count]>,
 }
+
+/// One worker's count, on a cache line of its own: each worker changes
+/// its own at every accept and close, and with the counts side by side
+/// every such write would also take the line that holds all the others'.
+/// (The reads at each placement still fetch the others' lines.)
+#[derive(Debug, Default)]
+#[repr(align(64))]
+struct Count(AtomicUsize);
 
 /// A connection's place on the worker that serves it, given back on drop.
 #[derive(Debug)]
@@ -35,14 +43,16 @@ impl Place {
 
 impl Drop for Place {
     fn drop(&mut self) {
-        self.workers.live[self.worker].fetch_sub(1, Ordering::Relaxed);
+        self.workers.live[self.worker]
+            .0
+            .fetch_sub(1, Ordering::Relaxed);
     }
 }
 
 impl Workers {
     pub fn new(count: usize) -> Arc<Workers> {
         Arc::new(Workers {
-            live: (0..count.max(1)).map(|_| AtomicUsize::new(0)).collect(),
+            live: (0..count.max(1)).map(|_| Count::default()).collect(),
         })
     }
 
@@ -52,7 +62,7 @@ impl Workers {
     /// moment may both pick the same one, which the next placements even
     /// out.
     pub fn place(self: &Arc<Self>, accepted_by: usize) -> Place {
-        let load = |i: usize| self.live[i].load(Ordering::Relaxed);
+        let load = |i: usize| self.live[i].0.load(Ordering::Relaxed);
         let (least, least_load) = (0..self.live.len())
             .map(|i| (i, load(i)))
             .min_by_key(|&(_, n)| n)
@@ -62,7 +72,7 @@ impl Workers {
         } else {
             accepted_by
         };
-        self.live[worker].fetch_add(1, Ordering::Relaxed);
+        self.live[worker].0.fetch_add(1, Ordering::Relaxed);
         Place {
             workers: self.clone(),
             worker,
@@ -73,7 +83,7 @@ impl Workers {
     pub fn live(&self) -> Vec<usize> {
         self.live
             .iter()
-            .map(|n| n.load(Ordering::Relaxed))
+            .map(|n| n.0.load(Ordering::Relaxed))
             .collect()
     }
 }

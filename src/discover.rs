@@ -96,11 +96,12 @@ impl Tally {
             return;
         };
         // A connection is counted by its one `end` record (logs from before
-        // records had kinds have only those); `open` and `interim` records
-        // repeat it.
+        // records had kinds have only those), and each earlier request of a
+        // kept-alive HTTP connection by its own `request` record, under its
+        // own name and verdict; `open` and `interim` records repeat them.
         if !matches!(
             record.get("kind").and_then(|k| k.as_str()),
-            None | Some("end")
+            None | Some("end" | "request")
         ) {
             return;
         }
@@ -255,6 +256,21 @@ mod tests {
         let mut t = Tally::default();
         t.read(log.as_bytes()).unwrap();
         assert_eq!((t.connections(), t.skipped), (2, 0));
+    }
+
+    #[test]
+    fn each_request_of_a_kept_alive_connection_counts_under_its_own_verdict() {
+        // An upload to an allowed name, then a request for an unlisted one
+        // on the same connection: the upload is proposed, the decoy is not.
+        let log = concat!(
+            "{\"kind\":\"request\",\"src\":\"192.0.2.5:1\",\"proto\":\"http\",\"name\":\"up.vendor.test\",\"verdict\":\"allow\",\"request\":1,\"bytes_up\":1048650}\n",
+            "{\"kind\":\"end\",\"src\":\"192.0.2.5:1\",\"proto\":\"http\",\"name\":\"evil.test\",\"verdict\":\"deny\",\"reason\":\"not_listed\",\"request\":2,\"bytes_up\":0}\n",
+        );
+        let mut t = Tally::default();
+        t.read(log.as_bytes()).unwrap();
+        assert_eq!((t.connections(), t.refused), (1, 1));
+        let proposed: Vec<String> = t.propose().iter().map(|p| p.entry.clone()).collect();
+        assert_eq!(proposed, ["up.vendor.test"]);
     }
 
     #[test]

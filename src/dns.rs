@@ -6,11 +6,14 @@
 //!   clients are checked against its IPv6 addresses.
 //! - One query in flight per name, however many connections wait on it
 //!   (coalesced across workers).
-//! - Answers are cached for their TTL ([`MIN_TTL`] at least) in a bounded
-//!   table whose eviction is O(1) (oldest name first), and every address a
-//!   name was seen with counts until its TTL plus [`GRACE`]: DNS
-//!   round-robin and CDN rotation hand clients other answers than ours,
-//!   and the union is what a client may have been told.
+//! - Answers are cached for their TTL ([`MIN_TTL`] at least) in a table
+//!   bounded by its names ([`MAX_NAMES`]) and by the addresses they hold
+//!   together ([`MAX_ADDRESSES`]), whose eviction is O(1) (oldest name
+//!   first); every address a name was seen with counts until its TTL plus
+//!   [`GRACE`]: DNS round-robin and CDN rotation hand clients other
+//!   answers than ours, and the union is what a client may have been told.
+//!   An answer keeps [`MAX_PER_FAMILY`] addresses of each family, so a
+//!   name whose DNS answers with thousands costs no more than a CDN's.
 //! - A name whose answer is three quarters through its TTL is refreshed in
 //!   the background on its next use, so steady traffic never waits.
 //! - Failures are cached briefly, in a table of their own, so repeated
@@ -19,12 +22,17 @@
 //!   new lookups are paced ([`LOOKUPS_PER_SECOND`], waiting within the
 //!   lookup's bound rather than failing at once) and at most
 //!   [`MAX_IN_FLIGHT`] run at once: a flood cannot spend the resolver's
-//!   budget that every other name depends on.
+//!   budget that every other name depends on. One client (an IPv4
+//!   address, an IPv6 /64) may have at most [`SOURCE_SHARE`] lookups of
+//!   its own in flight, so its flood of names that never answer holds a
+//!   share of the resolver, never all of it, and another client's new
+//!   name waits for nothing but its own lookup.
 //! - The resolver is the system's (`/etc/resolv.conf`, `/etc/hosts`): on
 //!   AWS, the VPC resolver the clients use too.
 //!
 //! [`Cache`] is pure (time is passed in); [`Resolver`] does the I/O.
 
+use crate::limit::Source;
 use crate::name::HostName;
 use crate::telemetry::Metrics;
 // Closed sets, kept with the other label values in `verdict`.
@@ -49,15 +57,34 @@ pub const MAX_TTL: Duration = Duration::from_secs(3600);
 pub const NEGATIVE_TTL: Duration = Duration::from_secs(5);
 /// How long a failed or timed-out lookup is not retried.
 pub const FAILURE_TTL: Duration = Duration::from_secs(1);
+/// Addresses kept of one answer, per family, in the resolver's order. Real
+/// names answer with a handful: a CDN's edge two to eight, S3 one to
+/// eight, Route 53's multivalue answers eight. An address past these is
+/// never pinned to, and a client that dialled one is pinned to one of
+/// the kept, which are the name's own servers too.
+pub const MAX_PER_FAMILY: usize = 16;
 /// Addresses remembered per name, at most: a name that rotates through
-/// many keeps those seen last.
-pub const MAX_SEEN: usize = 256;
+/// many keeps those seen last. S3, one address per answer with a 5 s TTL,
+/// shows about 17 within its TTL and grace.
+pub const MAX_SEEN: usize = 64;
 /// Names with addresses remembered, at most.
 pub const MAX_NAMES: usize = 10_000;
+/// Addresses the names hold together, at most (each answer's and each
+/// seen one counted): about 40 bytes each, so with the names themselves
+/// the cache stays under about 12 MB whatever the answers, where the
+/// typical name holds 4 to 20.
+pub const MAX_ADDRESSES: usize = 200_000;
 /// Names remembered as failing, at most.
 pub const MAX_NEGATIVE: usize = 4_096;
 /// Queries to the resolver at once, at most.
 pub const MAX_IN_FLIGHT: usize = 256;
+/// Lookups one client may have started and not finished, at most: an
+/// eighth of [`MAX_IN_FLIGHT`]. Its lookups of names that never answer
+/// hold at most this many of the resolver's slots, and spend at most this
+/// many of its pace per [`LOOKUP_TIMEOUT`]; a new name past it is refused
+/// at once ([`LookupError::Busy`]). A client's lookups that join one
+/// already in flight for the same name do not count.
+pub const SOURCE_SHARE: u32 = (MAX_IN_FLIGHT / 8) as u32;
 /// New lookups a second, sustained (a burst may spend a second's worth at
 /// once). Each is two queries (A and AAAA): AWS's VPC resolver answers
 /// 1,024 packets a second per network interface and drops the rest, so
@@ -92,6 +119,7 @@ impl Addresses {
         now: Instant,
         previous: Option<&Addresses>,
     ) -> Addresses {
+        let current = first_of_each_family(current);
         let fresh_until = now + ttl.clamp(MIN_TTL, MAX_TTL);
         let until = fresh_until + GRACE;
         let mut seen: Vec<(IpAddr, Instant)> = previous
@@ -134,43 +162,80 @@ impl Addresses {
         let ttl = self.fresh_until.saturating_duration_since(self.fetched);
         now >= self.fetched + ttl * 3 / 4
     }
+
+    /// The addresses held, as [`MAX_ADDRESSES`] counts them.
+    fn weight(&self) -> usize {
+        self.current.len() + self.seen.len()
+    }
 }
 
-/// A map of at most `cap` names that forgets the oldest name first: a
-/// name is queued once when it enters, so eviction is one pop.
+/// The first [`MAX_PER_FAMILY`] IPv4 and IPv6 addresses of an answer, in
+/// its order: a hostile answer of thousands is never copied whole.
+fn first_of_each_family(answer: impl IntoIterator<Item = IpAddr>) -> Vec<IpAddr> {
+    let (mut v4, mut v6) = (0, 0);
+    answer
+        .into_iter()
+        .filter(|ip| {
+            let n = if ip.is_ipv4() { &mut v4 } else { &mut v6 };
+            *n += 1;
+            *n <= MAX_PER_FAMILY
+        })
+        .collect()
+}
+
+/// A map of at most `cap` names, and at most `max_weight` in the weights
+/// of its values, that forgets the oldest name first: a name is queued
+/// once when it enters, so eviction is one pop.
 #[derive(Debug)]
 struct Bounded<V> {
-    map: HashMap<Arc<str>, V>,
+    map: HashMap<Arc<str>, (V, usize)>,
     order: VecDeque<Arc<str>>,
     cap: usize,
+    max_weight: usize,
+    weight: usize,
 }
 
 impl<V> Bounded<V> {
-    fn new(cap: usize) -> Bounded<V> {
+    fn new(cap: usize, max_weight: usize) -> Bounded<V> {
         Bounded {
             map: HashMap::new(),
             order: VecDeque::new(),
             cap,
+            max_weight,
+            weight: 0,
         }
     }
 
     fn get(&self, key: &str) -> Option<&V> {
-        self.map.get(key)
+        self.map.get(key).map(|(v, _)| v)
     }
 
-    fn insert(&mut self, key: &str, value: V) {
+    fn insert(&mut self, key: &str, value: V, weight: usize) {
         if let Some(slot) = self.map.get_mut(key) {
-            *slot = value;
-            return;
+            self.weight = self.weight - slot.1 + weight;
+            *slot = (value, weight);
+        } else {
+            let key: Arc<str> = key.into();
+            self.order.push_back(key.clone());
+            self.map.insert(key, (value, weight));
+            self.weight += weight;
         }
-        if self.map.len() >= self.cap
-            && let Some(oldest) = self.order.pop_front()
-        {
-            self.map.remove(&oldest);
+        // Every name but the one just stored may go; that one is queued
+        // again if it comes up, so it is the last to go.
+        let mut spared = false;
+        while self.map.len() > self.cap || self.weight > self.max_weight {
+            let Some(oldest) = self.order.pop_front() else {
+                break;
+            };
+            if &*oldest == key && !spared {
+                spared = true;
+                self.order.push_back(oldest);
+                continue;
+            }
+            if let Some((_, w)) = self.map.remove(&oldest) {
+                self.weight -= w;
+            }
         }
-        let key: Arc<str> = key.into();
-        self.order.push_back(key.clone());
-        self.map.insert(key, value);
     }
 
     fn len(&self) -> usize {
@@ -206,9 +271,15 @@ impl Default for Cache {
 
 impl Cache {
     pub fn with_capacity(names: usize, negative: usize) -> Cache {
+        Cache::with_bounds(names, MAX_ADDRESSES, negative)
+    }
+
+    /// At most `names` answers holding `addresses` together, and
+    /// `negative` failures.
+    pub fn with_bounds(names: usize, addresses: usize, negative: usize) -> Cache {
         Cache {
-            positive: Bounded::new(names),
-            negative: Bounded::new(negative),
+            positive: Bounded::new(names, addresses),
+            negative: Bounded::new(negative, negative),
         }
     }
 
@@ -241,9 +312,9 @@ impl Cache {
             now,
             self.positive.get(name).map(|a| &**a),
         ));
-        self.positive.insert(name, merged.clone());
+        self.positive.insert(name, merged.clone(), merged.weight());
         // A name that resolves again is no longer failing.
-        if let Some((_, until)) = self.negative.map.get_mut(name) {
+        if let Some(((_, until), _)) = self.negative.map.get_mut(name) {
             *until = now;
         }
         merged
@@ -260,14 +331,19 @@ impl Cache {
         }
         let ttl = match error {
             LookupError::NxDomain | LookupError::NoAddresses => NEGATIVE_TTL,
-            LookupError::Failed | LookupError::Timeout => FAILURE_TTL,
+            LookupError::Failed | LookupError::Timeout | LookupError::Busy => FAILURE_TTL,
         };
-        self.negative.insert(name, (error, now + ttl));
+        self.negative.insert(name, (error, now + ttl), 1);
         Cached::Negative(error)
     }
 
     pub fn names(&self) -> usize {
         self.positive.len()
+    }
+
+    /// The addresses the names hold together.
+    pub fn addresses(&self) -> usize {
+        self.positive.weight
     }
 }
 
@@ -320,6 +396,18 @@ struct State {
     cache: Cache,
     /// Names being looked up now, each with the channel its result comes on.
     in_flight: HashMap<Arc<str>, watch::Receiver<Option<Outcome>>>,
+    /// Lookups each client started that have not finished; a client with
+    /// none has no entry, so this is never larger than `in_flight`.
+    by_source: HashMap<Source, u32>,
+}
+
+impl State {
+    /// Whether a new lookup may start for `source`: the gateway's bound
+    /// and the client's share both have room.
+    fn has_room(&self, source: Source) -> bool {
+        self.in_flight.len() < MAX_PENDING
+            && self.by_source.get(&source).copied().unwrap_or(0) < SOURCE_SHARE
+    }
 }
 
 thread_local! {
@@ -364,9 +452,14 @@ impl Resolver {
     }
 
     /// `name`'s addresses, from the cache when it has them, else from one
-    /// query shared with every other connection asking meanwhile. Never
-    /// waits longer than about [`LOOKUP_TIMEOUT`].
-    pub async fn resolve(&self, name: &HostName) -> Result<Arc<Addresses>, LookupError> {
+    /// query shared with every other connection asking meanwhile; a new
+    /// query counts against `source`'s share. Never waits longer than
+    /// about [`LOOKUP_TIMEOUT`].
+    pub async fn resolve(
+        &self,
+        name: &HostName,
+        source: Source,
+    ) -> Result<Arc<Addresses>, LookupError> {
         let now = Instant::now();
         let mut result = {
             let mut state = self.state();
@@ -374,9 +467,9 @@ impl Resolver {
                 Cached::Fresh { addresses, refresh } => {
                     if refresh
                         && !state.in_flight.contains_key(name.as_str())
-                        && state.in_flight.len() < MAX_PENDING
+                        && state.has_room(source)
                     {
-                        self.start(&mut state, name);
+                        self.start(&mut state, name, source);
                     }
                     self.shared.metrics.dns_cache_hit();
                     return Ok(addresses);
@@ -387,12 +480,12 @@ impl Resolver {
                 }
                 Cached::Miss => match state.in_flight.get(name.as_str()) {
                     Some(result) => result.clone(),
-                    None if state.in_flight.len() >= MAX_PENDING => {
-                        let timeout = LookupResult::Failed(LookupError::Timeout);
-                        self.shared.metrics.dns_lookup(timeout);
-                        return Err(LookupError::Timeout);
+                    None if !state.has_room(source) => {
+                        let busy = LookupResult::Failed(LookupError::Busy);
+                        self.shared.metrics.dns_lookup(busy);
+                        return Err(LookupError::Busy);
                     }
-                    None => self.start(&mut state, name),
+                    None => self.start(&mut state, name, source),
                 },
             }
         };
@@ -408,10 +501,16 @@ impl Resolver {
 
     /// Starts a lookup of `name` on this worker; its result comes on the
     /// channel returned (and noted in the cache).
-    fn start(&self, state: &mut State, name: &HostName) -> watch::Receiver<Option<Outcome>> {
+    fn start(
+        &self,
+        state: &mut State,
+        name: &HostName,
+        source: Source,
+    ) -> watch::Receiver<Option<Outcome>> {
         let (tx, rx) = watch::channel(None);
         let key: Arc<str> = name.as_str().into();
         state.in_flight.insert(key.clone(), rx.clone());
+        *state.by_source.entry(source).or_default() += 1;
         let me = self.clone();
         tokio::spawn(async move {
             let looked_up = me.query(&key).await;
@@ -423,8 +522,21 @@ impl Resolver {
             let outcome = {
                 let mut state = me.state();
                 state.in_flight.remove(&key);
+                if let Some(n) = state.by_source.get_mut(&source) {
+                    *n -= 1;
+                    if *n == 0 {
+                        state.by_source.remove(&source);
+                    }
+                }
                 match looked_up {
-                    Ok((ips, ttl)) => Ok(state.cache.store(&key, ips, ttl, now)),
+                    Ok((ips, ttl)) => {
+                        let stored = state.cache.store(&key, ips, ttl, now);
+                        let cache = &state.cache;
+                        me.shared
+                            .metrics
+                            .dns_cache_size(cache.names(), cache.addresses());
+                        Ok(stored)
+                    }
                     Err(error) => match state.cache.store_failure(&key, error, now) {
                         Cached::Fresh { addresses, .. } => Ok(addresses),
                         _ => Err(error),
@@ -467,7 +579,7 @@ impl Resolver {
             Ok(Err(e)) if e.is_no_records_found() => Err(LookupError::NoAddresses),
             Ok(Err(_)) => Err(LookupError::Failed),
             Ok(Ok(answer)) => {
-                let ips: Vec<IpAddr> = answer.iter().collect();
+                let ips = first_of_each_family(answer.iter());
                 if ips.is_empty() {
                     return Err(LookupError::NoAddresses);
                 }
@@ -620,6 +732,7 @@ mod tests {
         }
         let last = last.unwrap();
         assert_eq!(last.seen.len(), MAX_SEEN);
+        assert!(last.weight() <= MAX_SEEN + 2 * MAX_PER_FAMILY);
         let newest = IpAddr::from(std::net::Ipv4Addr::from(0xcb00_7100 + 999));
         assert!(last.contains(newest, t0 + Duration::from_secs(1)));
         let oldest = IpAddr::from(std::net::Ipv4Addr::from(0xcb00_7100));
@@ -673,7 +786,7 @@ mod tests {
         let waiting: Vec<_> = (0..50)
             .map(|_| {
                 let (resolver, name) = (resolver.clone(), name.clone());
-                tokio::spawn(async move { resolver.resolve(&name).await })
+                tokio::spawn(async move { resolver.resolve(&name, client(1)).await })
             })
             .collect();
         for w in waiting {
@@ -696,34 +809,173 @@ mod tests {
         assert_eq!(datagrams, 2);
         // The failure is remembered: the next connection does not wait.
         let again = Instant::now();
-        assert_eq!(resolver.resolve(&name).await, Err(LookupError::Timeout));
+        assert_eq!(
+            resolver.resolve(&name, client(2)).await,
+            Err(LookupError::Timeout)
+        );
         assert!(again.elapsed() < Duration::from_millis(100));
+    }
+
+    /// A client as the resolver counts it.
+    fn client(n: u32) -> Source {
+        Source::of(IpAddr::from(std::net::Ipv4Addr::from(0xc000_0200 + n)))
+    }
+
+    /// Asks for `count` new names, each from `source_of(i)`; how each
+    /// lookup ended, and whether it ended at once (well before the
+    /// silent resolver's lookups time out).
+    async fn ask_new_names(
+        resolver: &Resolver,
+        prefix: &str,
+        count: usize,
+        source_of: impl Fn(usize) -> Source,
+    ) -> Vec<(Result<Arc<Addresses>, LookupError>, bool)> {
+        let started = Instant::now();
+        let waiting: Vec<_> = (0..count)
+            .map(|i| {
+                let resolver = resolver.clone();
+                let name = format!("{prefix}{i}.example.test");
+                let name = HostName::from_wire(name.as_bytes()).unwrap();
+                let source = source_of(i);
+                tokio::spawn(async move {
+                    let result = resolver.resolve(&name, source).await;
+                    (result, started.elapsed() < LOOKUP_TIMEOUT / 4)
+                })
+            })
+            .collect();
+        let mut out = Vec::new();
+        for w in waiting {
+            out.push(w.await.unwrap());
+        }
+        out
     }
 
     #[tokio::test]
     async fn past_the_pending_bound_a_new_name_is_refused_at_once() {
         let (resolver, _silent) = silent_resolver();
-        let started = Instant::now();
-        let waiting: Vec<_> = (0..MAX_PENDING + 76)
-            .map(|i| {
-                let resolver = resolver.clone();
-                let name = HostName::from_wire(format!("n{i}.example.test").as_bytes()).unwrap();
-                tokio::spawn(async move {
-                    let result = resolver.resolve(&name).await;
-                    (result, Instant::now())
-                })
-            })
-            .collect();
-        let mut at_once = 0;
-        for w in waiting {
-            let (result, at) = w.await.unwrap();
-            assert_eq!(result, Err(LookupError::Timeout));
-            if at - started < Duration::from_millis(500) {
-                at_once += 1;
+        // One client each: no client's share is what refuses them.
+        let ended = ask_new_names(&resolver, "n", MAX_PENDING + 76, |i| {
+            client(u32::try_from(i).unwrap())
+        })
+        .await;
+        let busy = ended
+            .iter()
+            .filter(|(r, at_once)| *r == Err(LookupError::Busy) && *at_once)
+            .count();
+        let timed_out = ended
+            .iter()
+            .filter(|(r, at_once)| *r == Err(LookupError::Timeout) && !*at_once)
+            .count();
+        assert_eq!((busy, timed_out), (76, MAX_PENDING));
+        let state = resolver.state();
+        assert_eq!(state.in_flight.len(), 0);
+        assert!(state.by_source.is_empty());
+    }
+
+    #[tokio::test]
+    async fn one_clients_lookups_hold_only_its_share_and_another_client_is_not_held() {
+        let (resolver, _silent) = silent_resolver();
+        let flooder = client(7);
+        let share = usize::try_from(SOURCE_SHARE).unwrap();
+        let (flood, other) = tokio::join!(
+            ask_new_names(&resolver, "flood", share + 40, |_| flooder),
+            async {
+                // Once the flood has taken its share.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let started = Instant::now();
+                let name = HostName::from_wire(b"other.example.test").unwrap();
+                let result = resolver.resolve(&name, client(8)).await;
+                (result, started.elapsed())
             }
+        );
+        // The flood: its share asked (and timed out on the silent
+        // resolver), the rest refused at once.
+        let busy = flood
+            .iter()
+            .filter(|(r, at_once)| *r == Err(LookupError::Busy) && *at_once)
+            .count();
+        assert_eq!(busy, 40);
+        // The other client's name was asked, not refused: it waited for its
+        // own lookup only (the silent resolver's whole bound).
+        let (result, took) = other;
+        assert_eq!(result, Err(LookupError::Timeout));
+        assert!(
+            took < LOOKUP_TIMEOUT + Duration::from_millis(300),
+            "{took:?}"
+        );
+        // A name already in flight is joined by any client, share or not.
+        assert!(resolver.state().by_source.is_empty());
+    }
+
+    #[test]
+    fn an_answer_keeps_a_bounded_number_of_addresses_of_each_family() {
+        let t0 = Instant::now();
+        let mut cache = Cache::default();
+        let v6 =
+            (0..2000u128).map(|i| IpAddr::from(std::net::Ipv6Addr::from(0x2001_0db8 << 96 | i)));
+        let v4 = (0..20u32).map(|i| IpAddr::from(std::net::Ipv4Addr::from(0xcb00_7100 + i)));
+        // The families interleaved, IPv6 first: neither crowds out the other.
+        let answer: Vec<IpAddr> = v6.clone().take(5).chain(v4).chain(v6.skip(5)).collect();
+        let a = cache.store(NAME, answer.clone(), Duration::from_secs(60), t0);
+        assert_eq!(
+            a.current().iter().filter(|ip| ip.is_ipv4()).count(),
+            MAX_PER_FAMILY
+        );
+        assert_eq!(
+            a.current().iter().filter(|ip| ip.is_ipv6()).count(),
+            MAX_PER_FAMILY
+        );
+        // The first of each, in the answer's order.
+        let kept: Vec<IpAddr> = first_of_each_family(answer.iter().copied());
+        assert_eq!(a.current(), &kept[..]);
+        assert!(a.contains(answer[0], t0));
+        assert!(!a.contains(*answer.last().unwrap(), t0));
+        assert_eq!(a.weight(), 4 * MAX_PER_FAMILY);
+    }
+
+    #[test]
+    fn the_cache_is_bounded_by_the_addresses_its_names_hold() {
+        let t0 = Instant::now();
+        let hostile = |i: u128| -> Vec<IpAddr> {
+            (0..2000u128)
+                .map(|j| IpAddr::from(std::net::Ipv6Addr::from(0x2001_0db8 << 96 | i << 16 | j)))
+                .collect()
+        };
+        let mut cache = Cache::with_bounds(10_000, 1_000, 10);
+        for i in 0..1500u128 {
+            let name = format!("h{i}.example.test");
+            cache.store(&name, hostile(i), Duration::from_secs(300), t0);
+            assert!(cache.addresses() <= 1_000, "{}", cache.addresses());
+            // The name just stored is always kept.
+            assert!(matches!(cache.get(&name, t0), Cached::Fresh { .. }));
         }
-        assert_eq!(at_once, 76);
-        assert_eq!(resolver.state().in_flight.len(), 0);
+        assert_eq!(cache.names(), 1_000 / (2 * MAX_PER_FAMILY));
+        // The oldest went first.
+        assert_eq!(cache.get("h0.example.test", t0), Cached::Miss);
+        // Updating a name in place keeps the count true.
+        for _ in 0..100 {
+            cache.store(
+                "h1499.example.test",
+                hostile(1499),
+                Duration::from_secs(300),
+                t0,
+            );
+        }
+        let held: usize = cache.positive.map.values().map(|(a, _)| a.weight()).sum();
+        assert_eq!(held, cache.addresses());
+        assert_eq!(cache.positive.order.len(), cache.names());
+
+        // With the gateway's bounds, the addresses held stay within the
+        // memory README states, whatever the answers.
+        let per_address = std::mem::size_of::<(IpAddr, Instant)>();
+        assert!(MAX_ADDRESSES * per_address <= 8 << 20, "{per_address}");
+        let mut cache = Cache::default();
+        for i in 0..(MAX_NAMES as u128 + 500) {
+            let name = format!("h{i}.example.test");
+            cache.store(&name, hostile(i % 64), Duration::from_secs(300), t0);
+        }
+        assert!(cache.addresses() <= MAX_ADDRESSES);
+        assert!(cache.names() <= MAX_NAMES);
     }
 
     #[test]

@@ -35,7 +35,14 @@ pub struct Record {
     pub would_deny: Option<Reason>,
     pub ech: bool,
     pub verdict: Verdict,
+    /// Everything the connection moved so far.
     pub moved: Transferred,
+    /// What it had moved when the request this record describes began:
+    /// the record's own bytes are `moved` less these.
+    pub base: Transferred,
+    /// HTTP: which request of the connection this record describes (from
+    /// 1); 0 for TLS, and before a request head was read.
+    pub request: u32,
     pub accepted: Instant,
     /// From accept until the hello or first request head was complete.
     pub hello: Option<Duration>,
@@ -85,6 +92,8 @@ impl Record {
             ech: false,
             verdict: Verdict::Error(ErrorKind::Io),
             moved: Transferred::default(),
+            base: Transferred::default(),
+            request: 0,
             accepted: Instant::now(),
             hello: None,
             connect: None,
@@ -121,6 +130,27 @@ impl Record {
         self.moved = moved;
         self.duration = now.saturating_duration_since(self.accepted);
     }
+
+    /// HTTP: a request head was read, and the record describes it from
+    /// now on, with the connection's bytes counted from `moved`. Its name,
+    /// rule and monitor-mode reason are its own; where the connection
+    /// goes (destination, upstream) is the connection's.
+    pub fn next_request(&mut self, moved: Transferred) {
+        self.request += 1;
+        self.base = moved;
+        self.name = None;
+        self.rule = None;
+        self.would_deny = None;
+    }
+
+    /// The bytes of what this record describes: the whole connection, or
+    /// on HTTP its request (head and body up, response down).
+    pub fn own_bytes(&self) -> Transferred {
+        Transferred {
+            up: self.moved.up.saturating_sub(self.base.up),
+            down: self.moved.down.saturating_sub(self.base.down),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -150,6 +180,35 @@ mod tests {
         rec.note(Fact::Named(host("b.example")));
         assert_eq!(rec.name, Some(host("b.example")));
         assert_eq!(rec.rule, None);
+    }
+
+    #[test]
+    fn each_request_of_a_connection_has_its_own_name_and_bytes() {
+        let mut rec = record();
+        rec.note(Fact::Upstream("203.0.113.5:80".parse().unwrap()));
+        rec.next_request(Transferred::default());
+        rec.note(Fact::Named(host("a.example")));
+        rec.note(Fact::Admitted {
+            rule: Some("a.example".into()),
+            would_deny: Some(Reason::NotListed),
+        });
+        let after_first = Transferred {
+            up: 1_048_650,
+            down: 200,
+        };
+        rec.close(Verdict::Allow, after_first, rec.accepted);
+        assert_eq!((rec.request, rec.own_bytes()), (1, after_first));
+        rec.next_request(after_first);
+        assert_eq!(rec.request, 2);
+        assert_eq!((rec.name.as_ref(), rec.rule.as_ref()), (None, None));
+        assert_eq!(rec.would_deny, None);
+        assert!(rec.upstream.is_some(), "the connection's upstream stays");
+        rec.note(Fact::Named(host("evil.example")));
+        rec.close(Verdict::Deny(Reason::NotListed), after_first, rec.accepted);
+        // The refused request carries none of the allowed one's bytes,
+        // while the connection's total stays whole.
+        assert_eq!(rec.own_bytes(), Transferred::default());
+        assert_eq!(rec.moved, after_first);
     }
 
     #[test]

@@ -128,7 +128,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     })?;
 
     let guard = Arc::new(Guard::from_host().map_err(ServerError::Interfaces)?);
-    tokio::spawn(refresh_own_addresses(guard.clone()));
+    crate::guard::follow_host(&guard).map_err(ServerError::Interfaces)?;
     let ctx = Arc::new(Context {
         policies: policies.clone(),
         limits: config.limits,
@@ -253,21 +253,6 @@ struct Shared {
     workers: Arc<Workers>,
     /// Each worker's runtime, to hand a connection over to it.
     handles: Box<[tokio::runtime::Handle]>,
-}
-
-/// How often the host's own addresses, never to be connected to, are read
-/// again (an interface attached, an address renewed).
-const OWN_ADDRESSES_EVERY: Duration = Duration::from_secs(5);
-
-async fn refresh_own_addresses(guard: Arc<Guard>) {
-    let mut every = tokio::time::interval(OWN_ADDRESSES_EVERY);
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        every.tick().await;
-        if let Err(e) = guard.refresh() {
-            tracing::warn!("cannot read the host's own addresses, keeping the last ones: {e}");
-        }
-    }
 }
 
 fn announce_verify(verify: VerifyDst) {

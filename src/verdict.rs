@@ -203,6 +203,9 @@ pub enum LookupError {
     Failed,
     /// No answer within [`crate::dns::LOOKUP_TIMEOUT`].
     Timeout,
+    /// Not asked: the gateway's lookups in flight, or this client's share
+    /// of them ([`crate::dns::SOURCE_SHARE`]), are all taken.
+    Busy,
 }
 
 /// What a query to the resolver came to, as `portcullis_dns_lookups_total`
@@ -214,12 +217,13 @@ pub enum LookupResult {
 }
 
 impl LookupResult {
-    pub const ALL: [LookupResult; 5] = [
+    pub const ALL: [LookupResult; 6] = [
         LookupResult::Ok,
         LookupResult::Failed(LookupError::NxDomain),
         LookupResult::Failed(LookupError::NoAddresses),
         LookupResult::Failed(LookupError::Failed),
         LookupResult::Failed(LookupError::Timeout),
+        LookupResult::Failed(LookupError::Busy),
     ];
 
     pub fn index(self) -> usize {
@@ -229,6 +233,7 @@ impl LookupResult {
             LookupResult::Failed(LookupError::NoAddresses) => 2,
             LookupResult::Failed(LookupError::Failed) => 3,
             LookupResult::Failed(LookupError::Timeout) => 4,
+            LookupResult::Failed(LookupError::Busy) => 5,
         }
     }
 
@@ -239,6 +244,7 @@ impl LookupResult {
             LookupResult::Failed(LookupError::NoAddresses) => "no_addresses",
             LookupResult::Failed(LookupError::Failed) => "error",
             LookupResult::Failed(LookupError::Timeout) => "timeout",
+            LookupResult::Failed(LookupError::Busy) => "busy",
         }
     }
 }

@@ -2,7 +2,9 @@
 //! still open when the gateway stops (drain timeout, SIGINT, a second
 //! SIGTERM) write their records before it exits; a long connection writes
 //! interim records while it runs, and with `--audit-open` a record when it
-//! opens; `discover` counts each connection once and is not steered by a
+//! opens; each request of a kept-alive HTTP connection is recorded under
+//! its own name with its own bytes, so a refused request cannot hide an
+//! upload; `discover` counts each connection once and is not steered by a
 //! host that floods refused names. Needs root; under CI=true a non-root run
 //! fails instead of skipping.
 #![forbid(unsafe_code)]
@@ -17,9 +19,9 @@ use std::net::TcpStream;
 use std::time::Duration;
 use support::client::text;
 use support::dns::{Answer, DnsServer};
-use support::netns::{CLIENT_V4, NAMESERVER, RAW_V4, Topology, require_root};
+use support::netns::{CLIENT_V4, NAMESERVER, RAW_V4, Topology, WEB_V4, require_root};
 use support::scrape::Scrape;
-use support::servers::recorder;
+use support::servers::{find, http_server, recorder};
 use support::{addr, read_all, wait_until};
 
 const CURL_HELLO: &[u8] = include_bytes!("../testdata/clienthellos/curl-7.88-openssl-3.0.bin");
@@ -248,4 +250,122 @@ fn discover_is_not_steered_by_a_host_that_floods_refused_names() {
         )),
         "{proposal}"
     );
+}
+
+/// Reads one response, by its Content-Length, from `s`.
+fn read_one_response(s: &mut TcpStream) -> Vec<u8> {
+    use std::io::Read;
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = find(&got, b"\r\n\r\n") {
+            let head = text(&got[..end]).to_ascii_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map_or(0, |v| v.trim().parse().unwrap());
+            if got.len() >= end + 4 + length {
+                return got;
+            }
+        }
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => return got,
+            Ok(n) => got.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+#[test]
+fn each_request_of_a_kept_alive_connection_is_recorded_with_its_own_name_and_bytes() {
+    if !require_root() {
+        return;
+    }
+    let mut t = Topology::new();
+    let (_web, served) = http_server(&t.upstream, &[addr(WEB_V4, 80)]);
+    t.start_portcullis(ALLOWLIST, &[]);
+    const UPLOAD: usize = 1 << 20;
+    let head = format!(
+        "POST /upload HTTP/1.1\r\nHost: www.example.test\r\nContent-Length: {UPLOAD}\r\n\r\n"
+    );
+    let decoy = b"GET /secret HTTP/1.1\r\nHost: evil.test\r\n\r\n";
+    // An upload to an allowed host, then a request for an unlisted one:
+    // sent one after the other, as curl or a browser would, then
+    // pipelined, all at once.
+    for pipelined in [false, true] {
+        let mut s = t.connect(addr(WEB_V4, 80));
+        let port = s.local_addr().unwrap().port();
+        s.write_all(head.as_bytes()).unwrap();
+        s.write_all(&vec![b'x'; UPLOAD]).unwrap();
+        let mut answered = Vec::new();
+        if !pipelined {
+            answered = read_one_response(&mut s);
+        }
+        s.write_all(decoy).unwrap();
+        answered.extend(read_all(&mut s));
+        let answered = text(&answered);
+        let refusal_at = answered.find("HTTP/1.1 403").expect("refused");
+        assert!(answered.starts_with("HTTP/1.1 200"), "{answered}");
+        // What the upload's response took, as the client saw it.
+        let upload_down = refusal_at;
+
+        wait_until("the connection's records", Duration::from_secs(5), || {
+            of_connection(&t, port).len() == 2
+        });
+        let records = of_connection(&t, port);
+        let (upload, refused) = (&records[0], &records[1]);
+        let what = |r: &Value| {
+            (
+                r["kind"].as_str().map(String::from),
+                r["name"].as_str().map(String::from),
+                r["verdict"].as_str().map(String::from),
+                r["reason"].as_str().map(String::from),
+                r["request"].as_u64(),
+            )
+        };
+        let owned = |s: &str| Some(s.to_string());
+        assert_eq!(
+            what(upload),
+            (
+                owned("request"),
+                owned("www.example.test"),
+                owned("allow"),
+                None,
+                Some(1)
+            ),
+            "pipelined: {pipelined}: {upload}"
+        );
+        assert_eq!(upload["bytes_up"], head.len() + UPLOAD, "{upload}");
+        assert_eq!(upload["bytes_down"], upload_down, "{upload}");
+        assert_eq!(upload["rule"], ".example.test");
+        // The refusal carries none of the upload's bytes: nothing of it
+        // was forwarded, and its 403 is the gateway's own.
+        assert_eq!(
+            what(refused),
+            (
+                owned("end"),
+                owned("evil.test"),
+                owned("deny"),
+                owned("not_listed"),
+                Some(2)
+            ),
+            "pipelined: {pipelined}: {refused}"
+        );
+        assert_eq!(
+            (refused["bytes_up"].as_u64(), refused["bytes_down"].as_u64()),
+            (Some(0), Some(0))
+        );
+    }
+    assert_eq!(
+        served.lock().unwrap().len(),
+        2,
+        "the decoy never went upstream"
+    );
+    // discover proposes the upload's name, under its own verdict, and not
+    // the decoy's.
+    let proposal = text(&t.discover().stdout);
+    assert!(
+        proposal.contains("# 2 connections from 1 client only: check it\nwww.example.test\n"),
+        "{proposal}"
+    );
+    assert!(!proposal.contains("evil.test"), "{proposal}");
 }

@@ -506,3 +506,98 @@ fn an_h2c_upgrade_never_reaches_the_server_and_the_request_is_served_as_http_1()
     );
     assert!(!head.contains("upgrade"), "{head}");
 }
+
+#[test]
+fn an_address_added_to_the_gateway_is_never_connected_to_not_even_at_once() {
+    if !require_root() {
+        return;
+    }
+    let mut t = Topology::new();
+    // Each name's real server, beyond the gateway, until the gateway takes
+    // its address (a secondary IP, an ENI attached, a hand-off address).
+    let added: Vec<String> = (0..4).map(|i| format!("203.0.113.{}", 77 + i)).collect();
+    for a in &added {
+        t.upstream
+            .ip(&["addr", "add", &format!("{a}/32"), "dev", "lo"]);
+    }
+    let real: Vec<SocketAddr> = added.iter().map(|a| addr(a, 443)).collect();
+    let (real_server, _) = recorder(&t.upstream, &real);
+    // A listener on the gateway itself, on every address it will have.
+    let (on_gateway, _) = recorder(&t.gateway, &[addr("::", 443)]);
+    let dns = dns_for_gateway(&t);
+    for (i, a) in added.iter().enumerate() {
+        dns.set(
+            &format!("fresh{i}.example.test"),
+            Answer::All(vec![ip(a)], 300),
+        );
+    }
+    t.start_portcullis_with_dns(NAMESERVER, ALLOWLIST, &[]);
+
+    for (i, a) in added.iter().enumerate() {
+        let name = format!("fresh{i}.example.test");
+        // Served while the address is the real server's, so the name's
+        // answer is cached: the next decision waits on nothing.
+        assert!(hello_to(&t, a, &name).is_empty(), "{name}");
+        t.gateway
+            .ip(&["addr", "add", &format!("{a}/32"), "dev", "lo"]);
+        // At once: a client pinned to the name's address, and one that
+        // dials it (addressed to the gateway now: a loop).
+        let started = Instant::now();
+        assert_eq!(hello_to(&t, RAW_V4, &name), alert::ACCESS_DENIED, "{name}");
+        assert_eq!(hello_to(&t, a, &name), alert::ACCESS_DENIED, "{name}");
+        assert!(started.elapsed() < Duration::from_secs(1));
+    }
+    wait_until("the real servers' hellos", Duration::from_secs(5), || {
+        real_server.accepted() == added.len()
+    });
+    assert_eq!(on_gateway.accepted(), 0, "the gateway connected to itself");
+    // The listener would have seen it: the gateway reaches it at the
+    // address it just took.
+    let first: SocketAddr = addr(&added[0], 443);
+    t.gateway.enter(move || {
+        std::net::TcpStream::connect_timeout(&first, Duration::from_secs(1)).unwrap()
+    });
+    wait_until("the sanity connection", Duration::from_secs(5), || {
+        on_gateway.accepted() == 1
+    });
+    wait_until("the refusals in the audit", Duration::from_secs(5), || {
+        t.audit_where("reason", "forbidden_dst").len() == added.len()
+            && t.audit_where("reason", "loop").len() == added.len()
+    });
+    for line in t.audit_where("reason", "forbidden_dst") {
+        assert_eq!(line["upstream"], serde_json::Value::Null, "{line}");
+    }
+}
+
+#[test]
+fn the_broadcast_network_and_anycast_addresses_of_the_gateways_prefixes_are_refused_at_once() {
+    if !require_root() {
+        return;
+    }
+    let mut t = Topology::new();
+    // The gateway's interfaces have no `brd` (the topology gives none),
+    // and forwarding is on, so it answers for each /64's anycast address.
+    let dns = dns_for_gateway(&t);
+    let hostile = [
+        ("bcast.example.test", "198.51.100.255"),
+        ("network.example.test", "198.51.100.0"),
+        ("client-bcast.example.test", "192.0.2.255"),
+        ("anycast.example.test", "2001:db8:2::"),
+        ("client-anycast.example.test", "2001:db8:1::"),
+    ];
+    for (name, a) in hostile {
+        dns.set(name, Answer::All(vec![ip(a)], 300));
+    }
+    t.start_portcullis_with_dns(NAMESERVER, ALLOWLIST, &[]);
+    for (name, a) in hostile {
+        let dialled = if ip(a).is_ipv4() { RAW_V4 } else { RAW_V6 };
+        let started = Instant::now();
+        assert_eq!(hello_to(&t, dialled, name), alert::ACCESS_DENIED, "{name}");
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(1), "{name}: {took:?}");
+    }
+    wait_until("the refusals in the audit", Duration::from_secs(5), || {
+        t.audit_where("reason", "forbidden_dst").len() == hostile.len()
+    });
+    assert!(t.audit_where("reason", "connect").is_empty());
+}

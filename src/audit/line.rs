@@ -24,8 +24,11 @@ pub enum Kind {
     /// Still open: what it moved so far.
     Interim,
     /// Ended: its verdict and everything it moved. Exactly one per
-    /// connection.
+    /// connection; on HTTP, it describes the connection's last request.
     End,
+    /// HTTP: a request of a kept-alive connection that another request
+    /// followed: its name, verdict and the bytes it moved.
+    Request,
 }
 
 impl Kind {
@@ -34,6 +37,7 @@ impl Kind {
             Kind::Open => "open",
             Kind::Interim => "interim",
             Kind::End => "end",
+            Kind::Request => "request",
         }
     }
 }
@@ -67,8 +71,14 @@ pub fn line(rec: &Record, kind: Kind, policy: &str, at: SystemTime) -> Vec<u8> {
     out.string(key!("would_deny"), rec.would_deny.map(|r| r.as_str()));
     out.string(key!("policy"), Some(policy));
     out.string(key!("rule"), rec.rule.as_deref());
-    out.number(key!("bytes_up"), rec.moved.up);
-    out.number(key!("bytes_down"), rec.moved.down);
+    out.key(key!("request"));
+    match rec.request {
+        0 => out.0.extend_from_slice(b"null"),
+        n => digits(&mut out.0, n.into(), 1),
+    }
+    let moved = rec.own_bytes();
+    out.number(key!("bytes_up"), moved.up);
+    out.number(key!("bytes_down"), moved.down);
     let duration_ms = u64::try_from(rec.duration.as_millis()).unwrap_or(u64::MAX);
     out.number(key!("duration_ms"), duration_ms);
     out.key(key!("ech"));
@@ -260,6 +270,7 @@ mod tests {
                 "would_deny": null,
                 "policy": "build-agents",
                 "rule": ".example.test",
+                "request": null,
                 "bytes_up": 517,
                 "bytes_down": 4096,
                 "duration_ms": 1234,
@@ -304,11 +315,26 @@ mod tests {
     #[test]
     fn each_line_says_which_record_of_its_connection_it_is() {
         let rec = record(Verdict::Allow);
-        for kind in [Kind::Open, Kind::Interim, Kind::End] {
+        for kind in [Kind::Open, Kind::Interim, Kind::End, Kind::Request] {
             let text = String::from_utf8(line(&rec, kind, "default", SystemTime::UNIX_EPOCH));
             let v: serde_json::Value = serde_json::from_str(&text.unwrap()).unwrap();
             assert_eq!(v["kind"], kind.as_str());
         }
+    }
+
+    #[test]
+    fn an_http_record_numbers_its_request_and_counts_only_its_bytes() {
+        let mut rec = record(Verdict::Deny(Reason::NotListed));
+        rec.proto = Proto::Http;
+        rec.request = 2;
+        rec.base = Transferred { up: 500, down: 96 };
+        let v: serde_json::Value =
+            serde_json::from_str(&text(&rec, "default", SystemTime::UNIX_EPOCH)).unwrap();
+        assert_eq!(v["request"], 2);
+        assert_eq!(
+            (v["bytes_up"].as_u64(), v["bytes_down"].as_u64()),
+            (Some(17), Some(4000))
+        );
     }
 
     #[test]

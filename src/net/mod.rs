@@ -2,4 +2,5 @@
 
 pub mod forward;
 pub mod listener;
+pub mod netlink;
 pub mod orig_dst;

@@ -10,7 +10,7 @@
 //! connection to plain forwarding.
 
 use super::inbound::{Inbound, ReadError};
-use super::{Ask, Conn, Context, Outcome, connect, refuse_with};
+use super::{Admitted, Ask, Conn, Context, Outcome, connect, refuse_with};
 use crate::config::Limits;
 use crate::detect::Detect;
 use crate::detect::http::{
@@ -64,8 +64,12 @@ pub(super) async fn serve(client: &TcpStream, dst: OrigDst, ctx: &Context, conn:
         took: accepted.elapsed(),
         ech: false,
     });
+    conn.begin_request(ctx);
+    // Named before the decision: a record written during a slow lookup
+    // (an interim one, or at shutdown) says what is being decided.
+    conn.learn(Fact::Named(first.host.clone()));
     let upstream_addr = match admit(ctx, &first, conn, dst, None).await {
-        Ok(upstream) => upstream,
+        Ok(admitted) => admitted_as(conn, admitted),
         Err(refusal) => return deny(client, refusal, Some(&first.host)).await,
     };
     let upstream = match connect(upstream_addr, ctx, conn).await {
@@ -217,11 +221,18 @@ impl Requests<'_> {
                 }
                 Err(_) => return Verdict::Error(ErrorKind::Io).into(),
             };
+            // The record still describes the request before: it is
+            // written as its own once this one is decided (and, for a
+            // refusal, once that one's response is out), so that each
+            // record's bytes are its own request's.
             let (refusal, host) = match next {
                 NextRequest::Head(next) => {
                     let connected = Some(link.upstream_addr);
                     match admit(self.ctx, &next, self.conn, link.dst, connected).await {
-                        Ok(_) => {
+                        Ok(admitted) => {
+                            self.conn.begin_request(self.ctx);
+                            self.conn.learn(Fact::Named(next.host.clone()));
+                            admitted_as(self.conn, admitted);
                             head = next;
                             continue;
                         }
@@ -235,6 +246,10 @@ impl Requests<'_> {
             // Let every earlier response reach the client first.
             let sent = self.sent;
             let _ = self.answered.wait_for(|n| *n >= sent).await;
+            self.conn.begin_request(self.ctx);
+            if let Some(host) = &host {
+                self.conn.learn(Fact::Named(host.clone()));
+            }
             let outcome = Box::pin(deny(link.client, refusal, host.as_ref())).await;
             let _ = socket2::SockRef::from(link.upstream).shutdown(std::net::Shutdown::Both);
             return outcome;
@@ -419,34 +434,27 @@ fn refusal_for(e: HttpError) -> Refusal {
     Refusal { reason, status }
 }
 
-/// Decides on a request's Host and notes the outcome; where to forward it.
-/// `connected`: the upstream of a kept-alive connection, which a later
-/// request must be for.
+/// Decides on a request's Host. `connected`: the upstream of a kept-alive
+/// connection, which a later request must be for. Noting the request and
+/// its outcome is the caller's: a later request's record begins only once
+/// it is decided.
 async fn admit(
     ctx: &Context,
     head: &RequestHead,
     conn: &Conn,
     dst: OrigDst,
     connected: Option<SocketAddr>,
-) -> Result<SocketAddr, Refusal> {
-    conn.learn(Fact::Named(head.host.clone()));
+) -> Result<Admitted, Refusal> {
     let ask = Ask {
         policy: conn.policy(),
+        client: conn.client(),
         name: Ok(&head.host),
         below_tls_floor: false,
         dst,
         connected,
     };
     match ctx.admit(ask).await {
-        Ok(admitted) => {
-            // Monitor mode: the first request enforce mode would refuse is
-            // what the connection's record notes.
-            conn.learn(Fact::Admitted {
-                rule: admitted.rule,
-                would_deny: admitted.would_deny,
-            });
-            Ok(admitted.upstream)
-        }
+        Ok(admitted) => Ok(admitted),
         Err(reason) => Err(Refusal {
             reason,
             // Temporary: the client may retry once the gateway has a list
@@ -457,6 +465,16 @@ async fn admit(
             },
         }),
     }
+}
+
+/// Notes an admitted request's rule (and in monitor mode, why enforce
+/// mode would have refused it); where it goes.
+fn admitted_as(conn: &Conn, admitted: Admitted) -> SocketAddr {
+    conn.learn(Fact::Admitted {
+        rule: admitted.rule,
+        would_deny: admitted.would_deny,
+    });
+    admitted.upstream
 }
 
 async fn deny(client: &TcpStream, refusal: Refusal, host: Option<&HostName>) -> Outcome {

@@ -10,6 +10,7 @@ use crate::config::{Limits, Mode, VerifyDst};
 use crate::decide::{Decision, Facts, Step, decide};
 use crate::dns::{LookupError, Resolver};
 use crate::guard::Guard;
+use crate::limit::Source;
 use crate::name::HostName;
 use crate::net::forward::{
     Activity, Counters, Expired, FlowClock, Supervised, read_some, shutdown_write, supervise,
@@ -54,6 +55,8 @@ pub struct Context {
 /// What a port knows when it asks [`Context::admit`].
 pub struct Ask<'a> {
     pub policy: PolicyId,
+    /// Whose lookups a new name counts against.
+    pub client: Source,
     pub name: Result<&'a HostName, Reason>,
     pub below_tls_floor: bool,
     pub dst: OrigDst,
@@ -105,7 +108,7 @@ impl Context {
                 };
                 // Boxed: a lookup's state would otherwise size every
                 // connection's task, answered from the cache or not.
-                let addresses = Box::pin(resolver.resolve(name)).await;
+                let addresses = Box::pin(resolver.resolve(name, ask.client)).await;
                 match step(Some(addresses.as_deref().map_err(|e| *e))) {
                     Step::Done(decision) => decision,
                     Step::Resolve => Decision::Refuse(Reason::Unresolvable),
@@ -194,6 +197,33 @@ impl Conn {
 
     fn policy(&self) -> PolicyId {
         self.record().policy
+    }
+
+    fn client(&self) -> Source {
+        Source::of(self.record().src.ip())
+    }
+
+    /// HTTP: a new request head was read. The request the record
+    /// described so far, if any, gets a `request` record of its own (its
+    /// name, and the bytes moved since it began), and the record
+    /// describes the new one from now on. So each byte is in exactly one
+    /// record, under the name it was sent for, and a refused request
+    /// never carries an allowed one's bytes.
+    fn begin_request(&self, ctx: &Context) {
+        let moved = self.moved.snapshot();
+        let mut rec = self.record();
+        if rec.request > 0 {
+            rec.close(Verdict::Allow, moved, Instant::now());
+            ctx.metrics.request_ended(&rec);
+            let policy = ctx.policies.get(rec.policy).name.as_str();
+            ctx.audit.record(audit::line(
+                &rec,
+                audit::Kind::Request,
+                policy,
+                SystemTime::now(),
+            ));
+        }
+        rec.next_request(moved);
     }
 
     /// Writes an `open` or `interim` record: the connection as it stands.

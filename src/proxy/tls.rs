@@ -65,6 +65,7 @@ pub(super) async fn open_upstream(
     };
     let ask = Ask {
         policy: conn.policy(),
+        client: conn.client(),
         name: name.as_ref().map_err(|r| *r),
         below_tls_floor: hello.max_version < limits.min_tls,
         dst,

@@ -51,6 +51,8 @@ pub const RULE_HITS: &str = "portcullis_rule_hits_total";
 pub const REPINNED: &str = "portcullis_repinned_total";
 pub const DNS_LOOKUPS: &str = "portcullis_dns_lookups_total";
 pub const DNS_CACHE_HITS: &str = "portcullis_dns_cache_hits_total";
+pub const DNS_CACHE_NAMES: &str = "portcullis_dns_cache_names";
+pub const DNS_CACHE_ADDRESSES: &str = "portcullis_dns_cache_addresses";
 pub const HA_ROUTE_MOVES: &str = "portcullis_ha_route_moves_total";
 pub const HA_API_ERRORS: &str = "portcullis_ha_api_errors_total";
 pub const HA_UNSERVED_ROUTES: &str = "portcullis_ha_unserved_routes";
@@ -123,7 +125,7 @@ pub const FAMILIES: &[Family] = &[
         WOULD_DENY,
         Kind::Counter,
         &["policy", "proto", "reason"],
-        "Monitor mode: connections forwarded that enforce mode would have refused, by reason.",
+        "Monitor mode: connections (on HTTP, requests) forwarded that enforce mode would have refused, by reason.",
     ),
     family(
         ENFORCING,
@@ -237,13 +239,25 @@ pub const FAMILIES: &[Family] = &[
         DNS_LOOKUPS,
         Kind::Counter,
         &["result"],
-        "Queries the gateway sent for admitted names (A and AAAA), by result: ok, nxdomain, no_addresses, error, timeout.",
+        "Lookups of admitted names (A and AAAA), by result: ok, nxdomain, no_addresses, error, timeout; busy: not sent, the pending bound or the client's share was full.",
     ),
     family(
         DNS_CACHE_HITS,
         Kind::Counter,
         &[],
         "Admitted names answered from the gateway's DNS cache (addresses or a recent failure) without a query.",
+    ),
+    family(
+        DNS_CACHE_NAMES,
+        Kind::Gauge,
+        &[],
+        "Names whose addresses the gateway's DNS cache holds (at most 10,000).",
+    ),
+    family(
+        DNS_CACHE_ADDRESSES,
+        Kind::Gauge,
+        &[],
+        "Addresses the gateway's DNS cache holds for all names together (at most 200,000), its memory bound.",
     ),
 ];
 
@@ -496,6 +510,8 @@ struct Handles {
     /// By [`LookupResult::index`].
     dns_lookups: [Counter; LookupResult::ALL.len()],
     dns_cache_hits: Counter,
+    dns_cache_names: Gauge,
+    dns_cache_addresses: Gauge,
     accept_errors: Counter,
     /// By [`Full`](crate::limit::Full).
     limit_rejections: [Counter; 2],
@@ -589,6 +605,8 @@ impl Metrics {
             dns_lookups: LookupResult::ALL
                 .map(|l| r.counter(DNS_LOOKUPS, &[("result", l.as_str())])),
             dns_cache_hits: r.counter(DNS_CACHE_HITS, &[]),
+            dns_cache_names: r.gauge(DNS_CACHE_NAMES, &[]),
+            dns_cache_addresses: r.gauge(DNS_CACHE_ADDRESSES, &[]),
             accept_errors: r.counter(ACCEPT_ERRORS, &[]),
             limit_rejections: crate::limit::Full::ALL
                 .map(|full| r.counter(LIMIT_REJECTIONS, &[("limit", full.as_str())])),
@@ -612,6 +630,8 @@ impl Metrics {
         for counter in counters {
             counter.increment(0);
         }
+        handles.dns_cache_names.set(0.0);
+        handles.dns_cache_addresses.set(0.0);
         for series in &handles.by_proto {
             series.active.set(0.0);
             series.bytes_upstream.increment(0);
@@ -630,6 +650,17 @@ impl Metrics {
     }
 
     /// Counts one ended connection.
+    /// Counts an HTTP request that another followed on its connection
+    /// (its `request` audit record): the connection's own counts wait for
+    /// its end.
+    pub fn request_ended(&self, rec: &Record) {
+        if let (Some(reason), Some(decided)) =
+            (rec.would_deny, self.0.decisions.get(rec.policy.index()))
+        {
+            decided[rec.proto as usize].would_deny[reason as usize].increment(1);
+        }
+    }
+
     pub fn connection_ended(&self, rec: &Record) {
         let handles = &self.0;
         let series = &handles.by_proto[rec.proto as usize];
@@ -677,6 +708,12 @@ impl Metrics {
     /// Counts a name answered from the DNS cache.
     pub fn dns_cache_hit(&self) {
         self.0.dns_cache_hits.increment(1);
+    }
+
+    /// The DNS cache's size after an answer was stored.
+    pub fn dns_cache_size(&self, names: usize, addresses: usize) {
+        self.0.dns_cache_names.set(names as f64);
+        self.0.dns_cache_addresses.set(addresses as f64);
     }
 
     /// Counts a connection being served for as long as the value lives.

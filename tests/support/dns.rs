@@ -1,11 +1,13 @@
 //! A small authoritative DNS server for the tests, on hickory's message
-//! types: real DNS over UDP on real sockets in the test's namespaces. It
-//! serves A, AAAA and CNAME records, NXDOMAIN for names it does not know,
-//! and can rotate one address per answer with a short TTL, the way S3 and
-//! large CDNs answer. One server can listen in several namespaces (the
-//! gateway's upstream side and the client's loopback), sharing its
-//! records and its rotation, so a client and the gateway ask the same
-//! server; it can be stopped mid-test.
+//! types: real DNS over UDP and TCP on real sockets in the test's
+//! namespaces. It serves A, AAAA and CNAME records, NXDOMAIN for names it
+//! does not know, wildcard names (`*.zone`), and can rotate one address per
+//! answer with a short TTL, the way S3 and large CDNs answer, or never
+//! answer a name at all. An answer too large for UDP is truncated there
+//! (TC) and served whole over TCP, as real servers do. One server can
+//! listen in several namespaces (the gateway's upstream side and the
+//! client's loopback), sharing its records and its rotation, so a client
+//! and the gateway ask the same server; it can be stopped mid-test.
 
 use super::netns::Netns;
 use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
@@ -13,7 +15,8 @@ use hickory_proto::rr::rdata::{A, AAAA, CNAME};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 use hickory_proto::serialize::binary::{BinDecodable, BinEncodable};
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -28,7 +31,13 @@ pub enum Answer {
     Rotate(Vec<IpAddr>, u32),
     /// An alias for another name.
     Alias(String),
+    /// No answer at all, ever: the query is dropped.
+    Silent,
 }
+
+/// The largest UDP answer sent whole; a larger one is truncated (TC set,
+/// no records) so that the asker retries over TCP.
+const UDP_ANSWER_MAX: usize = 1232;
 
 #[derive(Default)]
 struct Zone {
@@ -44,6 +53,7 @@ pub struct DnsServer {
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
     queries: Arc<AtomicUsize>,
+    tcp_queries: Arc<AtomicUsize>,
 }
 
 impl DnsServer {
@@ -52,15 +62,21 @@ impl DnsServer {
         let zone = Arc::new(Mutex::new(Zone::default()));
         let stop = Arc::new(AtomicBool::new(false));
         let queries = Arc::new(AtomicUsize::new(0));
+        let tcp_queries = Arc::new(AtomicUsize::new(0));
         let mut threads = Vec::new();
         for (ns, addr) in at {
             let addr = *addr;
-            let socket = ns.enter(move || UdpSocket::bind(addr).expect("bind the DNS server"));
+            let (socket, listener) = ns.enter(move || {
+                let udp = UdpSocket::bind(addr).expect("bind the DNS server");
+                let tcp = TcpListener::bind(addr).expect("bind the DNS server's TCP");
+                (udp, tcp)
+            });
             socket
                 .set_read_timeout(Some(Duration::from_millis(50)))
                 .unwrap();
-            let (zone, stop, queries) = (zone.clone(), stop.clone(), queries.clone());
+            let (udp_zone, udp_stop, udp_queries) = (zone.clone(), stop.clone(), queries.clone());
             threads.push(std::thread::spawn(move || {
+                let (zone, stop, queries) = (udp_zone, udp_stop, udp_queries);
                 let mut buf = [0u8; 1500];
                 while !stop.load(Ordering::SeqCst) {
                     let Ok((n, peer)) = socket.recv_from(&mut buf) else {
@@ -68,8 +84,21 @@ impl DnsServer {
                     };
                     queries.fetch_add(1, Ordering::SeqCst);
                     if let Some(reply) = answer(&zone, &buf[..n]) {
-                        let _ = socket.send_to(&reply, peer);
+                        let _ = socket.send_to(&truncated_for_udp(reply), peer);
                     }
+                }
+            }));
+            listener.set_nonblocking(true).unwrap();
+            let (zone, stop) = (zone.clone(), stop.clone());
+            let counts = [queries.clone(), tcp_queries.clone()];
+            threads.push(std::thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    let Ok((conn, _)) = listener.accept() else {
+                        std::thread::sleep(Duration::from_millis(5));
+                        continue;
+                    };
+                    let (zone, stop, counts) = (zone.clone(), stop.clone(), counts.clone());
+                    std::thread::spawn(move || serve_tcp(conn, &zone, &stop, &counts));
                 }
             }));
         }
@@ -78,6 +107,7 @@ impl DnsServer {
             stop,
             threads,
             queries,
+            tcp_queries,
         }
     }
 
@@ -98,6 +128,11 @@ impl DnsServer {
         self.queries.load(Ordering::SeqCst)
     }
 
+    /// Queries received over TCP (answers too large for UDP).
+    pub fn tcp_queries(&self) -> usize {
+        self.tcp_queries.load(Ordering::SeqCst)
+    }
+
     /// Stops answering; sockets close, queries go unanswered.
     pub fn stop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
@@ -111,6 +146,75 @@ impl Drop for DnsServer {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Answers length-prefixed queries on one TCP connection until it closes.
+/// `counts`: all queries, and those over TCP.
+fn serve_tcp(
+    mut conn: TcpStream,
+    zone: &Mutex<Zone>,
+    stop: &AtomicBool,
+    counts: &[Arc<AtomicUsize>; 2],
+) {
+    let _ = conn.set_nonblocking(false);
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+    while !stop.load(Ordering::SeqCst) {
+        let mut len = [0u8; 2];
+        if conn.read_exact(&mut len).is_err() {
+            return;
+        }
+        let mut query = vec![0u8; usize::from(u16::from_be_bytes(len))];
+        if conn.read_exact(&mut query).is_err() {
+            return;
+        }
+        for count in counts {
+            count.fetch_add(1, Ordering::SeqCst);
+        }
+        let Some(reply) = answer(zone, &query) else {
+            continue;
+        };
+        let Ok(n) = u16::try_from(reply.len()) else {
+            return;
+        };
+        if conn.write_all(&n.to_be_bytes()).is_err() || conn.write_all(&reply).is_err() {
+            return;
+        }
+    }
+}
+
+/// `reply` as UDP may carry it: whole, or with no records and TC set.
+fn truncated_for_udp(reply: Vec<u8>) -> Vec<u8> {
+    if reply.len() <= UDP_ANSWER_MAX {
+        return reply;
+    }
+    let Ok(full) = Message::from_bytes(&reply) else {
+        return reply;
+    };
+    let mut cut = Message::new();
+    cut.set_id(full.id())
+        .set_message_type(MessageType::Response)
+        .set_op_code(OpCode::Query)
+        .set_authoritative(true)
+        .set_recursion_desired(full.recursion_desired())
+        .set_recursion_available(true)
+        .set_truncated(true)
+        .add_queries(full.queries().iter().cloned());
+    cut.to_bytes().unwrap_or(reply)
+}
+
+/// What `name` answers: its own records, or the nearest wildcard's.
+fn find(zone: &Zone, name: &str) -> Option<Answer> {
+    if let Some(found) = zone.names.get(name) {
+        return Some(found.clone());
+    }
+    let mut rest = name;
+    while let Some((_, parent)) = rest.split_once('.') {
+        if let Some(found) = zone.names.get(&format!("*.{parent}")) {
+            return Some(found.clone());
+        }
+        rest = parent;
+    }
+    None
 }
 
 fn answer(zone: &Mutex<Zone>, query: &[u8]) -> Option<Vec<u8>> {
@@ -135,7 +239,7 @@ fn answer(zone: &Mutex<Zone>, query: &[u8]) -> Option<Vec<u8>> {
     *zone.asked.entry(name.clone()).or_default() += 1;
     // A CNAME chain is answered whole, as a recursive resolver does.
     for _ in 0..8 {
-        let Some(found) = zone.names.get(&name).cloned() else {
+        let Some(found) = find(&zone, &name) else {
             reply.set_response_code(ResponseCode::NXDomain);
             break;
         };
@@ -161,6 +265,7 @@ fn answer(zone: &Mutex<Zone>, query: &[u8]) -> Option<Vec<u8>> {
                 name = target.to_ascii_lowercase();
                 continue;
             }
+            Answer::Silent => return None,
             Answer::All(ips, ttl) => (of_type(&ips), ttl),
             Answer::Rotate(ips, ttl) => {
                 let ips = of_type(&ips);

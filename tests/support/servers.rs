@@ -107,8 +107,23 @@ pub fn http_server(ns: &Netns, addrs: &[SocketAddr]) -> (Server, Arc<Mutex<Vec<S
                 .map(|h| String::from_utf8_lossy(h.value).into_owned())
                 .unwrap_or_default();
             let path = req.path.unwrap_or("").to_string();
+            // A body is read and dropped (only Content-Length framing).
+            let body_len: usize = req
+                .headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                .and_then(|h| std::str::from_utf8(h.value).ok()?.trim().parse().ok())
+                .unwrap_or(0);
             sink.lock().unwrap().push(format!("{host} {path}"));
             buf.drain(..end + 4);
+            let mut chunk = vec![0u8; 64 * 1024];
+            while buf.len() < body_len {
+                match s.read(&mut chunk) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+            buf.drain(..body_len);
             let body = format!("{host}{path}\n");
             let reply = format!(
                 "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",

@@ -262,7 +262,7 @@ fn metrics_and_audit_account_for_every_allowed_and_refused_connection() {
         let src = r["src"].as_str().unwrap();
         assert!(src.starts_with(&format!("{CLIENT_V4}:")), "{src}");
         assert!(r["duration_ms"].is_u64(), "{r}");
-        assert_eq!(r.as_object().unwrap().len(), 16, "{r}");
+        assert_eq!(r.as_object().unwrap().len(), 17, "{r}");
         assert_eq!(r["kind"], "end", "one end record per connection: {r}");
         assert_eq!(r["policy"], "default", "{r}");
         assert!(r["would_deny"].is_null(), "enforce mode: {r}");

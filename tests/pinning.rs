@@ -589,6 +589,11 @@ fn the_broadcast_network_and_anycast_addresses_of_the_gateways_prefixes_are_refu
         dns.set(name, Answer::All(vec![ip(a)], 300));
     }
     t.start_portcullis_with_dns(NAMESERVER, ALLOWLIST, &[]);
+    // The namespaces' first connection of each family waits out their
+    // neighbour discovery (a second on a fresh IPv6 link): not timed.
+    for dialled in [RAW_V4, RAW_V6] {
+        assert_eq!(hello_to(&t, dialled, "unlisted.test"), alert::ACCESS_DENIED);
+    }
     for (name, a) in hostile {
         let dialled = if ip(a).is_ipv4() { RAW_V4 } else { RAW_V6 };
         let started = Instant::now();

@@ -93,11 +93,15 @@ mod tests {
 
     #[test]
     fn reads_the_records_own_time_and_falls_back_to_now() {
-        let line = br#"{"ts":"2026-12-01T18:23:10.766Z","kind":"end"}"#;
-        let (e, cut) = Event::from_line(line, 5);
-        assert_eq!(e.timestamp, 1_796_149_390_766);
-        assert!(!cut);
-        assert_eq!(e.message.as_bytes(), line);
+        // Every kind of record alike, an HTTP request's included: shipped
+        // whole, at its own time.
+        for kind in ["end", "request", "interim", "open"] {
+            let line = format!(r#"{{"ts":"2026-12-01T18:23:10.766Z","kind":"{kind}"}}"#);
+            let (e, cut) = Event::from_line(line.as_bytes(), 5);
+            assert_eq!(e.timestamp, 1_796_149_390_766);
+            assert!(!cut);
+            assert_eq!(e.message, line);
+        }
         for odd in [
             &b"not json"[..],
             b"{\"ts\":\"yesterday\"}",

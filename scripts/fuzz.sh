@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs every fuzz target for a bounded time (default 45 s each), seeded
 # with real inputs: captured ClientHellos, captured HTTP heads, the example
-# allowlist, and every input that once failed (fuzz/regressions/). A
-# failure stops the run; libFuzzer leaves the input under fuzz/artifacts/.
+# allowlist, GENEVE datagrams laid out as GWLB sends them, and every input
+# that once failed (fuzz/regressions/). A failure stops the run; libFuzzer
+# leaves the input under fuzz/artifacts/.
 #
 #   scripts/fuzz.sh [SECONDS]
 #
@@ -18,9 +19,10 @@ seeds() {
     client_hello) echo testdata/clienthellos ;;
     http_head) echo testdata/http ;;
     allowlist) echo examples ;;
+    geneve) echo testdata/geneve ;;
   esac
 }
-for target in client_hello http_head allowlist; do
+for target in client_hello http_head allowlist geneve; do
   # New inputs go to the first directory: a scratch corpus, not the seeds.
   corpus=target/fuzz-corpus/$target
   # git keeps no empty directory, and libFuzzer exits on a missing one.

@@ -15,6 +15,10 @@
 #   INPUT           the proxy ports from the private networks, the metrics
 #                   port from the monitoring networks, ICMP, loopback and
 #                   replies; everything else is dropped.
+#   mangle          GWLB=1 only: connections arriving through the GWLB
+#                   tunnel's device are marked, the host's packets of them
+#                   carry the mark (which `portcullis gwlb` routes back into
+#                   the device), and TCP's MSS either way fits GWLB's 8500.
 # Only PREROUTING is redirected: the gateway's own outbound connections
 # (OUTPUT) never are, so portcullis cannot loop into itself.
 #
@@ -30,6 +34,10 @@
 #                      destination to IPv4 only, one without to both.
 #   ALLOW_INPUT        extra ports on the gateway itself, same syntax with @SOURCE-CIDR
 #                      (default: none; use SSM rather than opening SSH).
+#   GWLB               1: a Gateway Load Balancer target (`portcullis gwlb`) (default: 0)
+#   GWLB_CIDRS         where GWLB's GENEVE (udp/6081) and health checks come from
+#                      (default: MONITORING_CIDRS)
+#   GWLB_DEVICE        the tunnel's device (default: gwlb0)
 #
 # Every rule lives in chains of our own (PORTCULLIS_*), reached by one jump
 # from each built-in chain, so apply and remove never touch anyone else's
@@ -46,9 +54,22 @@ HTTP_PORT=${HTTP_PORT:-15080}
 METRICS_PORT=${METRICS_PORT:-9090}
 ALLOW_FORWARD=${ALLOW_FORWARD:-}
 ALLOW_INPUT=${ALLOW_INPUT:-}
+GWLB=${GWLB:-0}
+GWLB_CIDRS=${GWLB_CIDRS-$MONITORING_CIDRS}
+GWLB_DEVICE=${GWLB_DEVICE:-gwlb0}
+# What `portcullis gwlb` routes back into its device (its MARK).
+GWLB_MARK=0x6081
+# GWLB carries 8500 bytes, 68 of them its own: TCP's largest segment
+# inside is 8432 less the IP and TCP headers.
+GWLB_MSS4=8392
+GWLB_MSS6=8372
 
 # table:built-in chain:our chain, in the order they are installed.
+MANGLE_HOOKS="mangle:PREROUTING:PORTCULLIS_MANGLE_PRE mangle:OUTPUT:PORTCULLIS_MANGLE_OUT mangle:POSTROUTING:PORTCULLIS_MANGLE_POST"
 HOOKS="nat:PREROUTING:PORTCULLIS_PREROUTING nat:POSTROUTING:PORTCULLIS_POSTROUTING filter:INPUT:PORTCULLIS_INPUT filter:FORWARD:PORTCULLIS_FORWARD"
+[ "$GWLB" = 1 ] && HOOKS="$HOOKS $MANGLE_HOOKS"
+TABLES="nat filter"
+[ "$GWLB" = 1 ] && TABLES="nat filter mangle"
 
 die() {
   echo "portcullis-iptables: $*" >&2
@@ -131,6 +152,13 @@ filter_rules() {
   for cidr in $monitors; do
     echo "-A PORTCULLIS_INPUT -s $cidr -p tcp -m tcp --dport $METRICS_PORT -j ACCEPT"
   done
+  # GWLB's GENEVE and health checks, over IPv4 only.
+  if [ "$GWLB" = 1 ] && [ "$family" = 4 ]; then
+    for cidr in $GWLB_CIDRS; do
+      echo "-A PORTCULLIS_INPUT -s $cidr -p udp -m udp --dport 6081 -j ACCEPT"
+      echo "-A PORTCULLIS_INPUT -s $cidr -p tcp -m tcp --dport $METRICS_PORT -j ACCEPT"
+    done
+  fi
   while read -r proto port peer; do
     [ -n "$proto" ] || continue
     echo "-A PORTCULLIS_INPUT${peer:+ -s $peer} -p $proto -m $proto --dport $port -j ACCEPT"
@@ -146,10 +174,21 @@ filter_rules() {
   echo "-A PORTCULLIS_FORWARD -p udp -m udp --dport 443 -j REJECT --reject-with $reject"
 }
 
+# GWLB=1: the tunnel's connections marked, and the host's packets of them
+# routed back into the device; TCP segments either way within GWLB's MTU.
+mangle_rules() {
+  local family=$1 mss
+  if [ "$family" = 4 ]; then mss=$GWLB_MSS4; else mss=$GWLB_MSS6; fi
+  echo "-A PORTCULLIS_MANGLE_PRE -i $GWLB_DEVICE -j CONNMARK --set-xmark $GWLB_MARK/0xffffffff"
+  echo "-A PORTCULLIS_MANGLE_PRE -i $GWLB_DEVICE -p tcp -m tcp --tcp-flags SYN,RST SYN -m tcpmss --mss $((mss + 1)):65535 -j TCPMSS --set-mss $mss"
+  echo "-A PORTCULLIS_MANGLE_OUT -m connmark --mark $GWLB_MARK -j CONNMARK --restore-mark --nfmask 0xffffffff --ctmask 0xffffffff"
+  echo "-A PORTCULLIS_MANGLE_POST -o $GWLB_DEVICE -p tcp -m tcp --tcp-flags SYN,RST SYN -m tcpmss --mss $((mss + 1)):65535 -j TCPMSS --set-mss $mss"
+}
+
 # Everything for family $1 in iptables-restore --noflush form.
 print_family() {
   local family=$1 hook table t builtin chain
-  for table in nat filter; do
+  for table in $TABLES; do
     echo "*$table"
     [ "$table" = filter ] && echo ":FORWARD DROP [0:0]"
     for hook in $HOOKS; do
@@ -160,7 +199,11 @@ print_family() {
       IFS=: read -r t builtin chain <<<"$hook"
       [ "$t" = "$table" ] && echo "-A $builtin -j $chain"
     done
-    if [ "$table" = nat ]; then nat_rules "$family"; else filter_rules "$family"; fi
+    case $table in
+      nat) nat_rules "$family" ;;
+      filter) filter_rules "$family" ;;
+      mangle) mangle_rules "$family" ;;
+    esac
     echo "COMMIT"
   done
 }
@@ -184,6 +227,15 @@ apply_family() {
     # shellcheck disable=SC2086
     "$cmd" -w -t filter $rule
   done < <(filter_rules "$family")
+  if [ "$GWLB" = 1 ]; then
+    while read -r rule; do
+      # shellcheck disable=SC2086
+      "$cmd" -w -t mangle $rule
+    done < <(mangle_rules "$family")
+  else
+    # A GWLB target no longer: its marks go.
+    remove_hooks "$cmd" "$MANGLE_HOOKS"
+  fi
   for hook in $HOOKS; do
     IFS=: read -r table builtin chain <<<"$hook"
     "$cmd" -w -t "$table" -C "$builtin" -j "$chain" 2>/dev/null ||
@@ -192,19 +244,27 @@ apply_family() {
   "$cmd" -w -t filter -P FORWARD DROP
 }
 
-remove_family() {
+# Unhooks, flushes and deletes the chains of hooks $2.
+remove_hooks() {
   local cmd=$1 hook table builtin chain
-  for hook in $HOOKS; do
+  for hook in $2; do
     IFS=: read -r table builtin chain <<<"$hook"
     while "$cmd" -w -t "$table" -D "$builtin" -j "$chain" 2>/dev/null; do :; done
     "$cmd" -w -t "$table" -F "$chain" 2>/dev/null || true
     "$cmd" -w -t "$table" -X "$chain" 2>/dev/null || true
   done
+}
+
+remove_family() {
+  local cmd=$1
+  remove_hooks "$cmd" "$HOOKS $MANGLE_HOOKS"
   "$cmd" -w -t filter -P FORWARD ACCEPT
 }
 
 # Settings are checked before anything is changed.
-for cidr in $PRIVATE_CIDRS $MONITORING_CIDRS $PRIVATE_CIDRS6 $MONITORING_CIDRS6; do
+[[ $GWLB == 0 || $GWLB == 1 ]] || die "bad GWLB '$GWLB' (0 or 1)"
+[[ $GWLB_DEVICE =~ ^[A-Za-z0-9_.-]{1,15}$ ]] || die "bad GWLB_DEVICE '$GWLB_DEVICE'"
+for cidr in $PRIVATE_CIDRS $MONITORING_CIDRS $PRIVATE_CIDRS6 $MONITORING_CIDRS6 $GWLB_CIDRS; do
   [[ $cidr =~ ^[0-9a-fA-F:.]+(/[0-9]+)?$ ]] || die "bad CIDR '$cidr'"
 done
 for port in "$TLS_PORT" "$HTTP_PORT" "$METRICS_PORT"; do

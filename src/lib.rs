@@ -26,6 +26,8 @@
 //!   at least once, resuming where it stopped.
 //! - [`ha`]: `portcullis ha`, the agent that keeps every AZ's routes on a
 //!   serving gateway (EC2 API, no I/O in its decisions).
+//! - [`gwlb`]: `portcullis gwlb`, the GWLB tunnel (crate `portcullis-gwlb`,
+//!   `gwlb/`) with its metrics and health endpoint.
 #![forbid(unsafe_code)]
 
 // The pure core, a crate of its own (`core/`), at the paths it always had.
@@ -42,6 +44,7 @@ pub mod discover;
 pub mod dns;
 pub mod drain;
 pub mod guard;
+pub mod gwlb;
 pub mod ha;
 pub mod limit;
 pub mod net;

@@ -71,6 +71,8 @@ enum Command {
         #[arg(long, default_value = "/etc/portcullis/ship.toml")]
         config: PathBuf,
     },
+    /// Be an AWS Gateway Load Balancer target: GENEVE on UDP 6081 into the host's stack, where `run` serves it (with `GWLB=1 iptables/portcullis-iptables.sh apply`).
+    Gwlb(GwlbArgs),
     /// Show how an allowlist decides names: exit 0 if all are allowed, 1 if any is denied.
     Match {
         /// The allowlist: a file or s3://bucket/key.
@@ -79,6 +81,29 @@ enum Command {
         #[arg(required = true)]
         names: Vec<String>,
     },
+}
+
+/// Flags of `gwlb`; defaults are in brackets.
+#[derive(Args)]
+struct GwlbArgs {
+    /// Where GWLB's GENEVE datagrams arrive.
+    #[arg(long, default_value = "0.0.0.0:6081")]
+    listen: std::net::SocketAddrV4,
+    /// The tun device the inner packets enter the host by.
+    #[arg(long, default_value = "gwlb0")]
+    device: String,
+    /// The device's IPv4 address (iptables REDIRECT needs one): link-local, so it collides with no VPC.
+    #[arg(long, default_value = "169.254.60.81/30")]
+    device_v4: String,
+    /// The device's IPv6 address.
+    #[arg(long, default_value = "fd00:6081::1/64")]
+    device_v6: String,
+    /// Flows tracked at most (about 150 bytes each); a new flow past it is dropped and counted.
+    #[arg(long, default_value_t = 262_144)]
+    max_flows: usize,
+    /// `/metrics`, `/healthz`, and `/readyz` (200 while the tunnel serves).
+    #[arg(long, default_value = "0.0.0.0:9093")]
+    metrics_listen: std::net::SocketAddr,
 }
 
 /// Flags of `run`. Each overrides the config file; defaults are in brackets.
@@ -126,6 +151,7 @@ fn main() -> ExitCode {
         Command::Discover { logs, policy } => discover(&logs, policy.as_deref()),
         Command::Ha { config } => ha(&config),
         Command::Ship { config } => ship(&config),
+        Command::Gwlb(args) => gwlb(args),
     };
     result.unwrap_or_else(|e| {
         eprintln!("portcullis: {e:#}");
@@ -153,7 +179,26 @@ fn ship(path: &std::path::Path) -> anyhow::Result<ExitCode> {
     helper(portcullis::ship::run(config))
 }
 
-/// Runs a helper process (`ha`, `ship`) on one thread until it is done.
+fn gwlb(args: GwlbArgs) -> anyhow::Result<ExitCode> {
+    let config = portcullis_gwlb::tunnel::Config {
+        listen: args.listen,
+        device: args.device,
+        device_v4: prefix(&args.device_v4, "--device-v4")?,
+        device_v6: prefix(&args.device_v6, "--device-v6")?,
+        max_flows: args.max_flows,
+    };
+    helper(portcullis::gwlb::run(config, args.metrics_listen))
+}
+
+/// `ADDRESS/LENGTH` as its parts.
+fn prefix<A: std::str::FromStr>(text: &str, flag: &str) -> anyhow::Result<(A, u8)> {
+    let parsed = text
+        .split_once('/')
+        .and_then(|(a, l)| Some((a.parse().ok()?, l.parse().ok()?)));
+    parsed.ok_or_else(|| anyhow::anyhow!("{flag}: {text:?} is not ADDRESS/LENGTH"))
+}
+
+/// Runs a helper process (`ha`, `ship`, `gwlb`) on one thread until it is done.
 fn helper<E>(run: impl std::future::Future<Output = Result<(), E>>) -> anyhow::Result<ExitCode>
 where
     E: std::error::Error + Send + Sync + 'static,

@@ -242,6 +242,33 @@ pub fn encapsulate(header: &Header, family: Family, packet: &[u8], out: &mut Vec
     out.extend_from_slice(packet);
 }
 
+/// The outer IPv4 and UDP headers of a datagram back to GWLB: from
+/// `local` to `gwlb`'s address, the UDP ports as GWLB sent them (its port
+/// as the source, ours as the destination), for `payload` bytes of GENEVE
+/// behind. The kernel fills in the IPv4 checksum and identification; the
+/// UDP checksum is zero, as RFC 8926 allows over IPv4 and GWLB sends.
+pub fn outer_header(
+    local: std::net::SocketAddrV4,
+    gwlb: std::net::SocketAddrV4,
+    payload: usize,
+) -> Option<[u8; 28]> {
+    let total = u16::try_from(28 + payload).ok()?;
+    let udp = u16::try_from(8 + payload).ok()?;
+    let mut h = [0u8; 28];
+    h[0] = 0x45;
+    h[2..4].copy_from_slice(&total.to_be_bytes());
+    // Don't fragment: GWLB takes whole packets only.
+    h[6] = 0x40;
+    h[8] = 64;
+    h[9] = 17;
+    h[12..16].copy_from_slice(&local.ip().octets());
+    h[16..20].copy_from_slice(&gwlb.ip().octets());
+    h[20..22].copy_from_slice(&gwlb.port().to_be_bytes());
+    h[22..24].copy_from_slice(&local.port().to_be_bytes());
+    h[24..26].copy_from_slice(&udp.to_be_bytes());
+    Some(h)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -354,6 +381,20 @@ mod tests {
             seen += 1;
         }
         assert!(seen >= 4);
+    }
+
+    #[test]
+    fn the_outer_header_swaps_the_addresses_and_keeps_the_ports() {
+        let local = "198.51.100.130:6081".parse().unwrap();
+        let gwlb = "198.51.100.129:51234".parse().unwrap();
+        let h = outer_header(local, gwlb, 100).unwrap();
+        assert_eq!(u16::from_be_bytes([h[2], h[3]]), 128);
+        assert_eq!(&h[12..16], &[198, 51, 100, 130]);
+        assert_eq!(&h[16..20], &[198, 51, 100, 129]);
+        assert_eq!(u16::from_be_bytes([h[20], h[21]]), 51234);
+        assert_eq!(u16::from_be_bytes([h[22], h[23]]), PORT);
+        assert_eq!(u16::from_be_bytes([h[24], h[25]]), 108);
+        assert_eq!(outer_header(local, gwlb, 70_000), None);
     }
 
     #[test]

@@ -10,10 +10,16 @@
 //! - [`flows`]: which GENEVE header each flow's packets go back with: a
 //!   bounded table, idle flows expired as GWLB expires them.
 //!
-//! All three are pure (time is passed in), unit-tested and fuzzed.
+//! - [`tunnel`]: the I/O: GWLB's datagrams in and out, a tun device into
+//!   the host's stack, and the policy routes that bring the host's answers
+//!   back to it (feature `tunnel`, on by default).
+//!
+//! The first three are pure (time is passed in), unit-tested and fuzzed.
 
 #![forbid(unsafe_code)]
 
 pub mod flows;
 pub mod geneve;
 pub mod packet;
+#[cfg(feature = "tunnel")]
+pub mod tunnel;

@@ -34,13 +34,18 @@ pub enum PacketError {
     Fragment,
     #[error("a protocol whose packets name no flow")]
     Unsupported,
+    /// Multicast or link-local: the device's own link chatter (IPv6
+    /// neighbour discovery, MLD), never a client's flow.
+    #[error("link-local or multicast: not a client's")]
+    Local,
 }
 
 impl PacketError {
-    pub const ALL: [PacketError; 3] = [
+    pub const ALL: [PacketError; 4] = [
         PacketError::Malformed,
         PacketError::Fragment,
         PacketError::Unsupported,
+        PacketError::Local,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -48,6 +53,7 @@ impl PacketError {
             PacketError::Malformed => "malformed",
             PacketError::Fragment => "fragment",
             PacketError::Unsupported => "unsupported",
+            PacketError::Local => "local",
         }
     }
 }
@@ -181,6 +187,13 @@ pub fn from_client(packet: &[u8]) -> Result<FlowKey, PacketError> {
 /// quotes.
 pub fn to_client(packet: &[u8]) -> Result<FlowKey, PacketError> {
     let ip = ip(packet)?;
+    let local = match ip.dst {
+        IpAddr::V4(v4) => v4.is_multicast() || v4.is_link_local() || v4.is_broadcast(),
+        IpAddr::V6(v6) => v6.is_multicast() || v6.is_unicast_link_local(),
+    };
+    if local {
+        return Err(PacketError::Local);
+    }
     if let (ICMP | ICMPV6, Some(&kind)) = (ip.proto, ip.payload.first())
         && is_icmp_error(ip.proto, kind)
     {

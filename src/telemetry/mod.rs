@@ -66,6 +66,11 @@ pub const SHIP_TRUNCATED: &str = "portcullis_ship_records_truncated_total";
 pub const SHIP_ERRORS: &str = "portcullis_ship_errors_total";
 pub const SHIP_BEHIND_BYTES: &str = "portcullis_ship_behind_bytes";
 pub const SHIP_LAST_SUCCESS: &str = "portcullis_ship_last_success_timestamp_seconds";
+pub const GWLB_PACKETS: &str = "portcullis_gwlb_packets_total";
+pub const GWLB_BYTES: &str = "portcullis_gwlb_bytes_total";
+pub const GWLB_DROPPED: &str = "portcullis_gwlb_dropped_total";
+pub const GWLB_FLOWS: &str = "portcullis_gwlb_flows";
+pub const GWLB_SERVING: &str = "portcullis_gwlb_serving";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -348,6 +353,40 @@ pub const SHIP_FAMILIES: &[Family] = &[
     ),
 ];
 
+/// Every family the GWLB tunnel (`portcullis gwlb`) exports, on its own port.
+pub const GWLB_FAMILIES: &[Family] = &[
+    family(
+        GWLB_PACKETS,
+        Kind::Counter,
+        &["direction"],
+        "GENEVE datagrams from the load balancer (from_gwlb) and back to it (to_gwlb).",
+    ),
+    family(
+        GWLB_BYTES,
+        Kind::Counter,
+        &["direction"],
+        "Bytes of those datagrams' UDP payloads (GENEVE header and inner packet).",
+    ),
+    family(
+        GWLB_DROPPED,
+        Kind::Counter,
+        &["reason"],
+        "Packets not carried: not_geneve, no_flow (names no flow), unknown_flow (toward a client whose flow never came from GWLB), table_full, too_big, send_failed.",
+    ),
+    family(
+        GWLB_FLOWS,
+        Kind::Gauge,
+        &[],
+        "Flows the tunnel knows the GENEVE header of.",
+    ),
+    family(
+        GWLB_SERVING,
+        Kind::Gauge,
+        &[],
+        "1 while the tunnel's device, routes and sockets are up.",
+    ),
+];
+
 /// Seconds, for the phases of a connection before data flows.
 const SETUP_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -399,6 +438,11 @@ impl Exporter {
     /// The audit shipper's exporter: its own families, no lists.
     pub fn install_ship() -> Exporter {
         Self::install_agent(SHIP_FAMILIES)
+    }
+
+    /// The GWLB tunnel's exporter: its own families, no lists.
+    pub fn install_gwlb() -> Exporter {
+        Self::install_agent(GWLB_FAMILIES)
     }
 
     /// A helper process's exporter: `families`, no lists. Its recorder
@@ -793,7 +837,8 @@ mod tests {
     #[test]
     fn names_follow_prometheus_conventions() {
         let mut seen = std::collections::HashSet::new();
-        for f in FAMILIES {
+        let all = [FAMILIES, HA_FAMILIES, SHIP_FAMILIES, GWLB_FAMILIES];
+        for f in all.into_iter().flatten() {
             assert!(seen.insert(f.name), "{} twice", f.name);
             assert!(f.name.starts_with("portcullis_"), "{}", f.name);
             assert!(

@@ -4,6 +4,7 @@
 pub mod alert;
 pub mod client;
 pub mod dns;
+pub mod gwlb;
 pub mod netns;
 pub mod s3;
 pub mod scrape;

@@ -1,0 +1,177 @@
+//! End-to-end, in namespaces: portcullis as a Gateway Load Balancer
+//! target. A stand-in for GWLB in the client's namespace sends the
+//! client's packets to the gateway as GENEVE (tests/support/gwlb.rs); the
+//! gateway runs `portcullis run`, `portcullis gwlb` and
+//! `GWLB=1 iptables/portcullis-iptables.sh apply`, and nothing else. The
+//! proxy decides, pins and audits tunnelled connections exactly as routed
+//! ones, every answer goes back behind its flow's options, and a packet of
+//! a flow GWLB never sent goes nowhere. Needs root; under CI=true a
+//! non-root run fails instead of skipping.
+#![forbid(unsafe_code)]
+
+mod support;
+
+use std::process::Child;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use support::client::{http, https, text};
+use support::dns::{Answer, DnsServer};
+use support::gwlb::StandIn;
+use support::netns::{NAMESERVER, RAW_V4, RAW_V6, Topology, WEB_V4, WEB_V6, require_root};
+use support::scrape::Scrape;
+use support::servers::{TlsServer, http_server, make_certs, recorder};
+use support::{addr, ip, wait_until};
+
+const ALLOWLIST: &str = ".example.test\n";
+/// The tunnel's metrics, in the gateway's namespace.
+const GWLB_ADMIN: &str = "127.0.0.1:9093";
+
+/// `portcullis gwlb` in the gateway's namespace, killed when dropped.
+struct Tunnel(Child);
+
+impl Tunnel {
+    fn start(t: &Topology) -> Tunnel {
+        let log = std::fs::File::create(t.dir.join("gwlb.log")).unwrap();
+        let child = t
+            .gateway
+            .command(env!("CARGO_BIN_EXE_portcullis"))
+            .args(["gwlb", "--metrics-listen", GWLB_ADMIN])
+            // Documentation addresses for the device, as the tests use no
+            // others.
+            .args([
+                "--device-v4",
+                "203.0.113.249/30",
+                "--device-v6",
+                "2001:db8:6081::1/64",
+            ])
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let tunnel = Tunnel(child);
+        wait_until("the tunnel serving", Duration::from_secs(10), || {
+            tunnel_get(t, "/readyz").is_some_and(|r| r.starts_with("HTTP/1.1 200"))
+        });
+        tunnel
+    }
+}
+
+impl Drop for Tunnel {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn tunnel_get(t: &Topology, path: &str) -> Option<String> {
+    let path = path.to_string();
+    t.gateway.enter(move || {
+        use std::io::{Read, Write};
+        let to: std::net::SocketAddr = GWLB_ADMIN.parse().unwrap();
+        let mut s = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(1)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        write!(s, "GET {path} HTTP/1.1\r\nHost: gwlb\r\n\r\n").ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        Some(out)
+    })
+}
+
+fn tunnel_metrics(t: &Topology) -> Scrape {
+    let response = tunnel_get(t, "/metrics").expect("the tunnel's /metrics");
+    let (_, body) = response.split_once("\r\n\r\n").unwrap();
+    Scrape::parse(body)
+}
+
+/// A topology whose client reaches the gateway only through the stand-in.
+fn through_gwlb() -> (Topology, StandIn) {
+    let t = Topology::with_rules(&[("GWLB", "1"), ("GWLB_CIDRS", "192.0.2.0/24")]);
+    // GWLB's targets sit on jumbo-frame subnets (9001), as on EC2.
+    t.client.ip(&["link", "set", "eth0", "mtu", "9001"]);
+    t.gateway.ip(&["link", "set", "cli", "mtu", "9001"]);
+    let stand_in = StandIn::start(
+        &t.client,
+        "192.0.2.2:6081".parse().unwrap(),
+        "192.0.2.1:6081".parse().unwrap(),
+    );
+    (t, stand_in)
+}
+
+#[test]
+fn tunnelled_connections_are_decided_pinned_and_audited_as_routed_ones() {
+    if !require_root() {
+        return;
+    }
+    let (mut t, stand_in) = through_gwlb();
+    make_certs(&t.dir);
+    let _tls4 = TlsServer::start(&t.upstream, &t.dir, false, 443);
+    let _tls6 = TlsServer::start(&t.upstream, &t.dir, true, 443);
+    let (_web, requests) = http_server(&t.upstream, &[addr(WEB_V4, 80), addr(WEB_V6, 80)]);
+    let (attacker, _) = recorder(&t.upstream, &[addr(RAW_V4, 443), addr(RAW_V6, 443)]);
+    let dns = DnsServer::start(&[(&t.upstream, addr(NAMESERVER, 53))]);
+    dns.set(
+        "www.example.test",
+        Answer::All(vec![ip(WEB_V4), ip(WEB_V6)], 300),
+    );
+    t.start_portcullis_with_dns(NAMESERVER, ALLOWLIST, &[]);
+    let _tunnel = Tunnel::start(&t);
+
+    // Allowed, over IPv4 and IPv6 inside the IPv4 tunnel: the real server
+    // (its certificate verifies), even when the client dials another.
+    for dialled in [WEB_V4, RAW_V4, WEB_V6, RAW_V6] {
+        let out = https(&t, "www.example.test", dialled);
+        assert!(
+            out.status.success() && text(&out.stdout).contains("s_server"),
+            "via {dialled}: {}",
+            text(&out.stderr)
+        );
+    }
+    assert_eq!(
+        attacker.accepted(),
+        0,
+        "a spoofed destination was contacted"
+    );
+    let answer = text(&http(&t, "www.example.test", WEB_V4, "/in").stdout);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(*requests.lock().unwrap(), ["www.example.test /in"]);
+    // Refused: an unlisted name gets its 403 back through the tunnel.
+    let refused = text(&http(&t, "denied.test", WEB_V4, "/").stdout);
+    assert!(refused.starts_with("HTTP/1.1 403"), "{refused}");
+
+    // Every answer went back behind its flow's options, none larger than
+    // GWLB carries.
+    let seen = &stand_in.seen;
+    assert!(seen.answered.load(Ordering::SeqCst) > 20);
+    assert_eq!(seen.wrong.load(Ordering::SeqCst), 0);
+    assert!(seen.largest.load(Ordering::SeqCst) <= 8500 - 28);
+    wait_until("the audit records", Duration::from_secs(5), || {
+        t.audit_where("name", "www.example.test").len() == 5
+    });
+    for line in t.audit_where("name", "www.example.test") {
+        assert_eq!(line["verdict"], "allow", "{line}");
+        let upstream = line["upstream"].as_str().unwrap();
+        assert!(
+            upstream.starts_with(WEB_V4) || upstream.starts_with(&format!("[{WEB_V6}]")),
+            "{line}"
+        );
+    }
+    assert_eq!(t.audit_where("reason", "not_listed").len(), 1);
+    // The tunnel publishes its counts each second.
+    let packets =
+        |m: &Scrape, direction| m.get("portcullis_gwlb_packets_total", &[("direction", direction)]);
+    wait_until("the tunnel's counts", Duration::from_secs(5), || {
+        let m = tunnel_metrics(&t);
+        packets(&m, "from_gwlb") > 20.0 && packets(&m, "to_gwlb") > 20.0
+    });
+    let m = tunnel_metrics(&t);
+    assert_eq!(m.get("portcullis_gwlb_serving", &[]), 1.0);
+    for reason in [
+        "not_geneve",
+        "unknown_flow",
+        "table_full",
+        "too_big",
+        "send_failed",
+    ] {
+        let dropped = m.get("portcullis_gwlb_dropped_total", &[("reason", reason)]);
+        assert_eq!(dropped, 0.0, "{reason}");
+    }
+}

@@ -175,3 +175,78 @@ fn tunnelled_connections_are_decided_pinned_and_audited_as_routed_ones() {
         assert_eq!(dropped, 0.0, "{reason}");
     }
 }
+
+/// Sends one QUIC-like datagram from the client's port `from` to
+/// `WEB_V4:443` and waits for the refusal: whether it came, and when.
+fn quic_refused(t: &Topology, from: u16) -> Option<Duration> {
+    t.client.enter(move || {
+        let s = std::net::UdpSocket::bind(("0.0.0.0", from)).unwrap();
+        s.connect(addr(WEB_V4, 443)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let started = std::time::Instant::now();
+        s.send(b"\xc0quic initial").unwrap();
+        let mut buf = [0u8; 64];
+        match s.recv(&mut buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Some(started.elapsed()),
+            _ => None,
+        }
+    })
+}
+
+#[test]
+fn quic_is_refused_at_once_through_the_tunnel_and_a_reused_five_tuple_answers_with_its_new_cookie()
+{
+    if !require_root() {
+        return;
+    }
+    let (mut t, stand_in) = through_gwlb();
+    t.start_portcullis(ALLOWLIST, &[]);
+    let _tunnel = Tunnel::start(&t);
+    // The host's ICMP error about the client's datagram goes back through
+    // the tunnel, behind the flow of the datagram it quotes.
+    let took = quic_refused(&t, 40_443).expect("QUIC refused with an ICMP error");
+    assert!(took < Duration::from_secs(1), "{took:?}");
+    // The same 5-tuple again, as a new flow with a new cookie: the answer
+    // carries the new one (the stand-in counts any other as wrong).
+    stand_in.new_flows();
+    assert!(quic_refused(&t, 40_443).is_some());
+    let seen = &stand_in.seen;
+    assert_eq!(seen.answered.load(Ordering::SeqCst), 2);
+    assert_eq!(seen.wrong.load(Ordering::SeqCst), 0);
+}
+
+#[test]
+fn a_packet_of_a_flow_gwlb_never_sent_goes_nowhere_and_is_counted() {
+    if !require_root() {
+        return;
+    }
+    let (mut t, stand_in) = through_gwlb();
+    t.start_portcullis(ALLOWLIST, &[]);
+    let _tunnel = Tunnel::start(&t);
+    // The gateway itself sends toward an address behind the device: no
+    // flow of GWLB's, so the tunnel has no header to send it with.
+    for _ in 0..3 {
+        t.gateway.enter(|| {
+            let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+            s.send_to(b"not a flow of GWLB's", "203.0.113.250:9")
+                .unwrap();
+        });
+    }
+    wait_until("the drops counted", Duration::from_secs(5), || {
+        let m = tunnel_metrics(&t);
+        m.get(
+            "portcullis_gwlb_dropped_total",
+            &[("reason", "unknown_flow")],
+        ) == 3.0
+    });
+    let m = tunnel_metrics(&t);
+    assert_eq!(
+        m.get("portcullis_gwlb_packets_total", &[("direction", "to_gwlb")]),
+        0.0
+    );
+    assert_eq!(stand_in.seen.answered.load(Ordering::SeqCst), 0);
+    assert_eq!(stand_in.seen.wrong.load(Ordering::SeqCst), 0);
+    // Once a line: the log says why.
+    let log = std::fs::read_to_string(t.dir.join("gwlb.log")).unwrap();
+    assert_eq!(log.matches("never came from GWLB").count(), 1, "{log}");
+}

@@ -33,13 +33,19 @@ pub struct Seen {
 
 pub struct StandIn {
     pub seen: Arc<Seen>,
+    cookies: Cookies,
 }
+
+/// Each flow's cookie, and the salt new cookies are made with.
+type Cookies = Arc<Mutex<(HashMap<packet::FlowKey, u32>, u64)>>;
 
 impl StandIn {
     /// Starts in `ns` (the clients' namespace), sending to `target` from
     /// `local` (an address of `ns`), both on port 6081.
     pub fn start(ns: &Netns, local: SocketAddrV4, target: SocketAddrV4) -> StandIn {
         let seen = Arc::new(Seen::default());
+        let cookies: Cookies = Arc::default();
+        let flows = cookies.clone();
         let path = format!("/var/run/netns/{}", ns.name);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let counts = seen.clone();
@@ -53,7 +59,7 @@ impl StandIn {
                 .expect("the stand-in's tun device");
             let device = Arc::new(device);
             let udp = UdpSocket::bind(local).expect("bind the stand-in");
-            let cookies: Arc<Mutex<HashMap<packet::FlowKey, u32>>> = Arc::default();
+            let cookies = flows;
             let back = (
                 device.clone(),
                 udp.try_clone().unwrap(),
@@ -75,11 +81,14 @@ impl StandIn {
                 } else {
                     Family::V4
                 };
-                let cookie = *cookies
-                    .lock()
-                    .unwrap()
-                    .entry(key)
-                    .or_insert_with(|| cookie_of(&key));
+                let cookie = {
+                    let mut cookies = cookies.lock().unwrap();
+                    let salt = cookies.1;
+                    *cookies
+                        .0
+                        .entry(key)
+                        .or_insert_with(|| cookie_of(&key, salt))
+                };
                 let header = Header::gwlb(
                     Options {
                         eni: ENI,
@@ -116,24 +125,28 @@ impl StandIn {
                 ns.exec(&all);
             }
         }
-        StandIn { seen }
+        StandIn { seen, cookies }
+    }
+
+    /// Forgets every flow: the next packet of a 5-tuple starts a new flow
+    /// with a new cookie, as GWLB does when a 5-tuple is reused.
+    pub fn new_flows(&self) {
+        let mut cookies = self.cookies.lock().unwrap();
+        cookies.0.clear();
+        cookies.1 += 1;
     }
 }
 
 /// GWLB's cookie for a new flow: anything, so long as it is the flow's.
-fn cookie_of(key: &packet::FlowKey) -> u32 {
+fn cookie_of(key: &packet::FlowKey, salt: u64) -> u32 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     key.hash(&mut h);
+    salt.hash(&mut h);
     h.finish() as u32
 }
 
 /// The target's datagrams: checked, then their packets to the client.
-fn answers(
-    device: Arc<tun_rs::SyncDevice>,
-    udp: UdpSocket,
-    cookies: Arc<Mutex<HashMap<packet::FlowKey, u32>>>,
-    seen: Arc<Seen>,
-) {
+fn answers(device: Arc<tun_rs::SyncDevice>, udp: UdpSocket, cookies: Cookies, seen: Arc<Seen>) {
     let mut buf = vec![0u8; 65_536];
     loop {
         let Ok(n) = udp.recv(&mut buf) else { return };
@@ -144,7 +157,7 @@ fn answers(
         };
         let ours = packet::to_client(decoded.packet)
             .ok()
-            .and_then(|key| cookies.lock().unwrap().get(&key).copied());
+            .and_then(|key| cookies.lock().unwrap().0.get(&key).copied());
         let o = decoded.options;
         if ours != Some(o.cookie) || o.eni != ENI || o.attachment != ATTACHMENT {
             seen.wrong.fetch_add(1, Ordering::SeqCst);

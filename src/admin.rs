@@ -140,3 +140,41 @@ async fn respond_with(
     stream.write_all(body.as_bytes()).await?;
     stream.shutdown().await
 }
+
+/// How often, and how long at most each time, another process's `/readyz`
+/// is asked ([`follow_readiness`]).
+const FOLLOW_EVERY: Duration = Duration::from_secs(1);
+const FOLLOW_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// Keeps `up` saying whether the admin endpoint at `at` (another process
+/// of this gateway's, such as the GWLB tunnel) answers `/readyz` with 200,
+/// asking every second; no answer within half a second is not ready.
+pub async fn follow_readiness(at: SocketAddr, up: Arc<std::sync::atomic::AtomicBool>) {
+    let mut every = tokio::time::interval(FOLLOW_EVERY);
+    let mut was = None;
+    loop {
+        every.tick().await;
+        let ready = matches!(
+            tokio::time::timeout(FOLLOW_TIMEOUT, ask_ready(at)).await,
+            Ok(Ok(true))
+        );
+        up.store(ready, std::sync::atomic::Ordering::Release);
+        if was != Some(ready) {
+            match ready {
+                true => tracing::info!(%at, "the GWLB tunnel serves"),
+                false => tracing::warn!(%at, "the GWLB tunnel is not serving: not ready"),
+            }
+            was = Some(ready);
+        }
+    }
+}
+
+async fn ask_ready(at: SocketAddr) -> io::Result<bool> {
+    let mut stream = TcpStream::connect(at).await?;
+    stream
+        .write_all(b"GET /readyz HTTP/1.1\r\nHost: portcullis\r\nConnection: close\r\n\r\n")
+        .await?;
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).await?;
+    Ok(&head[9..12] == b"200")
+}

@@ -35,6 +35,9 @@ pub struct Config {
     pub drain_timeout: Duration,
     pub mode: Mode,
     pub verify_dst: VerifyDst,
+    /// A GWLB target: the tunnel's admin address, whose `/readyz` this
+    /// gateway's readiness includes.
+    pub gwlb_ready: Option<SocketAddr>,
 }
 
 /// One policy: its name and how its list is kept current.
@@ -211,6 +214,9 @@ pub struct Settings {
     /// Admin endpoint: /metrics, /healthz, /readyz [0.0.0.0:9090]
     #[arg(long)]
     pub metrics_listen: Option<SocketAddr>,
+    /// A GWLB target: /readyz is 200 only while the tunnel whose admin endpoint is here (`portcullis gwlb --metrics-listen`) serves too [no tunnel]
+    #[arg(long)]
+    pub gwlb_ready: Option<SocketAddr>,
     /// Time from accept until the ClientHello or request head is complete [5s]
     #[arg(long, value_parser = parse_duration)]
     #[serde(default, deserialize_with = "duration")]
@@ -555,6 +561,7 @@ impl Settings {
             max_connections_per_source: per_source,
             audit_open: self.audit_open.unwrap_or(false),
             audit_file: self.audit_file,
+            gwlb_ready: self.gwlb_ready,
             drain_timeout: self.drain_timeout.unwrap_or(DEFAULT_DRAIN_TIMEOUT),
             mode,
             verify_dst: self.verify_dst.unwrap_or_default(),
@@ -772,6 +779,9 @@ mod tests {
         // enforces and shows it commented out.
         let mut every = s.clone();
         every.monitor_until = Some(SystemTime::UNIX_EPOCH);
+        // Only a GWLB target waits for its tunnel; the example shows it
+        // commented out.
+        every.gwlb_ready = Some(SocketAddr::from(([127, 0, 0, 1], 9093)));
         let debug = format!("{every:?}");
         assert!(
             !debug.contains("None"),

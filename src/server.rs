@@ -111,15 +111,30 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     }
     let listeners = bind_all(&config, worker_count())?;
     let serving = Arc::new(AtomicBool::new(false));
+    // A GWLB target is ready only while its tunnel is: GWLB's health check
+    // then takes a target whose tunnel died out of service.
+    let tunnel_up = config.gwlb_ready.map(|at| {
+        let up = Arc::new(AtomicBool::new(false));
+        tokio::spawn(crate::admin::follow_readiness(at, up.clone()));
+        up
+    });
     let ready = {
         let (policies, serving) = (policies.clone(), serving.clone());
-        Arc::new(
-            move || match (policies.all_loaded(), serving.load(Ordering::Acquire)) {
-                (false, _) => Err("a policy has no allowlist loaded"),
-                (_, false) => Err("listeners not serving"),
-                (true, true) => Ok(()),
-            },
-        )
+        Arc::new(move || {
+            let tunnel = tunnel_up
+                .as_ref()
+                .is_none_or(|up| up.load(Ordering::Acquire));
+            match (
+                policies.all_loaded(),
+                serving.load(Ordering::Acquire),
+                tunnel,
+            ) {
+                (false, _, _) => Err("a policy has no allowlist loaded"),
+                (_, false, _) => Err("listeners not serving"),
+                (_, _, false) => Err("the GWLB tunnel is not serving"),
+                (true, true, true) => Ok(()),
+            }
+        })
     };
     let admin = config.metrics_listen;
     crate::admin::spawn(admin, ready, exporter).map_err(|source| ServerError::Admin {

@@ -250,3 +250,54 @@ fn a_packet_of_a_flow_gwlb_never_sent_goes_nowhere_and_is_counted() {
     let log = std::fs::read_to_string(t.dir.join("gwlb.log")).unwrap();
     assert_eq!(log.matches("never came from GWLB").count(), 1, "{log}");
 }
+
+#[test]
+fn a_dead_tunnel_takes_its_target_out_of_service_and_a_draining_proxy_keeps_its_flows() {
+    if !require_root() {
+        return;
+    }
+    let (mut t, _stand_in) = through_gwlb();
+    let (_web, _) = http_server(&t.upstream, &[addr(WEB_V4, 80)]);
+    t.start_portcullis(
+        ALLOWLIST,
+        &["--gwlb-ready", GWLB_ADMIN, "--drain-timeout", "30s"],
+    );
+    // GWLB's health check asks the proxy's /readyz: not ready without its
+    // tunnel, ready with it, and not ready again once it dies.
+    assert_eq!(t.admin_status("/readyz"), Some(503));
+    let tunnel = Tunnel::start(&t);
+    wait_until("ready with its tunnel", Duration::from_secs(5), || {
+        t.admin_status("/readyz") == Some(200)
+    });
+    drop(tunnel);
+    wait_until("out of service without it", Duration::from_secs(5), || {
+        t.admin_status("/readyz") == Some(503)
+    });
+    let _tunnel = Tunnel::start(&t);
+    wait_until("back in service", Duration::from_secs(5), || {
+        t.admin_status("/readyz") == Some(200)
+    });
+
+    // Deregistered, the proxy drains: a connection it serves goes on
+    // through the tunnel, which keeps carrying it.
+    use std::io::Write;
+    let mut s = t.connect(addr(WEB_V4, 80));
+    // The server answers with the host and path it was asked for.
+    let ask = |s: &mut std::net::TcpStream, path: &str| -> String {
+        write!(s, "GET {path} HTTP/1.1\r\nHost: www.example.test\r\n\r\n").unwrap();
+        let end = format!("www.example.test{path}\n");
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while !text(&got).ends_with(&end) {
+            let n = std::io::Read::read(s, &mut chunk).unwrap();
+            assert!(n > 0, "closed after {:?}", text(&got));
+            got.extend_from_slice(&chunk[..n]);
+        }
+        text(&got)
+    };
+    assert!(ask(&mut s, "/before").starts_with("HTTP/1.1 200"));
+    t.signal_portcullis(nix::sys::signal::Signal::SIGTERM);
+    std::thread::sleep(Duration::from_millis(500));
+    let during = ask(&mut s, "/during");
+    assert!(during.starts_with("HTTP/1.1 200"), "{during}");
+}

@@ -301,3 +301,24 @@ fn a_dead_tunnel_takes_its_target_out_of_service_and_a_draining_proxy_keeps_its_
     let during = ask(&mut s, "/during");
     assert!(during.starts_with("HTTP/1.1 200"), "{during}");
 }
+
+#[test]
+fn a_jumbo_frame_client_moves_100_mib_each_way_intact_within_gwlbs_mtu() {
+    if !require_root() {
+        return;
+    }
+    let (mut t, stand_in) = through_gwlb();
+    t.start_portcullis(ALLOWLIST, &[]);
+    let _tunnel = Tunnel::start(&t);
+    let hello = include_bytes!("../testdata/clienthellos/curl-7.88-openssl-3.0.bin");
+    support::transfer::each_way_intact(&t, addr(RAW_V4, 443), hello, 100 << 20);
+    // The client's 9001-byte MTU never showed: the MSS both ways kept
+    // every packet within what GWLB carries.
+    let seen = &stand_in.seen;
+    assert_eq!(seen.too_big.load(Ordering::SeqCst), 0);
+    assert_eq!(seen.wrong.load(Ordering::SeqCst), 0);
+    let largest = seen.largest.load(Ordering::SeqCst);
+    assert!(largest <= 8500 - 28, "{largest}");
+    // Jumbo frames were used, not 1500-byte ones.
+    assert!(largest > 8000, "{largest}");
+}

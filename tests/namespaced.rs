@@ -7,7 +7,6 @@
 mod support;
 
 use portcullis_core::hello;
-use sha2::{Digest, Sha256};
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::time::{Duration, Instant};
@@ -177,102 +176,14 @@ fn chromium_post_quantum_hello_split_across_segments_is_allowed() {
     assert!(seen.lock().unwrap()[0] == CHROMIUM_HELLO);
 }
 
-/// Deterministic bytes that differ per position, so any reordering, loss
-/// or duplication changes the digest.
-fn pattern(seed: u64, len: usize, mut sink: impl FnMut(&[u8])) {
-    let mut state = seed | 1;
-    let mut chunk = vec![0u8; 64 * 1024];
-    let mut left = len;
-    while left > 0 {
-        let n = left.min(chunk.len());
-        for word in chunk[..n].chunks_mut(8) {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            let bytes = state.to_le_bytes();
-            word.copy_from_slice(&bytes[..word.len()]);
-        }
-        sink(&chunk[..n]);
-        left -= n;
-    }
-}
-
-fn digest_of_pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut h = Sha256::new();
-    pattern(seed, len, |c| h.update(c));
-    h.finalize().to_vec()
-}
-
 #[test]
 fn moves_100_mib_each_way_intact() {
     if !require_root() {
         return;
     }
-    const LEN: usize = 100 << 20;
     let mut t = Topology::new();
-    let upstream_digest = std::sync::Arc::new(std::sync::Mutex::new(None));
-    let sink = upstream_digest.clone();
-    let _server = support::servers::Server::start(&t.upstream, &[addr(RAW_V4, 443)], move |s| {
-        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-        let mut reader = s.try_clone().unwrap();
-        let digest = std::thread::spawn(move || {
-            let mut hello = vec![0u8; CURL_HELLO.len()];
-            reader.read_exact(&mut hello).unwrap();
-            assert_eq!(hello, CURL_HELLO);
-            let mut h = Sha256::new();
-            let mut buf = vec![0u8; 256 * 1024];
-            loop {
-                match reader.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(n) => h.update(&buf[..n]),
-                    Err(e) => panic!("upstream read: {e}"),
-                }
-            }
-            h.finalize().to_vec()
-        });
-        let mut writer = &s;
-        pattern(2, LEN, |c| writer.write_all(c).unwrap());
-        s.shutdown(Shutdown::Write).unwrap();
-        *sink.lock().unwrap() = Some(digest.join().unwrap());
-    });
     t.start_portcullis(ALLOWLIST, &[]);
-
-    let s = t.connect(addr(RAW_V4, 443));
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let mut reader = s.try_clone().unwrap();
-    let downstream = std::thread::spawn(move || {
-        let mut h = Sha256::new();
-        let mut buf = vec![0u8; 256 * 1024];
-        let mut total = 0;
-        loop {
-            match reader.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => {
-                    h.update(&buf[..n]);
-                    total += n;
-                }
-                Err(e) => panic!("client read: {e}"),
-            }
-        }
-        (total, h.finalize().to_vec())
-    });
-    let mut writer = &s;
-    writer.write_all(CURL_HELLO).unwrap();
-    pattern(1, LEN, |c| writer.write_all(c).unwrap());
-    s.shutdown(Shutdown::Write).unwrap();
-
-    let (got, client_digest) = downstream.join().unwrap();
-    assert_eq!(got, LEN);
-    assert_eq!(
-        client_digest,
-        digest_of_pattern(2, LEN),
-        "downstream sha256"
-    );
-    wait_until("upstream digest", Duration::from_secs(30), || {
-        upstream_digest.lock().unwrap().is_some()
-    });
-    let up = upstream_digest.lock().unwrap().clone().unwrap();
-    assert_eq!(up, digest_of_pattern(1, LEN), "upstream sha256");
+    support::transfer::each_way_intact(&t, addr(RAW_V4, 443), CURL_HELLO, 100 << 20);
 }
 
 #[test]

@@ -29,6 +29,8 @@ pub struct Seen {
     pub wrong: AtomicUsize,
     /// The largest datagram the target sent back (UDP payload).
     pub largest: AtomicUsize,
+    /// Client packets too large for GWLB to carry (GWLB drops them).
+    pub too_big: AtomicUsize,
 }
 
 pub struct StandIn {
@@ -54,7 +56,9 @@ impl StandIn {
             nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
             let device = tun_rs::DeviceBuilder::new()
                 .name("lb0")
-                .mtu((geneve::GWLB_MTU - geneve::OVERHEAD) as u16)
+                // The clients' subnet's MTU: what they may send is
+                // the gateway's to keep within GWLB's.
+                .mtu(9001)
                 .build_sync()
                 .expect("the stand-in's tun device");
             let device = Arc::new(device);
@@ -98,10 +102,10 @@ impl StandIn {
                     family,
                 );
                 geneve::encapsulate(&header, family, inner, &mut out);
-                assert!(
-                    28 + out.len() <= geneve::GWLB_MTU,
-                    "the client sent more than GWLB carries"
-                );
+                if 28 + out.len() > geneve::GWLB_MTU {
+                    counts.too_big.fetch_add(1, Ordering::SeqCst);
+                    continue;
+                }
                 if udp.send_to(&out, target).is_ok() {
                     counts.sent.fetch_add(1, Ordering::SeqCst);
                 }

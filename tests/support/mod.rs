@@ -9,6 +9,7 @@ pub mod netns;
 pub mod s3;
 pub mod scrape;
 pub mod servers;
+pub mod transfer;
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -107,4 +108,30 @@ pub fn checker(command: &mut Command, input: &[u8]) -> Option<Output> {
     };
     child.stdin.take().unwrap().write_all(input).unwrap();
     Some(child.wait_with_output().unwrap())
+}
+
+/// Deterministic bytes that differ per position, so any reordering, loss
+/// or duplication changes the digest.
+pub fn pattern(seed: u64, len: usize, mut sink: impl FnMut(&[u8])) {
+    let mut state = seed | 1;
+    let mut chunk = vec![0u8; 64 * 1024];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(chunk.len());
+        for word in chunk[..n].chunks_mut(8) {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let bytes = state.to_le_bytes();
+            word.copy_from_slice(&bytes[..word.len()]);
+        }
+        sink(&chunk[..n]);
+        left -= n;
+    }
+}
+
+pub fn digest_of_pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut h = <sha2::Sha256 as sha2::Digest>::new();
+    pattern(seed, len, |c| sha2::Digest::update(&mut h, c));
+    sha2::Digest::finalize(h).to_vec()
 }

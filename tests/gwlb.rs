@@ -273,6 +273,18 @@ fn a_dead_tunnel_takes_its_target_out_of_service_and_a_draining_proxy_keeps_its_
     wait_until("out of service without it", Duration::from_secs(5), || {
         t.admin_status("/readyz") == Some(503)
     });
+    // Its device gone, its clients' answers go nowhere rather than around
+    // the load balancer.
+    for family in ["-4", "-6"] {
+        let out = t
+            .gateway
+            .command("ip")
+            .args([family, "route", "show", "table", "6081"])
+            .output()
+            .unwrap();
+        let routes = text(&out.stdout);
+        assert!(routes.starts_with("unreachable default"), "{routes}");
+    }
     let _tunnel = Tunnel::start(&t);
     wait_until("back in service", Duration::from_secs(5), || {
         t.admin_status("/readyz") == Some(200)

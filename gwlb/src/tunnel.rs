@@ -386,6 +386,20 @@ fn route_back(device: &str) -> Result<(), String> {
         ip(&[
             family, "route", "replace", "default", "dev", device, "table", &table,
         ])?;
+        // Should the device go (the tunnel stopped), marked packets meet
+        // this instead of the main table's routes: an answer to a GWLB
+        // client never leaves around the load balancer.
+        ip(&[
+            family,
+            "route",
+            "replace",
+            "unreachable",
+            "default",
+            "metric",
+            "4294967295",
+            "table",
+            &table,
+        ])?;
     }
     let all = std::fs::read_to_string("/proc/sys/net/ipv4/conf/all/rp_filter").unwrap_or_default();
     let mode = if all.trim() == "0" { "0" } else { "2" };

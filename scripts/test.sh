@@ -7,9 +7,9 @@ cd "$(dirname "$0")/.."
 source scripts/setup.sh
 
 # Namespaces left by an earlier run that was killed before its clean-up:
-# the tests' (pc…, ho…, pt-tf-…), the shipping benchmark's (pb-ship-…) and
-# the HA simulation's (hs-…).
-leftover='^(pc[0-9]+-[a-z0-9]+-[cgu]|ho[0-9]+-[a-z0-9]+|pt-tf-[0-9]+|pb-ship-[0-9]+|hs-[a-z0-9-]+)$'
+# the tests' (pc…, ho…, pt-tf-…), the shipping benchmark's (pb-ship-…),
+# the HA simulation's (hs-…) and the GWLB simulation's (gw-…).
+leftover='^(pc[0-9]+-[a-z0-9]+-[cgu]|ho[0-9]+-[a-z0-9]+|pt-tf-[0-9]+|pb-ship-[0-9]+|hs-[a-z0-9-]+|gw-[a-z0-9-]+)$'
 for ns in $(ip netns list | awk -v re="$leftover" '$1 ~ re {print $1}'); do ip netns del "$ns"; done
 
 step() { printf '\n== %s\n' "$*"; }
@@ -24,6 +24,8 @@ step "macro-benchmark, short"; bash benches/netns/run.sh --short
 step "audit shipping, short"; timeout 300 bash benches/ship/run.sh --short
 # Failover, rollout and split of two gateways against a local EC2 API.
 step "HA simulation";       timeout 600 bash scripts/ha-sim.sh
+# Three gateways behind a GWLB stand-in: spread, a target's death, a scale-in.
+step "GWLB simulation";     timeout 600 bash scripts/gwlb-sim.sh
 # The tests run against the release build, the binary we ship, and share
 # its compiled dependencies instead of building them a second time.
 step "tests";               cargo test --locked --release --workspace --all-targets

@@ -25,8 +25,11 @@
 //!   budget that every other name depends on. One client (an IPv4
 //!   address, an IPv6 /64) may have at most [`SOURCE_SHARE`] lookups of
 //!   its own in flight, so its flood of names that never answer holds a
-//!   share of the resolver, never all of it, and another client's new
-//!   name waits for nothing but its own lookup.
+//!   share of the resolver, never all of it. A client's first lookup in
+//!   flight has queries ([`FIRST_RESERVED`]) and pace ([`PACE_RESERVED`])
+//!   set aside that second and later ones cannot take, so however many
+//!   clients flood, another client's new name waits for nothing but its
+//!   own lookup.
 //! - The resolver is the system's (`/etc/resolv.conf`, `/etc/hosts`): on
 //!   AWS, the VPC resolver the clients use too.
 //!
@@ -85,6 +88,14 @@ pub const MAX_IN_FLIGHT: usize = 256;
 /// at once ([`LookupError::Busy`]). A client's lookups that join one
 /// already in flight for the same name do not count.
 pub const SOURCE_SHARE: u32 = (MAX_IN_FLIGHT / 8) as u32;
+/// Of [`MAX_IN_FLIGHT`], the queries only a client's first lookup in
+/// flight may take: however many clients flood, a client with nothing in
+/// flight finds one free (unless this many others are each waiting on
+/// their own first).
+pub const FIRST_RESERVED: usize = 64;
+/// Of the pace's second of burst, the tokens only a client's first lookup
+/// in flight may take, so floods of names that fail fast leave room too.
+pub const PACE_RESERVED: u32 = LOOKUPS_PER_SECOND / 4;
 /// New lookups a second, sustained (a burst may spend a second's worth at
 /// once). Each is two queries (A and AAAA): AWS's VPC resolver answers
 /// 1,024 packets a second per network interface and drops the rest, so
@@ -227,7 +238,13 @@ impl<V> Bounded<V> {
             let Some(oldest) = self.order.pop_front() else {
                 break;
             };
-            if &*oldest == key && !spared {
+            if &*oldest == key {
+                if spared {
+                    // Only the new entry is left, heavier than the bound
+                    // by itself: kept, the one exception.
+                    self.order.push_front(oldest);
+                    break;
+                }
                 spared = true;
                 self.order.push_back(oldest);
                 continue;
@@ -365,16 +382,18 @@ impl Pace {
         }
     }
 
-    /// Takes a token if there is one; else how long until there is.
-    pub fn take(&mut self, now: Instant) -> Result<(), Duration> {
+    /// Takes a token if there is one beyond `reserve`; else how long
+    /// until there is.
+    pub fn take(&mut self, now: Instant, reserve: u32) -> Result<(), Duration> {
         let refill = now.saturating_duration_since(self.at).as_secs_f64() * self.rate;
         self.tokens = (self.tokens + refill).min(self.rate);
         self.at = now;
-        if self.tokens >= 1.0 {
+        let needed = 1.0 + f64::from(reserve);
+        if self.tokens >= needed {
             self.tokens -= 1.0;
             Ok(())
         } else {
-            Err(Duration::from_secs_f64((1.0 - self.tokens) / self.rate))
+            Err(Duration::from_secs_f64((needed - self.tokens) / self.rate))
         }
     }
 }
@@ -387,6 +406,8 @@ struct Shared {
     options: ResolverOpts,
     state: Mutex<State>,
     queries: Semaphore,
+    /// Of those, what a client's second and later lookups may hold.
+    extra: Semaphore,
     pace: Mutex<Pace>,
     metrics: Metrics,
 }
@@ -445,6 +466,7 @@ impl Resolver {
                 options,
                 state: Mutex::new(State::default()),
                 queries: Semaphore::new(MAX_IN_FLIGHT),
+                extra: Semaphore::new(MAX_IN_FLIGHT - FIRST_RESERVED),
                 pace: Mutex::new(Pace::new(LOOKUPS_PER_SECOND, Instant::now())),
                 metrics,
             }),
@@ -510,10 +532,12 @@ impl Resolver {
         let (tx, rx) = watch::channel(None);
         let key: Arc<str> = name.as_str().into();
         state.in_flight.insert(key.clone(), rx.clone());
-        *state.by_source.entry(source).or_default() += 1;
+        let mine = state.by_source.entry(source).or_default();
+        let first = *mine == 0;
+        *mine += 1;
         let me = self.clone();
         tokio::spawn(async move {
-            let looked_up = me.query(&key).await;
+            let looked_up = me.query(&key, first).await;
             me.shared.metrics.dns_lookup(match &looked_up {
                 Ok(_) => LookupResult::Ok,
                 Err(e) => LookupResult::Failed(*e),
@@ -548,13 +572,15 @@ impl Resolver {
         rx
     }
 
-    /// One query for A and AAAA: the addresses and their TTL.
-    async fn query(&self, name: &str) -> Result<(Vec<IpAddr>, Duration), LookupError> {
+    /// One query for A and AAAA: the addresses and their TTL. `first`:
+    /// the client had no other lookup in flight, so the reserves are its.
+    async fn query(&self, name: &str, first: bool) -> Result<(Vec<IpAddr>, Duration), LookupError> {
         let deadline = tokio::time::Instant::now() + LOOKUP_TIMEOUT;
+        let reserve = if first { 0 } else { PACE_RESERVED };
         loop {
             let paced = {
                 let mut pace = self.shared.pace.lock().unwrap_or_else(|p| p.into_inner());
-                pace.take(Instant::now())
+                pace.take(Instant::now(), reserve)
             };
             match paced {
                 Ok(()) => break,
@@ -564,6 +590,16 @@ impl Resolver {
                 Err(_) => return Err(LookupError::Timeout),
             }
         }
+        let _extra = match first {
+            true => None,
+            false => {
+                let acquired = tokio::time::timeout_at(deadline, self.shared.extra.acquire()).await;
+                let Ok(Ok(permit)) = acquired else {
+                    return Err(LookupError::Timeout);
+                };
+                Some(permit)
+            }
+        };
         let Ok(Ok(_permit)) =
             tokio::time::timeout_at(deadline, self.shared.queries.acquire()).await
         else {
@@ -744,24 +780,31 @@ mod tests {
         let t0 = Instant::now();
         let mut pace = Pace::new(400, t0);
         for _ in 0..400 {
-            assert_eq!(pace.take(t0), Ok(()));
+            assert_eq!(pace.take(t0, 0), Ok(()));
         }
-        let wait = pace.take(t0).unwrap_err();
+        let wait = pace.take(t0, 0).unwrap_err();
         assert!(
             wait <= Duration::from_micros(2_600) && wait > Duration::ZERO,
             "{wait:?}"
         );
         let t1 = t0 + Duration::from_millis(12);
         for _ in 0..4 {
-            assert_eq!(pace.take(t1), Ok(()));
+            assert_eq!(pace.take(t1, 0), Ok(()));
         }
-        assert!(pace.take(t1).is_err());
+        assert!(pace.take(t1, 0).is_err());
         // Idle for long: a second's worth, no more.
         let t2 = t1 + Duration::from_secs(60);
         for _ in 0..400 {
-            assert_eq!(pace.take(t2), Ok(()));
+            assert_eq!(pace.take(t2, 0), Ok(()));
         }
-        assert!(pace.take(t2).is_err());
+        assert!(pace.take(t2, 0).is_err());
+        // A lookup that is not its client's first leaves the reserve.
+        let t3 = t2 + Duration::from_secs(60);
+        for _ in 0..(400 - PACE_RESERVED) {
+            assert_eq!(pace.take(t3, PACE_RESERVED), Ok(()));
+        }
+        assert!(pace.take(t3, PACE_RESERVED).is_err());
+        assert_eq!(pace.take(t3, 0), Ok(()));
     }
 
     /// A resolver whose only nameserver is a socket that never answers.
@@ -873,37 +916,66 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn one_clients_lookups_hold_only_its_share_and_another_client_is_not_held() {
-        let (resolver, _silent) = silent_resolver();
-        let flooder = client(7);
-        let share = usize::try_from(SOURCE_SHARE).unwrap();
-        let (flood, other) = tokio::join!(
-            ask_new_names(&resolver, "flood", share + 40, |_| flooder),
-            async {
-                // Once the flood has taken its share.
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                let started = Instant::now();
-                let name = HostName::from_wire(b"other.example.test").unwrap();
-                let result = resolver.resolve(&name, client(8)).await;
-                (result, started.elapsed())
+    async fn floods_hold_only_their_share_and_another_clients_first_name_is_asked_at_once() {
+        let (resolver, silent) = silent_resolver();
+        // The server's queries are read from the start, or its buffer
+        // would overflow with the floods' and drop the one looked for.
+        let watch = std::thread::spawn(move || {
+            silent
+                .set_read_timeout(Some(Duration::from_millis(20)))
+                .unwrap();
+            let since = Instant::now();
+            let mut buf = [0u8; 512];
+            while since.elapsed() < Duration::from_secs(1) {
+                if let Ok(n) = silent.recv(&mut buf)
+                    && buf[..n].windows(6).any(|w| w == b"\x05other")
+                {
+                    return Some(Instant::now());
+                }
             }
-        );
-        // The flood: its share asked (and timed out on the silent
-        // resolver), the rest refused at once.
-        let busy = flood
-            .iter()
-            .filter(|(r, at_once)| *r == Err(LookupError::Busy) && *at_once)
-            .count();
-        assert_eq!(busy, 40);
-        // The other client's name was asked, not refused: it waited for its
-        // own lookup only (the silent resolver's whole bound).
-        let (result, took) = other;
-        assert_eq!(result, Err(LookupError::Timeout));
+            None
+        });
+        let share = SOURCE_SHARE + 4;
+        // Ten clients flood at once: more than every query the resolver
+        // may have in flight, and each client past its own share.
+        let started = Instant::now();
+        let mut floods = Vec::new();
+        for c in 0..10u32 {
+            for i in 0..share {
+                let resolver = resolver.clone();
+                let name = format!("f{c}x{i}.example.test");
+                let name = HostName::from_wire(name.as_bytes()).unwrap();
+                floods.push(tokio::spawn(async move {
+                    let result = resolver.resolve(&name, client(10 + c)).await;
+                    (c, result, started.elapsed() < LOOKUP_TIMEOUT / 4)
+                }));
+            }
+        }
+        // Once the floods hold what they may, another client's first name.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let asked = Instant::now();
+        let name = HostName::from_wire(b"other.example.test").unwrap();
+        let other = tokio::spawn({
+            let resolver = resolver.clone();
+            async move { resolver.resolve(&name, client(99)).await }
+        });
+        let seen = tokio::task::spawn_blocking(move || watch.join().unwrap())
+            .await
+            .unwrap();
+        let waited = seen.map(|at| at.saturating_duration_since(asked));
         assert!(
-            took < LOOKUP_TIMEOUT + Duration::from_millis(300),
-            "{took:?}"
+            waited.is_some_and(|w| w < Duration::from_millis(100)),
+            "another client's first name waited behind the floods: {waited:?}"
         );
-        // A name already in flight is joined by any client, share or not.
+        let _ = other.await;
+        let mut busy = [0; 10];
+        for flood in floods {
+            let (c, result, at_once) = flood.await.unwrap();
+            if result == Err(LookupError::Busy) && at_once {
+                busy[c as usize] += 1;
+            }
+        }
+        assert_eq!(busy, [4; 10], "past its share, each refused at once");
         assert!(resolver.state().by_source.is_empty());
     }
 

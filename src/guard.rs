@@ -143,11 +143,18 @@ pub fn follow_host(guard: &Arc<Guard>) -> std::io::Result<std::thread::JoinHandl
     std::thread::Builder::new()
         .name("portcullis-addresses".into())
         .spawn(move || {
+            let mut pause = Duration::from_secs(1);
             loop {
                 let woke = events.wait(BACKSTOP);
                 let Some(guard) = guard.upgrade() else { return };
                 if let Err(e) = woke {
                     tracing::warn!("address events: {e}; reading the addresses again");
+                    // A socket that keeps failing must not spin: the
+                    // backstop's pace at worst.
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(BACKSTOP);
+                } else {
+                    pause = Duration::from_secs(1);
                 }
                 if let Err(e) = guard.refresh() {
                     tracing::warn!(

@@ -136,7 +136,7 @@ impl Record {
     /// rule and monitor-mode reason are its own; where the connection
     /// goes (destination, upstream) is the connection's.
     pub fn next_request(&mut self, moved: Transferred) {
-        self.request += 1;
+        self.request = self.request.saturating_add(1);
         self.base = moved;
         self.name = None;
         self.rule = None;

@@ -10,7 +10,7 @@
 //! connection to plain forwarding.
 
 use super::inbound::{Inbound, ReadError};
-use super::{Admitted, Ask, Conn, Context, Outcome, connect, refuse_with};
+use super::{Admitted, Ask, Conn, Context, NotConnected, Outcome, connect, refuse_with};
 use crate::config::Limits;
 use crate::detect::Detect;
 use crate::detect::http::{
@@ -74,7 +74,14 @@ pub(super) async fn serve(client: &TcpStream, dst: OrigDst, ctx: &Context, conn:
     };
     let upstream = match connect(upstream_addr, ctx, conn).await {
         Ok(upstream) => upstream,
-        Err(kind) => {
+        Err(NotConnected::Gateway) => {
+            let refusal = Refusal {
+                reason: Reason::ForbiddenDst,
+                status: 403,
+            };
+            return deny(client, refusal, Some(&first.host)).await;
+        }
+        Err(NotConnected::Failed(kind)) => {
             let status = if kind == ErrorKind::ConnectTimeout {
                 504
             } else {

@@ -369,12 +369,31 @@ fn report(rec: &Record, ctx: &Context) {
     ));
 }
 
+/// Why an upstream connection is not there to forward to.
+enum NotConnected {
+    Failed(ErrorKind),
+    /// It reached the gateway itself: an address the host took a moment
+    /// before, between the kernel's event and the guard's reading it.
+    /// Closed before a byte of the client's went in.
+    Gateway,
+}
+
 /// Opens the upstream connection; with `--audit-open`, reports it open.
-async fn connect(upstream: SocketAddr, ctx: &Context, conn: &Conn) -> Result<TcpStream, ErrorKind> {
+async fn connect(
+    upstream: SocketAddr,
+    ctx: &Context,
+    conn: &Conn,
+) -> Result<TcpStream, NotConnected> {
     let start = Instant::now();
     conn.learn(Fact::Upstream(upstream));
     let timeout = ctx.limits.connect_timeout;
     match tokio::time::timeout_at(start + timeout, TcpStream::connect(upstream)).await {
+        // A connection to one of the host's own addresses leaves from that
+        // address: one getsockname closes the guard's last window.
+        Ok(Ok(stream)) if stream.local_addr().is_ok_and(|l| l.ip() == upstream.ip()) => {
+            reset(&stream);
+            Err(NotConnected::Gateway)
+        }
         Ok(Ok(stream)) => {
             conn.learn(Fact::Connected {
                 took: start.elapsed(),
@@ -386,10 +405,10 @@ async fn connect(upstream: SocketAddr, ctx: &Context, conn: &Conn) -> Result<Tcp
             Ok(stream)
         }
         Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => {
-            Err(ErrorKind::ConnectRefused)
+            Err(NotConnected::Failed(ErrorKind::ConnectRefused))
         }
-        Ok(Err(_)) => Err(ErrorKind::Connect),
-        Err(_) => Err(ErrorKind::ConnectTimeout),
+        Ok(Err(_)) => Err(NotConnected::Failed(ErrorKind::Connect)),
+        Err(_) => Err(NotConnected::Failed(ErrorKind::ConnectTimeout)),
     }
 }
 

@@ -2,7 +2,7 @@
 //! the hello and everything after it untouched. No TLS is terminated.
 
 use super::inbound::{Inbound, ReadError};
-use super::{Ask, Conn, Context, Outcome, connect, refuse_with, reset};
+use super::{Ask, Conn, Context, NotConnected, Outcome, connect, refuse_with, reset};
 use crate::detect::tls::{AlertDescription, ServerName, TlsError, fatal_alert, parse_client_hello};
 use crate::name::NameError;
 use crate::net::forward::{Activity, forward_both, write_all};
@@ -86,7 +86,8 @@ pub(super) async fn open_upstream(
     });
     let upstream = match connect(admitted.upstream, ctx, conn).await {
         Ok(upstream) => upstream,
-        Err(kind) => {
+        Err(NotConnected::Gateway) => return Err(deny(client, Reason::ForbiddenDst).await),
+        Err(NotConnected::Failed(kind)) => {
             reset(client);
             return Err(Verdict::Error(kind).into());
         }

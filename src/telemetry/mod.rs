@@ -693,7 +693,6 @@ impl Metrics {
         Metrics::register(&[&PolicyName::default_policy()]).1
     }
 
-    /// Counts one ended connection.
     /// Counts an HTTP request that another followed on its connection
     /// (its `request` audit record): the connection's own counts wait for
     /// its end.
@@ -705,6 +704,7 @@ impl Metrics {
         }
     }
 
+    /// Counts one ended connection.
     pub fn connection_ended(&self, rec: &Record) {
         let handles = &self.0;
         let series = &handles.by_proto[rec.proto as usize];

@@ -104,25 +104,33 @@ fn apply_is_idempotent_and_remove_leaves_nothing_behind() {
         return;
     }
     let ns = fresh_netns("idem");
-    let env = [("ALLOW_FORWARD", "udp:123 tcp:22@192.0.2.0/24")];
-    for (save, family) in [("iptables-save", "IPv4"), ("ip6tables-save", "IPv6")] {
+    let routed = [("ALLOW_FORWARD", "udp:123 tcp:22@192.0.2.0/24")];
+    // A GWLB target's rules add three mangle chains.
+    let gwlb = [("ALLOW_FORWARD", "udp:123"), ("GWLB", "1")];
+    let cases = [
+        ("iptables-save", "IPv4", &routed[..], 4),
+        ("ip6tables-save", "IPv6", &routed[..], 4),
+        ("iptables-save", "IPv4 GWLB", &gwlb[..], 7),
+        ("ip6tables-save", "IPv6 GWLB", &gwlb[..], 7),
+    ];
+    for (save, family, env, jumps) in cases {
         // Make sure both tables exist in the dump before comparing.
         let before = {
-            stdout(&script(Some(&ns), &["apply"], &env));
-            stdout(&script(Some(&ns), &["remove"], &env));
+            stdout(&script(Some(&ns), &["apply"], env));
+            stdout(&script(Some(&ns), &["remove"], env));
             saved(&ns, save)
         };
-        stdout(&script(Some(&ns), &["apply"], &env));
+        stdout(&script(Some(&ns), &["apply"], env));
         let once = saved(&ns, save);
-        stdout(&script(Some(&ns), &["apply"], &env));
+        stdout(&script(Some(&ns), &["apply"], env));
         assert_eq!(once, saved(&ns, save), "{family}: apply twice = apply once");
         assert!(once.contains(":FORWARD DROP"), "{family}: {once}");
         assert_eq!(
             once.matches("-j PORTCULLIS_").count(),
-            4,
+            jumps,
             "{family}: {once}"
         );
-        stdout(&script(Some(&ns), &["remove"], &env));
+        stdout(&script(Some(&ns), &["remove"], env));
         let after = saved(&ns, save);
         assert_eq!(before, after, "{family}: remove restores the tables");
         assert!(!after.contains("PORTCULLIS") && after.contains(":FORWARD ACCEPT"));

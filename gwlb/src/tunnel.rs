@@ -210,6 +210,7 @@ async fn ingress(
     drops: &Drops<'_>,
 ) -> Result<(), TunnelError> {
     let mut buf = vec![0u8; 65_536];
+    let port = udp.local_addr().map_or(geneve::PORT, |a| a.port());
     loop {
         let (n, gwlb, local) = udp
             .async_io(Interest::READABLE, || recv_from_to(udp, &mut buf))
@@ -232,7 +233,7 @@ async fn ingress(
         };
         let outer = Outer {
             gwlb,
-            local: SocketAddrV4::new(local, udp.local_addr().map_or(geneve::PORT, |a| a.port())),
+            local: SocketAddrV4::new(local, port),
         };
         let learnt = {
             let mut table = lock(table);

@@ -14,11 +14,12 @@ use std::process::{Command, Output};
 use support::netns::{Netns, require_root};
 use support::{repo, venv_python, written_file};
 
-const UNITS: [&str; 6] = [
+const UNITS: [&str; 7] = [
     "portcullis.service",
     "portcullis-iptables.service",
     "portcullis-ha.service",
     "portcullis-ship.service",
+    "portcullis-gwlb.service",
     "portcullis-health.service",
     "portcullis-health.timer",
 ];
@@ -143,6 +144,7 @@ fn the_ami_installs_every_file_its_units_run() {
         "portcullis.service",
         "portcullis-ha.service",
         "portcullis-ship.service",
+        "portcullis-gwlb.service",
         "portcullis-health.timer",
         "logrotate.timer",
     ] {

@@ -21,8 +21,8 @@ use support::client::text;
 use support::dns::{Answer, DnsServer};
 use support::netns::{CLIENT_V4, NAMESERVER, RAW_V4, Topology, WEB_V4, require_root};
 use support::scrape::Scrape;
-use support::servers::{find, http_server, recorder};
-use support::{addr, read_all, wait_until};
+use support::servers::{http_server, recorder};
+use support::{addr, read_all, read_response, wait_until};
 
 const CURL_HELLO: &[u8] = include_bytes!("../testdata/clienthellos/curl-7.88-openssl-3.0.bin");
 const ALLOWLIST: &str = ".example.test\n";
@@ -252,29 +252,6 @@ fn discover_is_not_steered_by_a_host_that_floods_refused_names() {
     );
 }
 
-/// Reads one response, by its Content-Length, from `s`.
-fn read_one_response(s: &mut TcpStream) -> Vec<u8> {
-    use std::io::Read;
-    let mut got = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        if let Some(end) = find(&got, b"\r\n\r\n") {
-            let head = text(&got[..end]).to_ascii_lowercase();
-            let length: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .map_or(0, |v| v.trim().parse().unwrap());
-            if got.len() >= end + 4 + length {
-                return got;
-            }
-        }
-        match s.read(&mut chunk) {
-            Ok(0) | Err(_) => return got,
-            Ok(n) => got.extend_from_slice(&chunk[..n]),
-        }
-    }
-}
-
 #[test]
 fn each_request_of_a_kept_alive_connection_is_recorded_with_its_own_name_and_bytes() {
     if !require_root() {
@@ -298,7 +275,7 @@ fn each_request_of_a_kept_alive_connection_is_recorded_with_its_own_name_and_byt
         s.write_all(&vec![b'x'; UPLOAD]).unwrap();
         let mut answered = Vec::new();
         if !pipelined {
-            answered = read_one_response(&mut s);
+            answered = read_response(&mut s);
         }
         s.write_all(decoy).unwrap();
         answered.extend(read_all(&mut s));

@@ -16,32 +16,10 @@ use support::alert;
 use support::netns::{CLIENT_V4, RAW_V4, Topology, WEB_V4, WEB_V6, require_root};
 use support::scrape::Scrape;
 use support::servers::{Server, find, http_server};
-use support::{addr, ip, raise_fd_limit, read_all, wait_until};
+use support::{addr, ip, raise_fd_limit, read_all, read_response, wait_until};
 
 const CURL_HELLO: &[u8] = include_bytes!("../testdata/clienthellos/curl-7.88-openssl-3.0.bin");
 const ALLOWLIST: &str = ".example.test\n";
-
-/// Reads one HTTP response (head and Content-Length body) from `s`.
-fn read_response(s: &mut TcpStream) -> Vec<u8> {
-    let mut got = Vec::new();
-    let mut chunk = vec![0u8; 64 * 1024];
-    loop {
-        if let Some(end) = find(&got, b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
-            let length: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .map_or(0, |v| v.trim().parse().unwrap());
-            if got.len() >= end + 4 + length {
-                return got;
-            }
-        }
-        match s.read(&mut chunk) {
-            Ok(0) | Err(_) => return got,
-            Ok(n) => got.extend_from_slice(&chunk[..n]),
-        }
-    }
-}
 
 /// Opens a kept-alive HTTP connection from `src` to `to`, asks for `path`
 /// on www.example.test, and returns it open with the response.

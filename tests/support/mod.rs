@@ -135,3 +135,25 @@ pub fn digest_of_pattern(seed: u64, len: usize) -> Vec<u8> {
     pattern(seed, len, |c| sha2::Digest::update(&mut h, c));
     sha2::Digest::finalize(h).to_vec()
 }
+
+/// Reads one HTTP response (head and Content-Length body) from `s`.
+pub fn read_response(s: &mut std::net::TcpStream) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        if let Some(end) = servers::find(&got, b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map_or(0, |v| v.trim().parse().unwrap());
+            if got.len() >= end + 4 + length {
+                return got;
+            }
+        }
+        match std::io::Read::read(s, &mut chunk) {
+            Ok(0) | Err(_) => return got,
+            Ok(n) => got.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
